@@ -1,1 +1,76 @@
-fn main() {}
+//! `cargo xtask`: sluice's build orchestration.
+//!
+//! Everything a fresh clone needs is installed here, idempotently, so that
+//! `cargo xtask test` (what CI runs through `.ci/run`) and `cargo xtask demo`
+//! work with no manual step: the wasm32-wasip1 target, the filters, the native
+//! tools the Envoy lab drives, and the lab's Python virtual environment with
+//! the official Envoy 1.40 binary.
+
+mod bench;
+mod build;
+mod cmd;
+mod lab;
+mod test;
+mod workspace;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "sluice build orchestration")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build every wasm filter (release, wasm32-wasip1) and the native lab tools.
+    Build,
+    /// Run every check: fmt, clippy (native and wasm), build, cargo test, Envoy lab.
+    Test {
+        /// Run only the Envoy lab stage (after building what it needs).
+        #[arg(long)]
+        lab_only: bool,
+        /// Extra arguments passed to pytest in the lab stage (e.g. `-k openai`).
+        #[arg(last = true)]
+        pytest_args: Vec<String>,
+    },
+    /// Build, install the lab and run the demo story through a real Envoy.
+    Demo {
+        /// Arguments passed to the demo (`--help` lists them).
+        #[arg(last = true)]
+        demo_args: Vec<String>,
+    },
+    /// List the benchmarks; `--run` runs the cheap ones.
+    Bench {
+        /// Run the benchmarks that finish in a few minutes.
+        #[arg(long)]
+        run: bool,
+    },
+    /// Create or update the lab's Python virtual environment (target/lab-venv).
+    LabVenv,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = run(cli.command);
+    if let Err(err) = result {
+        eprintln!("xtask: error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(command: Command) -> Result<()> {
+    let ws = workspace::Workspace::load()?;
+    match command {
+        Command::Build => build::build_all(&ws).map(|_| ()),
+        Command::Test {
+            lab_only,
+            pytest_args,
+        } => test::run(&ws, lab_only, &pytest_args),
+        Command::Demo { demo_args } => lab::demo(&ws, &demo_args),
+        Command::Bench { run } => bench::run(&ws, run),
+        Command::LabVenv => lab::ensure_venv(&ws).map(|_| ()),
+    }
+}

