@@ -1,0 +1,248 @@
+//! Wire formats: what requests are read as and what responses look like.
+//!
+//! The simulator's answers must be parsed by the real `openai` and `anthropic`
+//! SDKs and by sluice's filters (which count tokens from `usage`), so each
+//! flavor follows its provider's documented shapes: ids with the provider's
+//! prefix, `model` echoed from the request, finish/stop reasons, `usage`
+//! counting exactly what was produced, SSE framing, and errors in the
+//! provider's error envelope.
+//!
+//! Requests are parsed leniently (unknown fields ignored, as servers do) into a
+//! flavor-neutral [`GenRequest`]; a body that is not JSON or lacks a required
+//! field is a 400 in the flavor's error shape, never a panic.
+
+pub mod anthropic;
+pub mod openai;
+
+use std::io;
+
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use hyper::{Response, StatusCode};
+use serde_json::Value;
+
+/// The response body of every route: a full buffer or an SSE stream.
+pub type Body = UnsyncBoxBody<Bytes, io::Error>;
+
+/// An inference endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `POST /v1/chat/completions` (OpenAI).
+    ChatCompletions,
+    /// `POST /v1/completions` (OpenAI, legacy).
+    Completions,
+    /// `POST /v1/messages` (Anthropic).
+    Messages,
+}
+
+/// Whose error envelope an answer uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    /// `{"error":{"message","type","param","code"}}`.
+    OpenAi,
+    /// `{"type":"error","error":{"type","message"}}`.
+    Anthropic,
+}
+
+impl Endpoint {
+    /// The error envelope of this endpoint.
+    pub fn flavor(self) -> Flavor {
+        match self {
+            Self::ChatCompletions | Self::Completions => Flavor::OpenAi,
+            Self::Messages => Flavor::Anthropic,
+        }
+    }
+}
+
+/// A generation request, whatever the flavor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenRequest {
+    /// The model asked for; echoed in the response.
+    pub model: String,
+    /// Whether the answer is an SSE stream.
+    pub stream: bool,
+    /// OpenAI `stream_options.include_usage`: a last chunk carries `usage`.
+    pub include_usage: bool,
+    /// Upper bound on generated tokens, if the request sets one.
+    pub max_tokens: Option<u32>,
+    /// Estimated prompt tokens (see [`crate::timing::estimate_tokens`]).
+    pub prompt_tokens: u32,
+}
+
+/// What every generated response needs to name itself.
+#[derive(Debug, Clone)]
+pub struct ResponseMeta {
+    /// Response id, with the provider's prefix.
+    pub id: String,
+    /// Unix time of creation, in seconds.
+    pub created: u64,
+    /// The model, as requested.
+    pub model: String,
+    /// Prompt tokens counted for `usage`.
+    pub prompt_tokens: u32,
+    /// Where the generated words start (varies the text between responses).
+    pub word_offset: u64,
+}
+
+/// An answer other than a generation, in the endpoint's error shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Human-readable message.
+    pub message: String,
+    /// OpenAI `code` (e.g. `model_not_found`).
+    pub code: Option<&'static str>,
+    /// `retry-after` header value, in seconds.
+    pub retry_after_s: Option<u64>,
+}
+
+impl ApiError {
+    /// A 400 for a request that cannot be served as sent.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            code: None,
+            retry_after_s: None,
+        }
+    }
+
+    /// A 404 for a model this instance does not serve.
+    pub fn model_not_found(model: &str) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            message: format!("The model `{model}` does not exist or you do not have access to it."),
+            code: Some("model_not_found"),
+            retry_after_s: None,
+        }
+    }
+
+    /// A 404 for a path that is not an endpoint.
+    pub fn unknown_route(path: &str) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            message: format!("Unknown request URL: {path}"),
+            code: Some("unknown_url"),
+            retry_after_s: None,
+        }
+    }
+
+    /// A 405 for a known path with the wrong method.
+    pub fn method_not_allowed() -> Self {
+        Self {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            message: "Method not allowed".to_owned(),
+            code: None,
+            retry_after_s: None,
+        }
+    }
+
+    /// A 413 for a body over `--max-body-bytes`.
+    pub fn too_large(limit: usize) -> Self {
+        Self {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            message: format!("Request body exceeds {limit} bytes"),
+            code: None,
+            retry_after_s: None,
+        }
+    }
+
+    /// A 429 from the capacity limit, as an overloaded server sends it.
+    pub fn overloaded(retry_after_s: u64) -> Self {
+        Self {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: "The server is overloaded: all request slots are busy. Retry later."
+                .to_owned(),
+            code: Some("rate_limit_exceeded"),
+            retry_after_s: Some(retry_after_s),
+        }
+    }
+
+    /// An error status injected by a fault; 429, 503 and 529 carry `retry-after`.
+    pub fn fault(status: u16, retry_after_s: u64) -> Self {
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        let retry = matches!(status.as_u16(), 429 | 503 | 529);
+        Self {
+            status,
+            message: format!("Simulated fault: status {}", status.as_u16()),
+            code: None,
+            retry_after_s: retry.then_some(retry_after_s),
+        }
+    }
+
+    /// The error as a response in `flavor`'s envelope.
+    pub fn into_response(self, flavor: Flavor) -> Response<Body> {
+        let body = match flavor {
+            Flavor::OpenAi => openai::error_body(&self),
+            Flavor::Anthropic => anthropic::error_body(&self),
+        };
+        let mut resp = json_response(self.status, body);
+        if let Some(secs) = self.retry_after_s {
+            resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
+    }
+}
+
+/// The error for a body that does not deserialize.
+pub(crate) fn invalid_json(err: &serde_json::Error) -> ApiError {
+    ApiError::bad_request(format!("Invalid request body: {err}"))
+}
+
+/// A complete JSON response.
+pub fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Body> {
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+/// A body from a buffer.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// Characters of prompt text in a message `content`-like value: a string, an
+/// array of strings or of parts with `text` (OpenAI parts, Anthropic blocks),
+/// recursing into nested `content` (Anthropic `tool_result`). Other values
+/// (images, numbers) count for nothing.
+pub fn text_chars(value: &Value) -> usize {
+    match value {
+        Value::String(s) => s.chars().count(),
+        Value::Array(items) => items.iter().map(text_chars).sum(),
+        Value::Object(map) => {
+            map.get("text").map_or(0, text_chars) + map.get("content").map_or(0, text_chars)
+        }
+        _ => 0,
+    }
+}
+
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_text_in_every_content_shape() {
+        let v: Value = serde_json::json!([
+            "abcd",
+            {"type": "text", "text": "ef"},
+            {"type": "image_url", "image_url": {"url": "http://x"}},
+            {"type": "tool_result", "content": [{"type": "text", "text": "ghi"}]}
+        ]);
+        assert_eq!(text_chars(&v), 9);
+        assert_eq!(text_chars(&Value::Null), 0);
+    }
+}

@@ -1,0 +1,270 @@
+//! Faults: the ways a simulated server misbehaves, and the per-request draw.
+//!
+//! Each fault models a failure sluice must handle: a fraction of 5xx answers
+//! (outlier detection, retry budgets), a server that answers everything with
+//! one status (circuit breaking), added latency and slow decoding (latency-based
+//! ejection, degradation), streams cut mid-way (retries must not double-count
+//! tokens), refused connections and a dead-then-revived endpoint (zone
+//! failover, recovery).
+//!
+//! The fault set is replaced as a whole (flags at start-up, `POST /_sim/faults`
+//! at run time), and each replacement reseeds the PRNG with `--seed`: what
+//! happens after a given POST depends only on the seed and the order of the
+//! requests that follow, so a scenario replays identically. Every request
+//! draws the same number of random values whether or not a fault uses them,
+//! which keeps the sequence stable when one rate changes.
+
+use std::time::Duration;
+
+use rand_core::{Rng, SeedableRng};
+use rand_xorshift::XorShiftRng;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// A fault set that does not make sense.
+#[derive(Debug, Error, PartialEq)]
+pub enum FaultError {
+    /// A probability outside [0, 1].
+    #[error("{field} must be a probability in [0, 1], got {value}")]
+    NotAProbability {
+        /// The JSON field.
+        field: &'static str,
+        /// The value given.
+        value: f64,
+    },
+    /// A status that is not an error status.
+    #[error("{field} must be an HTTP error status in 400..=599, got {value}")]
+    NotAnErrorStatus {
+        /// The JSON field.
+        field: &'static str,
+        /// The value given.
+        value: u16,
+    },
+    /// A rate that is not a positive finite number.
+    #[error("{field} must be a finite number > 0, got {value}")]
+    NotPositive {
+        /// The JSON field.
+        field: &'static str,
+        /// The value given.
+        value: f64,
+    },
+}
+
+/// The active faults; the JSON body of `/_sim/faults`. A missing field means
+/// "no such fault", so `{}` clears everything.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Faults {
+    /// Probability in [0, 1] that a request is answered with `error_status`.
+    pub error_rate: f64,
+    /// Status of `error_rate` answers (400..=599; default 503).
+    pub error_status: u16,
+    /// When set, every inference request is answered with this status.
+    pub fixed_status: Option<u16>,
+    /// Milliseconds added to the time to first token, and before fault errors.
+    pub added_latency_ms: u64,
+    /// When set, the decode rate in tokens per second (replaces the configured one).
+    pub slow_tokens_per_sec: Option<f64>,
+    /// When set, the connection is cut after this many tokens, with no clean end.
+    pub abort_after_tokens: Option<u32>,
+    /// Probability in [0, 1] that `abort_after_tokens` applies (default 1).
+    pub abort_rate: f64,
+    /// The API listener is closed: new connections are refused, open ones are served.
+    pub refuse_connections: bool,
+    /// The server is dead: listener closed and every open connection cut.
+    /// Setting it back to false revives the server on the same port.
+    pub dead: bool,
+}
+
+impl Default for Faults {
+    /// No fault at all.
+    fn default() -> Self {
+        Self {
+            error_rate: 0.0,
+            error_status: 503,
+            fixed_status: None,
+            added_latency_ms: 0,
+            slow_tokens_per_sec: None,
+            abort_after_tokens: None,
+            abort_rate: 1.0,
+            refuse_connections: false,
+            dead: false,
+        }
+    }
+}
+
+fn probability(field: &'static str, value: f64) -> Result<(), FaultError> {
+    if (0.0..=1.0).contains(&value) {
+        Ok(())
+    } else {
+        Err(FaultError::NotAProbability { field, value })
+    }
+}
+
+fn error_status(field: &'static str, value: u16) -> Result<(), FaultError> {
+    if (400..=599).contains(&value) {
+        Ok(())
+    } else {
+        Err(FaultError::NotAnErrorStatus { field, value })
+    }
+}
+
+impl Faults {
+    /// Checks ranges: probabilities in [0, 1], statuses in 400..=599, rates > 0.
+    pub fn validate(&self) -> Result<(), FaultError> {
+        probability("error_rate", self.error_rate)?;
+        probability("abort_rate", self.abort_rate)?;
+        error_status("error_status", self.error_status)?;
+        if let Some(status) = self.fixed_status {
+            error_status("fixed_status", status)?;
+        }
+        if let Some(rate) = self.slow_tokens_per_sec
+            && !(rate.is_finite() && rate > 0.0)
+        {
+            return Err(FaultError::NotPositive {
+                field: "slow_tokens_per_sec",
+                value: rate,
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether the API listener should be open.
+    pub fn listener_open(&self) -> bool {
+        !self.dead && !self.refuse_connections
+    }
+}
+
+/// What the faults do to one request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Decision {
+    /// Answer with this error status instead of generating.
+    pub error_status: Option<u16>,
+    /// Delay added before the first token or the error answer.
+    pub added_latency: Duration,
+    /// Decode rate (tokens/s) replacing the configured one.
+    pub rate_override: Option<f64>,
+    /// Cut the connection after this many tokens.
+    pub abort_after_tokens: Option<u32>,
+}
+
+/// The fault set and the seeded PRNG that decides each request.
+#[derive(Debug)]
+pub struct FaultState {
+    faults: Faults,
+    seed: u64,
+    rng: XorShiftRng,
+}
+
+impl FaultState {
+    /// Starts with `faults` and a PRNG seeded from `seed`.
+    pub fn new(faults: Faults, seed: u64) -> Self {
+        Self {
+            faults,
+            seed,
+            rng: XorShiftRng::seed_from_u64(seed),
+        }
+    }
+
+    /// The active faults.
+    pub fn faults(&self) -> &Faults {
+        &self.faults
+    }
+
+    /// Replaces the fault set (already validated) and reseeds the PRNG.
+    pub fn replace(&mut self, faults: Faults) {
+        self.faults = faults;
+        self.rng = XorShiftRng::seed_from_u64(self.seed);
+    }
+
+    /// Draws the decision for the next request (two PRNG draws, always).
+    pub fn decide(&mut self) -> Decision {
+        let error_draw = unit(self.rng.next_u64());
+        let abort_draw = unit(self.rng.next_u64());
+        let f = &self.faults;
+        let error_status = f.fixed_status.or_else(|| {
+            // `<` so that a rate of 0 never fires and 1 always does.
+            (error_draw < f.error_rate).then_some(f.error_status)
+        });
+        let abort_after_tokens = f
+            .abort_after_tokens
+            .filter(|_| abort_draw < f.abort_rate);
+        Decision {
+            error_status,
+            added_latency: Duration::from_millis(f.added_latency_ms),
+            rate_override: f.slow_tokens_per_sec,
+            abort_after_tokens,
+        }
+    }
+}
+
+/// Maps a random u64 to [0, 1) using its top 53 bits.
+fn unit(x: u64) -> f64 {
+    (x >> 11) as f64 / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_json_is_no_fault() {
+        let f: Faults = serde_json::from_str("{}").unwrap();
+        assert_eq!(f, Faults::default());
+        assert!(f.validate().is_ok());
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        assert!(serde_json::from_str::<Faults>(r#"{"eror_rate":0.5}"#).is_err());
+    }
+
+    #[test]
+    fn validation() {
+        let bad = Faults {
+            error_rate: 1.5,
+            ..Faults::default()
+        };
+        assert!(bad.validate().is_err());
+        let bad = Faults {
+            fixed_status: Some(200),
+            ..Faults::default()
+        };
+        assert!(bad.validate().is_err());
+        let bad = Faults {
+            slow_tokens_per_sec: Some(0.0),
+            ..Faults::default()
+        };
+        assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn same_seed_same_decisions_and_rate_is_respected() {
+        let faults = Faults {
+            error_rate: 0.3,
+            ..Faults::default()
+        };
+        let mut a = FaultState::new(faults.clone(), 7);
+        let mut b = FaultState::new(faults.clone(), 7);
+        let da: Vec<_> = (0..1000).map(|_| a.decide().error_status).collect();
+        let db: Vec<_> = (0..1000).map(|_| b.decide().error_status).collect();
+        assert_eq!(da, db);
+        let errors = da.iter().filter(|s| s.is_some()).count();
+        assert!((200..400).contains(&errors), "{errors}");
+        a.replace(faults);
+        let again: Vec<_> = (0..1000).map(|_| a.decide().error_status).collect();
+        assert_eq!(again, da, "replace reseeds");
+    }
+
+    #[test]
+    fn fixed_status_wins() {
+        let mut s = FaultState::new(
+            Faults {
+                fixed_status: Some(500),
+                ..Faults::default()
+            },
+            1,
+        );
+        assert!((0..100).all(|_| s.decide().error_status == Some(500)));
+    }
+}

@@ -1,0 +1,276 @@
+//! One inference request, from request body to (possibly streamed) response.
+//!
+//! The order of checks follows a real server's: read and parse the body (400,
+//! 413), check the model (404), take a capacity slot (429), then the fault
+//! decision, then generation paced by the timing model. The slot is held until
+//! the last token is written, so a slow stream occupies capacity the way a
+//! real sequence occupies a batch slot.
+//!
+//! A stream is produced by a task that sleeps until each token is due and
+//! pushes SSE frames into a small channel that the response body drains. A
+//! client that goes away closes the channel and the task stops at its next
+//! wake-up or earlier (it also watches for the close while sleeping). The
+//! abort fault ends the body with an error, which makes hyper drop the
+//! connection without the terminating chunk: the client sees a cut stream,
+//! not a clean end.
+
+use std::io;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::stream;
+use http_body::Frame;
+use http_body_util::{BodyExt, Limited, StreamBody};
+use hyper::body::Incoming;
+use hyper::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::api::anthropic::{self, AnthropicStream};
+use crate::api::openai::{self, OpenAiStream};
+use crate::api::{ApiError, Body, Endpoint, ResponseMeta, json_response};
+use crate::capacity::Slot;
+use crate::server::Shared;
+use crate::timing::{Schedule, generated_text, token_text};
+
+/// Serves one inference request on `endpoint`; every failure is an answer in
+/// the endpoint's error shape.
+pub(crate) async fn serve(
+    shared: &Arc<Shared>,
+    endpoint: Endpoint,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    match run(shared, endpoint, req).await {
+        Ok(resp) => resp,
+        Err(err) => err.into_response(endpoint.flavor()),
+    }
+}
+
+async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, ApiError> {
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(err) if err.is::<http_body_util::LengthLimitError>() => {
+            Err(ApiError::too_large(limit))
+        }
+        Err(err) => Err(ApiError::bad_request(format!(
+            "Could not read the request body: {err}"
+        ))),
+    }
+}
+
+async fn run(
+    shared: &Arc<Shared>,
+    endpoint: Endpoint,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let body = read_body(req.into_body(), shared.config.max_body_bytes).await?;
+    let request = match endpoint {
+        Endpoint::ChatCompletions => openai::parse_chat(&body)?,
+        Endpoint::Completions => openai::parse_completions(&body)?,
+        Endpoint::Messages => anthropic::parse_messages(&body)?,
+    };
+    if !shared.config.models.iter().any(|m| *m == request.model) {
+        return Err(ApiError::model_not_found(&request.model));
+    }
+    let retry_after = shared.config.retry_after_s;
+    let slot = shared.capacity.admit().await.map_err(|_| {
+        shared.stats.overloaded();
+        ApiError::overloaded(retry_after)
+    })?;
+    let admitted = Instant::now();
+    let decision = shared.decide();
+    if let Some(status) = decision.error_status {
+        sleep_until(admitted + decision.added_latency).await;
+        return Err(ApiError::fault(status, retry_after));
+    }
+
+    let (n, cut_short) = shared.timing.output_tokens(request.max_tokens);
+    let schedule = shared.timing.schedule(
+        request.prompt_tokens,
+        decision.added_latency,
+        decision.rate_override,
+    );
+    // Tokens produced before a cut: at most all of them, the end is still withheld.
+    let cut_after = decision.abort_after_tokens.map(|k| k.min(n));
+    let meta = shared.response_meta(endpoint, &request);
+    shared.stats.prompt(u64::from(request.prompt_tokens));
+
+    let plan = Plan {
+        endpoint,
+        meta,
+        include_usage: request.include_usage,
+        tokens: n,
+        cut_short,
+        cut_after,
+        schedule,
+        admitted,
+    };
+    if request.stream {
+        Ok(stream_response(Arc::clone(shared), plan, slot))
+    } else {
+        Ok(complete_response(shared, plan, slot).await)
+    }
+}
+
+/// Everything decided about a request before its first token.
+struct Plan {
+    endpoint: Endpoint,
+    meta: ResponseMeta,
+    include_usage: bool,
+    /// Tokens to generate.
+    tokens: u32,
+    /// Whether `max_tokens` limited `tokens`.
+    cut_short: bool,
+    /// The abort fault: cut the connection after this many tokens.
+    cut_after: Option<u32>,
+    schedule: Schedule,
+    /// When the request got its capacity slot; the schedule is relative to it.
+    admitted: Instant,
+}
+
+impl Plan {
+    fn due(&self, token: u32) -> Instant {
+        self.admitted + self.schedule.token_due(token)
+    }
+
+    fn body(&self, text: &str, produced: u32) -> Vec<u8> {
+        match self.endpoint {
+            Endpoint::ChatCompletions => {
+                openai::chat_response(&self.meta, text, produced, self.cut_short)
+            }
+            Endpoint::Completions => {
+                openai::completion_response(&self.meta, text, produced, self.cut_short)
+            }
+            Endpoint::Messages => {
+                anthropic::message_response(&self.meta, text, produced, self.cut_short)
+            }
+        }
+    }
+}
+
+/// Sleeps until `deadline`, without touching the timer when it has passed.
+async fn sleep_until(deadline: Instant) {
+    if deadline > Instant::now() {
+        tokio::time::sleep_until(deadline).await;
+    }
+}
+
+fn simulated_abort() -> io::Error {
+    io::Error::new(io::ErrorKind::ConnectionAborted, "llm-sim: simulated abort")
+}
+
+/// A non-streamed answer, sent when its last token is due.
+async fn complete_response(shared: &Shared, plan: Plan, slot: Slot) -> Response<Body> {
+    let produced = plan.cut_after.unwrap_or(plan.tokens);
+    sleep_until(plan.due(produced.saturating_sub(1))).await;
+    shared.stats.tokens(u64::from(produced));
+    let text = generated_text(plan.meta.word_offset, produced);
+    let body = plan.body(&text, produced);
+    drop(slot);
+    if plan.cut_after.is_none() {
+        return json_response(StatusCode::OK, body);
+    }
+    // Abort: headers and half the JSON, then the connection is cut.
+    shared.stats.aborted();
+    let cut = body.len() / 2;
+    let half = Bytes::from(body).slice(..cut);
+    let frames = stream::iter([Ok(Frame::data(half)), Err(simulated_abort())]);
+    let mut resp = Response::new(StreamBody::new(frames).boxed_unsync());
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+/// The SSE encoder of an endpoint.
+enum Encoder {
+    OpenAi(OpenAiStream),
+    Anthropic(AnthropicStream),
+}
+
+impl Encoder {
+    fn new(plan: &Plan) -> Self {
+        let meta = plan.meta.clone();
+        match plan.endpoint {
+            Endpoint::ChatCompletions => Self::OpenAi(OpenAiStream::new(meta, true, plan.include_usage)),
+            Endpoint::Completions => Self::OpenAi(OpenAiStream::new(meta, false, plan.include_usage)),
+            Endpoint::Messages => Self::Anthropic(AnthropicStream::new(meta)),
+        }
+    }
+
+    fn preamble(&self) -> Vec<u8> {
+        match self {
+            Self::OpenAi(s) => s.preamble(),
+            Self::Anthropic(s) => s.preamble(),
+        }
+    }
+
+    fn token(&self, text: &str) -> Vec<u8> {
+        match self {
+            Self::OpenAi(s) => s.token(text),
+            Self::Anthropic(s) => s.token(text),
+        }
+    }
+
+    fn finish(&self, produced: u32, cut_short: bool) -> Vec<u8> {
+        match self {
+            Self::OpenAi(s) => s.finish(produced, cut_short),
+            Self::Anthropic(s) => s.finish(produced, cut_short),
+        }
+    }
+}
+
+type FrameResult = Result<Frame<Bytes>, io::Error>;
+
+/// Waits until `deadline`; false if the client went away meanwhile.
+async fn wait_for_client(tx: &mpsc::Sender<FrameResult>, deadline: Instant) -> bool {
+    if deadline <= Instant::now() {
+        return !tx.is_closed();
+    }
+    tokio::select! {
+        () = tokio::time::sleep_until(deadline) => true,
+        () = tx.closed() => false,
+    }
+}
+
+async fn send(tx: &mpsc::Sender<FrameResult>, bytes: Vec<u8>) -> bool {
+    bytes.is_empty() || tx.send(Ok(Frame::data(Bytes::from(bytes)))).await.is_ok()
+}
+
+/// Produces the frames of one stream, paced by the plan; holds the slot until done.
+async fn produce(shared: Arc<Shared>, plan: Plan, tx: mpsc::Sender<FrameResult>, slot: Slot) {
+    let _slot = slot;
+    let encoder = Encoder::new(&plan);
+    if !wait_for_client(&tx, plan.due(0)).await || !send(&tx, encoder.preamble()).await {
+        return;
+    }
+    let emit = plan.cut_after.unwrap_or(plan.tokens);
+    for i in 0..emit {
+        if !wait_for_client(&tx, plan.due(i)).await {
+            return;
+        }
+        if !send(&tx, encoder.token(token_text(plan.meta.word_offset, i))).await {
+            return;
+        }
+        shared.stats.tokens(1);
+    }
+    if plan.cut_after.is_some() {
+        shared.stats.aborted();
+        // Ignored: if the client is gone the connection is closed anyway.
+        let _ = tx.send(Err(simulated_abort())).await;
+        return;
+    }
+    send(&tx, encoder.finish(plan.tokens, plan.cut_short)).await;
+}
+
+/// An SSE answer: headers now, frames as the producer task makes them.
+fn stream_response(shared: Arc<Shared>, plan: Plan, slot: Slot) -> Response<Body> {
+    let (tx, mut rx) = mpsc::channel::<FrameResult>(16);
+    tokio::spawn(produce(shared, plan, tx, slot));
+    let frames = stream::poll_fn(move |cx| rx.poll_recv(cx));
+    let mut resp = Response::new(StreamBody::new(frames).boxed_unsync());
+    let headers = resp.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
