@@ -34,7 +34,6 @@ class LlmSim:
             "--models", ",".join(models),
             "--instance", instance,
             "--seed", str(seed),
-            "--quiet",
             *(extra_args or []),
         ]
         self.proc = ManagedProcess(f"llm-sim-{instance}", argv, run_dir)

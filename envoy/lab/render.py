@@ -10,6 +10,7 @@ conformance probe).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import tomllib
 from dataclasses import dataclass
@@ -46,9 +47,10 @@ def policy_zones(policy: Path) -> list[BackendZone]:
 
 
 def sluice(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    """Runs the sluice CLI (``target/native/sluice``)."""
+    """Runs the sluice CLI (``target/native/sluice``, or ``$SLUICE_CLI``)."""
+    cli = os.environ.get("SLUICE_CLI") or str(paths.native_tool("sluice"))
     return subprocess.run(
-        [str(paths.native_tool("sluice")), *args],
+        [cli, *args],
         capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
     )
 

@@ -21,7 +21,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lab import Lab, install_cleanup_handlers, stop_all, survivors  # noqa: E402
+from lab import Lab, add_wasm_filter, install_cleanup_handlers, stop_all, survivors  # noqa: E402
 from lab import paths  # noqa: E402
 
 TENANT_HEADER = "x-tenant-id"
@@ -62,11 +62,30 @@ def lab_factory(request):
         lab.stop(failed=failed)
 
 
-@pytest.fixture
-def lab(lab_factory) -> Lab:
+def probe_built() -> bool:
+    """Whether the conformance probe .wasm exists and is a proxy-wasm module."""
+    try:
+        return b"proxy_on_context_create" in paths.PROBE_WASM.read_bytes()
+    except OSError:
+        return False
+
+
+def with_probe(bootstrap: str) -> str:
+    """The rendered chain with the conformance probe in front of it."""
+    return add_wasm_filter(bootstrap, "sluice-probe", paths.PROBE_WASM)
+
+
+@pytest.fixture(params=["sluice", "sluice+probe"])
+def lab(request, lab_factory) -> Lab:
+    """The default lab; the ``sluice+probe`` variant adds the probe filter."""
     if not paths.LAB_POLICY.is_file():
         pytest.fail(f"{paths.LAB_POLICY} is missing: the lab needs it")
-    return lab_factory()
+    hook = None
+    if request.param == "sluice+probe":
+        if not probe_built():
+            pytest.skip(f"the conformance probe is not built yet ({paths.PROBE_WASM})")
+        hook = with_probe
+    return lab_factory(bootstrap_hook=hook)
 
 
 @pytest.fixture
