@@ -5,3 +5,7 @@
 //! CLI's simulator and in tests with a fake clock.
 #![forbid(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+pub mod config;
+pub mod tenant;
+pub mod units;

@@ -1,0 +1,602 @@
+//! Validated configuration for every sluice capability.
+//!
+//! These types are what a policy file compiles into (see `sluice-policy`):
+//! every value has been range-checked, every default filled in and every
+//! cross-reference resolved, so the algorithms and filters consuming them
+//! never re-validate. They serialize back to the policy's human spelling,
+//! which is how `sluice explain` prints the effective policy.
+
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::units::{ByteSize, Rate, Ratio, serialize_duration};
+
+/// A whole policy: who the tenant is, which backends exist, and how each
+/// capability protects them. A capability whose section is absent is off.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Policy {
+    /// Optional human name of the policy, shown in logs and explanations.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub tenant: TenantIdentity,
+    pub model: ModelSource,
+    /// Backend requests go to when no route and no backend's model list
+    /// matches: the named one, or the first backend.
+    pub default_backend: String,
+    #[serde(rename = "backend")]
+    pub backends: Vec<Backend>,
+    #[serde(rename = "route", skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<Route>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outlier: Option<OutlierConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub breaker: Option<BreakerConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<TokensConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failover: Option<FailoverConfig>,
+}
+
+impl Policy {
+    /// The backend called `name`, if the policy declares it.
+    pub fn backend(&self, name: &str) -> Option<&Backend> {
+        self.backends.iter().find(|b| b.name == name)
+    }
+
+    /// The backend that serves `model` by its model list, if any.
+    pub fn backend_for_model(&self, model: &str) -> Option<&Backend> {
+        self.backends
+            .iter()
+            .find(|b| b.models.iter().any(|p| p.matches(model)))
+    }
+}
+
+/// How a request's tenant is identified.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TenantIdentity {
+    #[serde(flatten)]
+    pub source: TenantSource,
+    /// Tenant assigned to requests that carry no identity.
+    pub missing: String,
+}
+
+/// Where the tenant comes from.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "from", rename_all = "kebab-case")]
+pub enum TenantSource {
+    /// The value of a request header, as is.
+    Header { header: String },
+    /// A hash of the API key (`authorization: Bearer …` or `x-api-key`).
+    /// The tenant is `key-<first 16 hex digits of SHA-256>` unless `names`
+    /// maps that hash to a name; the key itself is never stored or logged.
+    ApiKey {
+        #[serde(
+            skip_serializing_if = "Vec::is_empty",
+            serialize_with = "serialize_key_names"
+        )]
+        names: Vec<ApiKeyName>,
+    },
+}
+
+/// A name given to the tenant owning an API key, by the key's hash.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ApiKeyName {
+    /// `key-` followed by 16 lowercase hex digits (see `sluice hash-key`).
+    pub hash: String,
+    pub tenant: String,
+}
+
+/// Where the requested model comes from.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ModelSource {
+    pub from: ModelFrom,
+    /// Header read when `from = "header"`, and as a fallback when the body has
+    /// no `model`.
+    pub header: String,
+    /// Model assumed when a request names none; without it such a request is
+    /// accounted under the model `unknown`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModelFrom {
+    /// The `model` field of the JSON request body.
+    Body,
+    /// A request header.
+    Header,
+}
+
+/// A model-name pattern: an exact name, or a prefix followed by `*`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pattern(String);
+
+impl Pattern {
+    /// A pattern from its spelling (`"gpt-4o"`, `"gpt-4o-*"`, `"*"`).
+    pub fn new(spelling: impl Into<String>) -> Self {
+        Self(spelling.into())
+    }
+
+    /// Whether `value` matches.
+    pub fn matches(&self, value: &str) -> bool {
+        match self.0.strip_suffix('*') {
+            Some(prefix) => value.starts_with(prefix),
+            None => self.0 == value,
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Serialize for Pattern {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+/// An upstream LLM service.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Backend {
+    pub name: String,
+    /// The API the upstream speaks; sets the shape of sluice's own replies.
+    pub api: Api,
+    pub models: Vec<Pattern>,
+    /// Envoy route timeout for requests to this backend (0s: none).
+    #[serde(serialize_with = "serialize_duration")]
+    pub timeout: Duration,
+    #[serde(rename = "zone")]
+    pub zones: Vec<Zone>,
+    /// Effective capability settings for this backend: the global section
+    /// with this backend's overrides applied. `None` when the capability is
+    /// off for it (printed as `enabled = false`).
+    #[serde(serialize_with = "serialize_section")]
+    pub outlier: Option<OutlierConfig>,
+    #[serde(serialize_with = "serialize_section")]
+    pub breaker: Option<BreakerConfig>,
+    #[serde(serialize_with = "serialize_section")]
+    pub retry: Option<RetryConfig>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Api {
+    Openai,
+    Anthropic,
+}
+
+/// Where a backend runs: one locality, served by an Envoy cluster.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Zone {
+    pub name: String,
+    pub region: String,
+    /// The Envoy cluster holding this zone's endpoints (default: the backend's name,
+    /// so that all zones of a backend are localities of one cluster).
+    pub cluster: String,
+    /// Static endpoints (`host:port`); empty when the cluster is defined
+    /// elsewhere (EDS, Istio).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<String>,
+}
+
+/// An explicit routing rule, tried in file order before model-based routing.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Route {
+    #[serde(rename = "match")]
+    pub matcher: Match,
+    pub backend: String,
+}
+
+/// Which requests a rule covers. Every non-empty list must match (one of its
+/// entries); an empty list matches anything.
+#[derive(Clone, Debug, PartialEq, Default, Serialize)]
+pub struct Match {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub path_prefix: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub authority: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<Pattern>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tenants: Vec<Pattern>,
+}
+
+impl Match {
+    /// Whether a request with these attributes is covered.
+    pub fn matches(&self, path: &str, authority: &str, model: &str, tenant: &str) -> bool {
+        (self.path_prefix.is_empty() || self.path_prefix.iter().any(|p| path.starts_with(p)))
+            && (self.authority.is_empty() || self.authority.iter().any(|a| a == authority))
+            && (self.models.is_empty() || self.models.iter().any(|p| p.matches(model)))
+            && (self.tenants.is_empty() || self.tenants.iter().any(|p| p.matches(tenant)))
+    }
+
+    /// Whether the rule covers every request.
+    pub fn is_catch_all(&self) -> bool {
+        self.path_prefix.is_empty()
+            && self.authority.is_empty()
+            && self.models.is_empty()
+            && self.tenants.is_empty()
+    }
+}
+
+/// Endpoint outlier detection that understands LLM traffic.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct OutlierConfig {
+    /// How often endpoints are judged (Envoy's `interval`, default 10s).
+    #[serde(serialize_with = "serialize_duration")]
+    pub interval: Duration,
+    /// Errors (5xx, resets, connect failures) in a row that eject an endpoint;
+    /// 0 disables (Envoy's `consecutive_5xx`, default 5).
+    pub consecutive_errors: u32,
+    /// Upstream 429s in a row that eject an endpoint; 0 disables.
+    pub consecutive_429: u32,
+    /// Error share over an interval that ejects an endpoint (Envoy's
+    /// `failure_percentage_threshold`, default 85%).
+    pub failure_rate: Ratio,
+    /// Requests an endpoint must have served in the interval before rates and
+    /// slowness are judged (Envoy's `failure_percentage_request_volume`, 50).
+    pub min_requests: u32,
+    /// A response is slow when its time to first token exceeds this.
+    #[serde(serialize_with = "serialize_duration")]
+    pub slow_ttft: Duration,
+    /// A stream is slow when its mean time per output token exceeds this.
+    #[serde(serialize_with = "serialize_duration")]
+    pub slow_tpot: Duration,
+    /// Share of slow responses over an interval that ejects an endpoint.
+    pub slow_rate: Ratio,
+    /// First ejection length, multiplied by the number of ejections (Envoy's
+    /// `base_ejection_time`, 30s).
+    #[serde(serialize_with = "serialize_duration")]
+    pub base_ejection_time: Duration,
+    /// Cap on the ejection length (Envoy's `max_ejection_time`, 300s).
+    #[serde(serialize_with = "serialize_duration")]
+    pub max_ejection_time: Duration,
+    /// Most of a backend's endpoints that may be ejected at once (Envoy's
+    /// `max_ejection_percent`, 10%).
+    pub max_ejection: Ratio,
+}
+
+/// Circuit breaking, bulkheads and what to answer when they act.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct BreakerConfig {
+    #[serde(flatten)]
+    pub mode: BreakerMode,
+    /// What a circuit covers.
+    pub scope: BreakerScope,
+    /// Outcomes counted as failures.
+    pub failure_on: Vec<FailureKind>,
+    /// Time to first token above which a call counts as slow.
+    #[serde(serialize_with = "serialize_duration")]
+    pub slow_ttft: Duration,
+    /// Mean time per output token above which a stream counts as slow.
+    #[serde(serialize_with = "serialize_duration")]
+    pub slow_tpot: Duration,
+    /// How long a tripped circuit stays open the first time
+    /// (resilience4j's `waitDurationInOpenState`, 60s).
+    #[serde(serialize_with = "serialize_duration")]
+    pub open_for: Duration,
+    /// Cap on the open time, which grows by `backoff` on each repeated trip.
+    #[serde(serialize_with = "serialize_duration")]
+    pub max_open_for: Duration,
+    /// Growth factor of the open time on repeated trips (≥ 1).
+    pub backoff: f64,
+    /// Random spread applied to the open time (± this share).
+    pub jitter: Ratio,
+    /// Calls let through while half-open
+    /// (resilience4j's `permittedNumberOfCallsInHalfOpenState`, 10).
+    pub half_open_probes: NonZeroU32,
+    pub bulkhead: BulkheadConfig,
+    pub degrade: DegradeConfig,
+}
+
+/// How a circuit decides to open.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "mode", rename_all = "kebab-case")]
+pub enum BreakerMode {
+    /// `failures` failures in a row open the circuit.
+    Consecutive {
+        #[serde(rename = "consecutive_failures")]
+        failures: NonZeroU32,
+    },
+    /// Failure or slow-call share over a sliding window (resilience4j).
+    Rate {
+        window: Window,
+        /// Calls the window must hold before it is judged
+        /// (resilience4j's `minimumNumberOfCalls`, 100).
+        min_calls: NonZeroU32,
+        /// resilience4j's `failureRateThreshold`, 50%.
+        failure_rate: Ratio,
+        /// resilience4j's `slowCallRateThreshold`, 100%.
+        slow_rate: Ratio,
+    },
+    /// Client-side adaptive throttling (Google SRE book, "Handling
+    /// Overload"): reject with probability
+    /// `max(0, (requests − k·accepts) / (requests + 1))`, capped.
+    Adaptive {
+        /// The SRE book's K (2).
+        k: f64,
+        /// History the counts cover (the SRE book's 2 minutes).
+        #[serde(serialize_with = "serialize_duration")]
+        window: Duration,
+        /// Highest rejection probability (Envoy admission_control's
+        /// `max_rejection_probability`, 80%).
+        max_reject: Ratio,
+    },
+}
+
+/// A sliding window, by number of calls or by time.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Window {
+    Calls(NonZeroU32),
+    #[serde(serialize_with = "serialize_duration")]
+    Time(Duration),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BreakerScope {
+    /// One circuit per backend × model.
+    BackendModel,
+    /// One circuit per backend × model × endpoint.
+    Endpoint,
+}
+
+/// An upstream outcome that counts as a failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailureKind {
+    /// Any 5xx status.
+    #[serde(rename = "5xx")]
+    Status5xx,
+    /// 502, 503, 504.
+    GatewayError,
+    /// An upstream 429 (overload, not a tenant's quota).
+    #[serde(rename = "429")]
+    Status429,
+    /// The upstream reset the stream.
+    Reset,
+    /// The connection could not be made.
+    ConnectFailure,
+    /// The upstream did not answer in time.
+    Timeout,
+}
+
+/// Caps on concurrent requests, so one tenant or model cannot take them all.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct BulkheadConfig {
+    /// In-flight requests per backend × model (Envoy's circuit breaker
+    /// `max_requests`, 1024).
+    pub max_in_flight: NonZeroU32,
+    /// In-flight requests per tenant and backend × model; `None`: no cap.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_in_flight_per_tenant: Option<NonZeroU32>,
+    /// Per-tenant overrides of `max_in_flight_per_tenant`.
+    #[serde(
+        skip_serializing_if = "Vec::is_empty",
+        serialize_with = "serialize_tenant_limits"
+    )]
+    pub tenants: Vec<TenantLimit>,
+    /// Requests that may wait for a slot; 0 rejects at once
+    /// (resilience4j's `maxWaitDuration` 0).
+    pub queue: u32,
+    /// Longest wait in the queue before the request is degraded.
+    #[serde(serialize_with = "serialize_duration")]
+    pub max_wait: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TenantLimit {
+    pub tenant: String,
+    pub max_in_flight: NonZeroU32,
+}
+
+/// What a request gets when the breaker or bulkhead turns it away.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DegradeConfig {
+    #[serde(flatten)]
+    pub action: DegradeAction,
+    /// `retry-after` given with fail-fast answers.
+    #[serde(serialize_with = "serialize_duration")]
+    pub retry_after: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "action", rename_all = "kebab-case")]
+pub enum DegradeAction {
+    /// 503 with `retry-after` and an error body in the client's API shape.
+    FailFast,
+    /// Rewrite `model` and route to the backend serving it.
+    FallbackModel {
+        #[serde(rename = "fallback_model")]
+        model: String,
+        #[serde(rename = "fallback_backend")]
+        backend: String,
+    },
+    /// A fixed answer in the client's API shape, streamed when asked to.
+    Static {
+        #[serde(rename = "static_text")]
+        text: String,
+    },
+}
+
+/// Token-aware rate limiting.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TokensConfig {
+    /// Characters per token when estimating a prompt (4 unless a model
+    /// override says otherwise).
+    pub chars_per_token: f64,
+    #[serde(
+        skip_serializing_if = "Vec::is_empty",
+        serialize_with = "serialize_pairs"
+    )]
+    pub model_chars_per_token: Vec<(Pattern, f64)>,
+    /// Completion cap reserved when the client sets none.
+    pub default_max_tokens: NonZeroU32,
+    /// Request bodies are buffered up to this size.
+    pub max_body: ByteSize,
+    pub on_large_body: LargeBody,
+    /// Add `stream_options.include_usage = true` to streaming OpenAI requests
+    /// so the real usage can be reconciled.
+    pub include_usage: bool,
+    /// Send the IETF `RateLimit`/`RateLimit-Policy` headers besides OpenAI's.
+    pub ietf_headers: bool,
+    /// Tenant × model keys tracked at once; the idlest are evicted beyond it.
+    pub max_keys: NonZeroU32,
+    #[serde(rename = "quota")]
+    pub quotas: Vec<Quota>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LargeBody {
+    /// Answer 413.
+    Reject,
+    /// Estimate the prompt from `content-length`.
+    Estimate,
+}
+
+/// Limits for every tenant × model pair a rule matches (the first matching
+/// rule in file order applies).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Quota {
+    #[serde(rename = "match")]
+    pub matcher: Match,
+    /// Token limits, each over its own period.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tokens: Vec<Rate>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requests: Option<Rate>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub concurrent_streams: Option<NonZeroU32>,
+    /// Largest completion a request may ask for; larger asks are answered 400
+    /// (`over_cap = "reject"`) or lowered to it (`"clamp"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_completion_tokens: Option<NonZeroU32>,
+    pub over_cap: OverCap,
+    /// Most tokens admitted at once (bucket capacity); defaults to the
+    /// shortest period's limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OverCap {
+    Reject,
+    Clamp,
+}
+
+/// Retry budgets: retries are allowed while they stay a small share of traffic.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RetryConfig {
+    /// Retries allowed as a share of requests (Linkerd/Finagle, 20%).
+    pub budget: Ratio,
+    /// Retries always allowed per second (Linkerd/Finagle, 10).
+    pub min_retries_per_second: u32,
+    /// How long a request counts toward the budget (Linkerd/Finagle, 10s).
+    #[serde(serialize_with = "serialize_duration")]
+    pub ttl: Duration,
+    /// Retries per request (Envoy's `num_retries`, 1).
+    pub max_retries: u32,
+    pub retry_on: Vec<FailureKind>,
+    /// First back-off interval (Envoy's `base_interval`, 25ms).
+    #[serde(serialize_with = "serialize_duration")]
+    pub backoff_base: Duration,
+    /// Back-off cap (Envoy's default: 10 × base).
+    #[serde(serialize_with = "serialize_duration")]
+    pub backoff_max: Duration,
+    /// Wait at least an upstream's `retry-after` before retrying.
+    pub honor_retry_after: bool,
+}
+
+/// Zone and region failover.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FailoverConfig {
+    /// Zone traffic prefers: the proxy's own (`node.locality`) or a named one.
+    pub local_zone: LocalZone,
+    /// Zones in order of preference after the local one; zones not listed
+    /// follow, same region first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub order: Vec<String>,
+    /// Healthy share of a zone's endpoints below which traffic spills to the
+    /// next zone (Envoy's overprovisioning factor 1.4 spills below 1/1.4 ≈ 71%).
+    pub min_healthy: Ratio,
+    /// Quota use of a zone above which new requests spill over.
+    pub max_utilization: Ratio,
+    pub spill: Spill,
+    /// Time a zone must stay healthy before traffic fails back to it.
+    #[serde(serialize_with = "serialize_duration")]
+    pub failback_after: Duration,
+    /// Whether traffic may leave the local region.
+    pub cross_region: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum LocalZone {
+    /// From the proxy's `node.locality`.
+    Auto,
+    Named(String),
+}
+
+impl Serialize for LocalZone {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            LocalZone::Auto => s.serialize_str("auto"),
+            LocalZone::Named(zone) => s.serialize_str(zone),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Spill {
+    /// Shift the missing share of healthy capacity, as Envoy's priority load does.
+    Gradual,
+    /// Move all traffic to the next zone.
+    All,
+}
+
+/// A backend's section: the table, or `enabled = false` when off.
+fn serialize_section<T: Serialize, S: serde::Serializer>(
+    section: &Option<T>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    match section {
+        Some(t) => t.serialize(s),
+        None => {
+            let mut map = s.serialize_map(Some(1))?;
+            map.serialize_entry("enabled", &false)?;
+            map.end()
+        }
+    }
+}
+
+/// Pairs as a table, in order (`"pattern" = value`).
+fn serialize_pairs<S: serde::Serializer>(
+    pairs: &[(Pattern, f64)],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_map(pairs.iter().map(|(k, v)| (k.as_str(), v)))
+}
+
+fn serialize_tenant_limits<S: serde::Serializer>(
+    limits: &[TenantLimit],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_map(limits.iter().map(|l| (l.tenant.as_str(), l.max_in_flight)))
+}
+
+fn serialize_key_names<S: serde::Serializer>(
+    names: &[ApiKeyName],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_map(names.iter().map(|n| (n.hash.as_str(), n.tenant.as_str())))
+}

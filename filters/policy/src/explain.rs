@@ -1,0 +1,297 @@
+//! What a policy means, in words: the effective values and a summary.
+//!
+//! `sluice explain` prints both. The effective policy is the compiled
+//! [`Policy`] serialized back to TOML, so every default shows; the summary
+//! says in plain English what each rule does, and says loudly which sections
+//! no filter enforces yet.
+
+use std::fmt::Write as _;
+
+use sluice_core::config::{
+    BreakerConfig, BreakerMode, DegradeAction, FailureKind, LocalZone, Match, Policy, TenantSource,
+    Window,
+};
+use sluice_core::units::{Count, HumanDuration};
+
+use crate::Capability;
+
+/// The effective policy as TOML, every default filled in.
+pub fn effective_toml(policy: &Policy) -> Result<String, toml::ser::Error> {
+    toml::to_string_pretty(policy)
+}
+
+/// One sentence per rule of the policy.
+pub fn summary(policy: &Policy) -> Vec<String> {
+    let mut out = Vec::new();
+    out.push(match &policy.tenant.source {
+        TenantSource::Header { header } => {
+            format!("tenant from header {header}; requests without it are tenant \"{}\"", policy.tenant.missing)
+        }
+        TenantSource::ApiKey { names } => format!(
+            "tenant from a SHA-256 hash of the API key (authorization: Bearer or x-api-key; the key itself is never stored or logged), {} key(s) named; requests without a key are tenant \"{}\"",
+            names.len(),
+            policy.tenant.missing
+        ),
+    });
+    out.push(format!(
+        "model from the request body's \"model\" (or header {}){}",
+        policy.model.header,
+        policy
+            .model
+            .default
+            .as_ref()
+            .map(|d| format!(", \"{d}\" when none"))
+            .unwrap_or_default()
+    ));
+    for b in &policy.backends {
+        let zones: Vec<String> = b
+            .zones
+            .iter()
+            .map(|z| {
+                let eps = if z.endpoints.is_empty() {
+                    "endpoints from the cluster".to_string()
+                } else {
+                    format!("{} endpoint(s)", z.endpoints.len())
+                };
+                format!(
+                    "{} in region {} (cluster {}, {eps})",
+                    z.name, z.region, z.cluster
+                )
+            })
+            .collect();
+        let models: Vec<&str> = b.models.iter().map(|m| m.as_str()).collect();
+        out.push(format!(
+            "backend {} ({:?} API) serves {}; zones: {}",
+            b.name,
+            b.api,
+            models.join(", "),
+            zones.join("; ")
+        ));
+    }
+    for r in &policy.routes {
+        out.push(format!(
+            "requests {} go to backend {}",
+            describe_match(&r.matcher),
+            r.backend
+        ));
+    }
+    out.push(format!(
+        "other requests go to the backend serving their model, else to {}",
+        policy.default_backend
+    ));
+
+    for cap in Capability::ALL {
+        if !cap.is_enabled_in(policy) {
+            out.push(format!("[{}] off", cap.section()));
+            continue;
+        }
+        let status = if cap.is_enforced() {
+            String::new()
+        } else {
+            " — NOT ENFORCED YET: no sluice filter implements this section, it is validated only"
+                .to_string()
+        };
+        for line in section_lines(cap, policy) {
+            out.push(format!("[{}] {line}{status}", cap.section()));
+        }
+    }
+    out
+}
+
+fn section_lines(cap: Capability, policy: &Policy) -> Vec<String> {
+    let mut lines = Vec::new();
+    match cap {
+        Capability::Tokens => {
+            let Some(t) = &policy.tokens else {
+                return lines;
+            };
+            lines.push(format!(
+                "prompts estimated at {} characters per token; {} completion tokens reserved when the client sets no cap; bodies buffered up to {}",
+                t.chars_per_token, t.default_max_tokens, t.max_body
+            ));
+            for q in &t.quotas {
+                let mut limits: Vec<String> =
+                    q.tokens.iter().map(|r| format!("{} tokens", r)).collect();
+                if let Some(r) = q.requests {
+                    limits.push(format!("{r} requests"));
+                }
+                if let Some(c) = q.concurrent_streams {
+                    limits.push(format!("{c} concurrent streams"));
+                }
+                let mut line = format!(
+                    "each tenant × model {} may use {}",
+                    describe_match(&q.matcher),
+                    limits.join(", ")
+                );
+                if let Some(cap) = q.max_completion_tokens {
+                    let _ = write!(
+                        line,
+                        "; completions capped at {cap} tokens ({:?} above)",
+                        q.over_cap
+                    );
+                }
+                if let Some(b) = q.burst {
+                    let _ = write!(line, "; burst {}", Count(b));
+                }
+                lines.push(line);
+            }
+        }
+        Capability::Breaker => {
+            if let Some(b) = &policy.breaker {
+                lines.push(format!("all backends: {}", describe_breaker(b)));
+            }
+            for be in &policy.backends {
+                if be.breaker != policy.breaker
+                    && let Some(b) = &be.breaker
+                {
+                    lines.push(format!("backend {}: {}", be.name, describe_breaker(b)));
+                }
+            }
+        }
+        Capability::Outlier => {
+            for be in &policy.backends {
+                if let Some(o) = &be.outlier {
+                    lines.push(format!(
+                        "backend {}: eject an endpoint after {} errors or {} 429s in a row, or when over {} of its calls fail or {} are slow (TTFT > {}, TPOT > {}) in {} with at least {} calls; ejected {} × ejections (max {}), never more than {} of endpoints",
+                        be.name, o.consecutive_errors, o.consecutive_429, o.failure_rate, o.slow_rate, HumanDuration(o.slow_ttft), HumanDuration(o.slow_tpot), HumanDuration(o.interval), o.min_requests, HumanDuration(o.base_ejection_time), HumanDuration(o.max_ejection_time), o.max_ejection
+                    ));
+                }
+            }
+        }
+        Capability::Retry => {
+            for be in &policy.backends {
+                if let Some(r) = &be.retry {
+                    lines.push(format!(
+                        "backend {}: up to {} retries on {}, back-off {}..{}, while retries stay under {} of requests (+{} per second, over {}); never after the first streamed byte",
+                        be.name, r.max_retries, kinds(&r.retry_on), HumanDuration(r.backoff_base), HumanDuration(r.backoff_max), r.budget, r.min_retries_per_second, HumanDuration(r.ttl)
+                    ));
+                }
+            }
+        }
+        Capability::Failover => {
+            if let Some(f) = &policy.failover {
+                let local = match &f.local_zone {
+                    LocalZone::Auto => "the proxy's own zone".to_string(),
+                    LocalZone::Named(z) => format!("zone {z}"),
+                };
+                let order = if f.order.is_empty() {
+                    "same region first".to_string()
+                } else {
+                    f.order.join(" → ")
+                };
+                lines.push(format!(
+                    "prefer {local}, then {order}; spill ({:?}) when fewer than {} of a zone's endpoints are healthy or its quota use passes {}; fail back after {} healthy; {}",
+                    f.spill, f.min_healthy, f.max_utilization, HumanDuration(f.failback_after),
+                    if f.cross_region { "may cross regions" } else { "stays in the region" }
+                ));
+            }
+        }
+    }
+    lines
+}
+
+fn describe_breaker(b: &BreakerConfig) -> String {
+    let mode = match &b.mode {
+        BreakerMode::Consecutive { failures } => format!("open after {failures} failures in a row"),
+        BreakerMode::Rate {
+            window,
+            min_calls,
+            failure_rate,
+            slow_rate,
+        } => {
+            let window = match window {
+                Window::Calls(n) => format!("the last {n} calls"),
+                Window::Time(d) => format!("the last {}", HumanDuration(*d)),
+            };
+            format!(
+                "open when over {window} (at least {min_calls} calls) {failure_rate} fail or {slow_rate} are slow"
+            )
+        }
+        BreakerMode::Adaptive {
+            k,
+            window,
+            max_reject,
+        } => format!(
+            "throttle adaptively: reject with probability (requests − {k}·accepts)/(requests + 1) over {}, at most {max_reject}",
+            HumanDuration(*window)
+        ),
+    };
+    let degrade = match &b.degrade.action {
+        DegradeAction::FailFast => format!(
+            "fail fast with 503 and retry-after {}",
+            HumanDuration(b.degrade.retry_after)
+        ),
+        DegradeAction::FallbackModel { model, backend } => {
+            format!("answer with model {model} on backend {backend}")
+        }
+        DegradeAction::Static { .. } => "answer with the static text".to_string(),
+    };
+    format!(
+        "{mode}; failures are {}; slow is TTFT > {} or TPOT > {}; open {} growing ×{} to {} (±{}), then {} probes; at most {} in flight per backend × model{}; when turned away: {degrade}",
+        kinds(&b.failure_on),
+        HumanDuration(b.slow_ttft),
+        HumanDuration(b.slow_tpot),
+        HumanDuration(b.open_for),
+        b.backoff,
+        HumanDuration(b.max_open_for),
+        b.jitter,
+        b.half_open_probes,
+        b.bulkhead.max_in_flight,
+        b.bulkhead
+            .max_in_flight_per_tenant
+            .map(|t| format!(" and {t} per tenant"))
+            .unwrap_or_default()
+    )
+}
+
+fn kinds(kinds: &[FailureKind]) -> String {
+    let names: Vec<&str> = kinds
+        .iter()
+        .map(|k| match k {
+            FailureKind::Status5xx => "5xx",
+            FailureKind::GatewayError => "gateway errors",
+            FailureKind::Status429 => "429",
+            FailureKind::Reset => "resets",
+            FailureKind::ConnectFailure => "connect failures",
+            FailureKind::Timeout => "timeouts",
+        })
+        .collect();
+    if names.is_empty() {
+        "nothing".into()
+    } else {
+        names.join(", ")
+    }
+}
+
+fn describe_match(m: &Match) -> String {
+    if m.is_catch_all() {
+        return "for any request".into();
+    }
+    let mut parts = Vec::new();
+    let list = |v: &mut Vec<String>, what: &str, items: Vec<&str>| {
+        if !items.is_empty() {
+            v.push(format!("{what} {}", items.join(" or ")));
+        }
+    };
+    list(
+        &mut parts,
+        "of tenant",
+        m.tenants.iter().map(|p| p.as_str()).collect(),
+    );
+    list(
+        &mut parts,
+        "for model",
+        m.models.iter().map(|p| p.as_str()).collect(),
+    );
+    list(
+        &mut parts,
+        "under path",
+        m.path_prefix.iter().map(String::as_str).collect(),
+    );
+    list(
+        &mut parts,
+        "to host",
+        m.authority.iter().map(String::as_str).collect(),
+    );
+    parts.join(" ")
+}

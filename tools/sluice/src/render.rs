@@ -1,0 +1,300 @@
+//! `sluice render envoy`: a complete Envoy bootstrap from a policy.
+//!
+//! The output is a static bootstrap a local Envoy runs as is: the admin
+//! interface, one listener whose HTTP connection manager carries sluice's Wasm
+//! filters (one per enforced capability, each given the policy text as its
+//! configuration) and the router, a route per backend, and one cluster per
+//! Envoy cluster the policy names, its endpoints grouped by zone and region
+//! into localities so Envoy's own locality handling sees the topology.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+use sluice_core::config::Policy;
+use sluice_policy::Capability;
+
+/// Request header naming the backend a request goes to; the route table
+/// matches it. Filters set it (fallback model, explicit routes).
+pub const BACKEND_HEADER: &str = "x-sluice-backend";
+
+#[derive(clap::Args)]
+pub struct EnvoyArgs {
+    /// The policy file (TOML or JSON).
+    policy: PathBuf,
+    /// Directory holding the filters' .wasm files.
+    #[arg(long)]
+    wasm_dir: PathBuf,
+    /// Address the listener binds (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:10000")]
+    listen: String,
+    /// Address of Envoy's admin interface.
+    #[arg(long, default_value = "127.0.0.1:9901")]
+    admin: String,
+    /// Replace a zone's endpoints: `BACKEND/ZONE=HOST:PORT[,HOST:PORT...]`.
+    #[arg(long = "endpoints", value_name = "BACKEND/ZONE=ADDRS")]
+    endpoints: Vec<String>,
+    /// What Envoy does when a filter's VM fails: FAIL_OPEN keeps traffic
+    /// flowing unprotected, FAIL_CLOSED answers 503, FAIL_RELOAD restarts the VM.
+    #[arg(long, default_value = "FAIL_OPEN", value_parser = ["FAIL_OPEN", "FAIL_CLOSED", "FAIL_RELOAD"])]
+    failure_policy: String,
+    /// Write to this file instead of standard output.
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+}
+
+pub fn envoy(args: &EnvoyArgs) -> anyhow::Result<ExitCode> {
+    let (parsed, text) = crate::load(&args.policy)?;
+    let mut policy = match parsed {
+        Ok(p) => p,
+        Err(d) => {
+            crate::report(&d);
+            return Ok(ExitCode::from(1));
+        }
+    };
+    for spec in &args.endpoints {
+        override_endpoints(&mut policy, spec)?;
+    }
+    let not_enforced: Vec<Capability> = Capability::ALL
+        .into_iter()
+        .filter(|c| c.is_enabled_in(&policy) && !c.is_enforced())
+        .collect();
+    for cap in &not_enforced {
+        eprintln!(
+            "warning: [{}] is NOT ENFORCED YET: no sluice filter implements it, so the rendered Envoy does not apply it",
+            cap.section()
+        );
+    }
+    let bootstrap = bootstrap(&policy, &text, args)?;
+    let mut out = format!(
+        "# Envoy bootstrap rendered by `sluice render envoy` from {}.\n",
+        args.policy.display()
+    );
+    for cap in &not_enforced {
+        out.push_str(&format!(
+            "# NOT ENFORCED YET: [{}] (no sluice filter implements it)\n",
+            cap.section()
+        ));
+    }
+    out.push_str(&serde_yaml::to_string(&bootstrap).context("cannot print YAML")?);
+    match &args.output {
+        Some(path) => {
+            std::fs::write(path, out).with_context(|| format!("cannot write {}", path.display()))?
+        }
+        None => print!("{out}"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Applies one `--endpoints BACKEND/ZONE=ADDRS` override.
+fn override_endpoints(policy: &mut Policy, spec: &str) -> anyhow::Result<()> {
+    let Some((target, addrs)) = spec.split_once('=') else {
+        bail!("--endpoints `{spec}`: expected BACKEND/ZONE=HOST:PORT[,HOST:PORT...]");
+    };
+    let Some((backend, zone)) = target.split_once('/') else {
+        bail!("--endpoints `{spec}`: expected BACKEND/ZONE before `=`");
+    };
+    let Some(b) = policy.backends.iter_mut().find(|b| b.name == backend) else {
+        bail!("--endpoints `{spec}`: the policy has no backend `{backend}`");
+    };
+    let Some(z) = b.zones.iter_mut().find(|z| z.name == zone) else {
+        bail!("--endpoints `{spec}`: backend `{backend}` has no zone `{zone}`");
+    };
+    z.endpoints = addrs
+        .split(',')
+        .map(|a| a.trim().to_string())
+        .filter(|a| !a.is_empty())
+        .collect();
+    for ep in &z.endpoints {
+        split_host_port(ep).with_context(|| format!("--endpoints `{spec}`"))?;
+    }
+    Ok(())
+}
+
+fn split_host_port(addr: &str) -> anyhow::Result<(String, u16)> {
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        bail!("`{addr}` is not HOST:PORT")
+    };
+    let port: u16 = port
+        .parse()
+        .with_context(|| format!("`{addr}` has no valid port"))?;
+    Ok((
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string(),
+        port,
+    ))
+}
+
+fn socket_address(addr: &str) -> anyhow::Result<Value> {
+    let (host, port) = split_host_port(addr)?;
+    Ok(json!({ "socket_address": { "address": host, "port_value": port } }))
+}
+
+fn bootstrap(policy: &Policy, policy_text: &str, args: &EnvoyArgs) -> anyhow::Result<Value> {
+    let mut http_filters: Vec<Value> = Capability::ALL
+        .into_iter()
+        .filter(|c| c.is_enabled_in(policy) && c.is_enforced())
+        .map(|c| wasm_filter(c, &args.wasm_dir, policy_text, &args.failure_policy))
+        .collect();
+    http_filters.push(json!({
+        "name": "envoy.filters.http.router",
+        "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" }
+    }));
+
+    Ok(json!({
+        "node": { "id": "sluice", "cluster": "sluice",
+                  "metadata": { "sluice_policy": policy.name.clone().unwrap_or_default() } },
+        "admin": { "address": socket_address(&args.admin)? },
+        "static_resources": {
+            "listeners": [{
+                "name": "sluice",
+                "address": socket_address(&args.listen)?,
+                "filter_chains": [{ "filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "sluice",
+                        "codec_type": "AUTO",
+                        "route_config": { "name": "sluice", "virtual_hosts": [{
+                            "name": "llm", "domains": ["*"], "routes": routes(policy),
+                        }]},
+                        "http_filters": http_filters,
+                    }
+                }]}],
+            }],
+            "clusters": clusters(policy)?,
+        },
+    }))
+}
+
+/// Routes: a backend named by [`BACKEND_HEADER`] first (filters set it),
+/// then the policy's explicit routes on what Envoy can match by itself
+/// (path prefix, authority), then the default backend.
+fn routes(policy: &Policy) -> Vec<Value> {
+    let mut routes = Vec::new();
+    for b in &policy.backends {
+        routes.push(json!({
+            "name": format!("backend-{}", b.name),
+            "match": { "prefix": "/", "headers": [{ "name": BACKEND_HEADER, "string_match": { "exact": b.name } }] },
+            "route": route_action(policy, &b.name),
+        }));
+    }
+    for (i, r) in policy.routes.iter().enumerate() {
+        // Model and tenant matches need the request body or identity, which a
+        // sluice filter resolves into BACKEND_HEADER; Envoy matches the rest.
+        if !r.matcher.models.is_empty() || !r.matcher.tenants.is_empty() {
+            continue;
+        }
+        let prefixes = if r.matcher.path_prefix.is_empty() {
+            vec!["/".to_string()]
+        } else {
+            r.matcher.path_prefix.clone()
+        };
+        for prefix in prefixes {
+            let mut m = json!({ "prefix": prefix });
+            if !r.matcher.authority.is_empty() {
+                let pattern = r
+                    .matcher
+                    .authority
+                    .iter()
+                    .map(|a| regex_escape(a))
+                    .collect::<Vec<_>>()
+                    .join("|");
+                m["headers"] = json!([{ "name": ":authority", "string_match": { "safe_regex": { "regex": format!("^({pattern})$") } } }]);
+            }
+            routes.push(json!({ "name": format!("route-{i}"), "match": m, "route": route_action(policy, &r.backend) }));
+        }
+    }
+    routes.push(json!({ "name": "default", "match": { "prefix": "/" }, "route": route_action(policy, &policy.default_backend) }));
+    routes
+}
+
+fn route_action(policy: &Policy, backend: &str) -> Value {
+    let Some(b) = policy.backend(backend) else {
+        return json!({ "cluster": backend });
+    };
+    let cluster = b
+        .zones
+        .first()
+        .map_or(b.name.as_str(), |z| z.cluster.as_str());
+    json!({ "cluster": cluster, "timeout": format!("{}s", b.timeout.as_secs()) })
+}
+
+fn regex_escape(s: &str) -> String {
+    s.chars().fold(String::new(), |mut out, c| {
+        if "\\.+*?()|[]{}^$".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+        out
+    })
+}
+
+/// One cluster per cluster name; each zone becomes a locality.
+fn clusters(policy: &Policy) -> anyhow::Result<Vec<Value>> {
+    let mut by_name: BTreeMap<&str, Vec<&sluice_core::config::Zone>> = BTreeMap::new();
+    for b in &policy.backends {
+        for z in &b.zones {
+            by_name.entry(z.cluster.as_str()).or_default().push(z);
+        }
+    }
+    by_name
+        .into_iter()
+        .map(|(name, zones)| {
+            let mut all_ips = true;
+            let mut localities = Vec::new();
+            for z in &zones {
+                if z.endpoints.is_empty() {
+                    eprintln!("warning: zone `{}` of cluster `{name}` has no endpoints: the cluster is rendered empty (pass --endpoints)", z.name);
+                }
+                let mut lb_endpoints = Vec::new();
+                for ep in &z.endpoints {
+                    let (host, _) = split_host_port(ep)?;
+                    all_ips &= host.parse::<IpAddr>().is_ok();
+                    lb_endpoints.push(json!({ "endpoint": { "address": socket_address(ep)? } }));
+                }
+                localities.push(json!({
+                    "locality": { "region": z.region, "zone": z.name },
+                    "lb_endpoints": lb_endpoints,
+                }));
+            }
+            Ok(json!({
+                "name": name,
+                "type": if all_ips { "STATIC" } else { "STRICT_DNS" },
+                "connect_timeout": "5s",
+                "lb_policy": "ROUND_ROBIN",
+                "load_assignment": { "cluster_name": name, "endpoints": localities },
+            }))
+        })
+        .collect()
+}
+
+/// The Wasm filter of one capability, configured with the policy text so the
+/// filter validates exactly what `sluice validate` did.
+fn wasm_filter(cap: Capability, wasm_dir: &Path, policy_text: &str, failure_policy: &str) -> Value {
+    let filename = wasm_dir.join(format!("{}.wasm", cap.filter()));
+    json!({
+        "name": format!("sluice.{}", cap.section()),
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": {
+                "name": cap.filter(),
+                "root_id": cap.filter(),
+                "failure_policy": failure_policy,
+                "vm_config": {
+                    "vm_id": cap.filter(),
+                    "runtime": "envoy.wasm.runtime.v8",
+                    "code": { "local": { "filename": filename.display().to_string() } },
+                },
+                "configuration": {
+                    "@type": "type.googleapis.com/google.protobuf.StringValue",
+                    "value": policy_text,
+                },
+            }
+        }
+    })
+}

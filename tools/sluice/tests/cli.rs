@@ -1,0 +1,196 @@
+//! The `sluice` binary as a user runs it: exit codes, messages, output.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+fn sluice(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .unwrap()
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn validate_accepts_the_example_policies() {
+    let out = sluice(&[
+        "validate",
+        "policies/minimal.toml",
+        "policies/gateway.toml",
+        "policies/lab.toml",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout)
+            .lines()
+            .filter(|l| l.ends_with(": ok"))
+            .count(),
+        3
+    );
+}
+
+#[test]
+fn validate_rejects_each_invalid_policy_with_its_place() {
+    let mut checked = 0;
+    for entry in std::fs::read_dir(repo().join("policies/invalid")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "expected") {
+            continue;
+        }
+        let rel = format!(
+            "policies/invalid/{}",
+            path.file_name().unwrap().to_string_lossy()
+        );
+        let expected = std::fs::read_to_string(path.with_extension("expected")).unwrap();
+        let out = sluice(&["validate", &rel]);
+        assert_eq!(out.status.code(), Some(1), "{rel} was not rejected");
+        let stderr = text(&out.stderr);
+        for line in expected.lines() {
+            // `LINE:COL: message` for TOML, `/pointer: message` for JSON.
+            let (place, message) = line.split_once(": ").unwrap();
+            assert!(
+                stderr.contains(&format!("error: {message}")),
+                "{rel}: no `{message}` in\n{stderr}"
+            );
+            if place.starts_with('/') {
+                assert!(
+                    stderr.contains(&format!("at {place}")),
+                    "{rel}: no pointer {place} in\n{stderr}"
+                );
+            } else {
+                assert!(
+                    stderr.contains(&format!("--> {rel}:{place}")),
+                    "{rel}: no {rel}:{place} in\n{stderr}"
+                );
+            }
+        }
+        checked += 1;
+    }
+    assert!(checked >= 8);
+}
+
+#[test]
+fn one_invalid_file_fails_the_whole_run() {
+    let out = sluice(&[
+        "validate",
+        "policies/minimal.toml",
+        "policies/invalid/unknown-key.toml",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stdout).contains("policies/minimal.toml: ok"));
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    assert_eq!(sluice(&["validate"]).status.code(), Some(2));
+    assert_eq!(sluice(&["frobnicate"]).status.code(), Some(2));
+    assert_eq!(
+        sluice(&["render", "envoy", "policies/lab.toml"])
+            .status
+            .code(),
+        Some(2),
+        "--wasm-dir is required"
+    );
+}
+
+#[test]
+fn a_missing_file_is_an_error_not_a_panic() {
+    let out = sluice(&["validate", "policies/nope.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("cannot read policies/nope.toml"));
+}
+
+#[test]
+fn explain_prints_every_effective_value_and_what_is_not_enforced() {
+    let out = sluice(&["explain", "policies/gateway.toml"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    // Written in the file:
+    assert!(stdout.contains("tenant acme for model gpt-4o* may use 200k/min tokens, 5M/day tokens, 600/min requests, 32 concurrent streams"), "{stdout}");
+    // Defaults the file leaves out, with their values:
+    for default in [
+        "base_ejection_time = \"30s\"",
+        "max_ejection = \"10%\"",
+        "jitter = \"10%\"",
+        "max_keys = 10000",
+        "honor_retry_after = true",
+        "cross_region = true",
+    ] {
+        assert!(
+            stdout.contains(default),
+            "missing default `{default}` in\n{stdout}"
+        );
+    }
+    assert!(stdout.contains("NOT ENFORCED YET"));
+}
+
+#[test]
+fn render_envoy_writes_a_bootstrap_with_the_policy_topology() {
+    let out = sluice(&[
+        "render",
+        "envoy",
+        "policies/lab.toml",
+        "--wasm-dir",
+        "/nonexistent",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--endpoints",
+        "primary/zone-a=127.0.0.1:5001,127.0.0.1:5002",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let yaml: serde_yaml::Value = serde_yaml::from_slice(&out.stdout).unwrap();
+    let clusters = yaml["static_resources"]["clusters"].as_sequence().unwrap();
+    let names: Vec<&str> = clusters
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["fallback", "primary"]);
+    let primary = &clusters[1]["load_assignment"]["endpoints"];
+    assert_eq!(primary[0]["locality"]["zone"].as_str(), Some("zone-a"));
+    assert_eq!(primary[0]["lb_endpoints"].as_sequence().unwrap().len(), 2);
+    assert_eq!(primary[1]["locality"]["zone"].as_str(), Some("zone-b"));
+    // Nothing is enforced yet, so no Wasm filter may appear, and stderr says so.
+    let filters = &yaml["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        ["http_filters"];
+    assert_eq!(filters.as_sequence().unwrap().len(), 1);
+    assert!(text(&out.stderr).contains("[tokens] is NOT ENFORCED YET"));
+}
+
+#[test]
+fn render_rejects_an_unknown_endpoint_override() {
+    let out = sluice(&[
+        "render",
+        "envoy",
+        "policies/lab.toml",
+        "--wasm-dir",
+        "/x",
+        "--endpoints",
+        "primary/zone-c=127.0.0.1:1",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("backend `primary` has no zone `zone-c`"));
+}
+
+#[test]
+fn hash_key_prints_the_tenant_id_not_the_key() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("hash-key")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"sk-test\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(text(&out.stdout).trim(), "key-f3abf2a6cc4f0098");
+}
