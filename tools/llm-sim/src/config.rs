@@ -18,7 +18,7 @@ use crate::timing::TimingModel;
 /// On readiness it prints one JSON line to stdout with the bound addresses:
 /// {"listen":"127.0.0.1:PORT","control":"127.0.0.1:PORT","zone":"..","instance":".."}
 #[derive(Debug, Clone, Parser)]
-#[command(name = "llm-sim", version)]
+#[command(name = "llm-sim", version, args_override_self = true)]
 pub struct Config {
     /// Address of the inference API (port 0 = let the OS choose).
     #[arg(long, default_value = "127.0.0.1:0")]

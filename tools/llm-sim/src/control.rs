@@ -44,7 +44,10 @@ fn faults_response(faults: &Faults) -> Response<Body> {
 }
 
 async fn post_faults(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
-    let body = match Limited::new(req.into_body(), MAX_CONTROL_BODY).collect().await {
+    let body = match Limited::new(req.into_body(), MAX_CONTROL_BODY)
+        .collect()
+        .await
+    {
         Ok(b) => b.to_bytes(),
         Err(e) => return error(StatusCode::BAD_REQUEST, &format!("cannot read body: {e}")),
     };

@@ -186,9 +186,7 @@ impl FaultState {
             // `<` so that a rate of 0 never fires and 1 always does.
             (error_draw < f.error_rate).then_some(f.error_status)
         });
-        let abort_after_tokens = f
-            .abort_after_tokens
-            .filter(|_| abort_draw < f.abort_rate);
+        let abort_after_tokens = f.abort_after_tokens.filter(|_| abort_draw < f.abort_rate);
         Decision {
             error_status,
             added_latency: Duration::from_millis(f.added_latency_ms),

@@ -16,6 +16,7 @@
 
 use std::io;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::stream;
@@ -50,9 +51,7 @@ pub(crate) async fn serve(
 async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, ApiError> {
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(err) if err.is::<http_body_util::LengthLimitError>() => {
-            Err(ApiError::too_large(limit))
-        }
+        Err(err) if err.is::<http_body_util::LengthLimitError>() => Err(ApiError::too_large(limit)),
         Err(err) => Err(ApiError::bad_request(format!(
             "Could not read the request body: {err}"
         ))),
@@ -70,7 +69,7 @@ async fn run(
         Endpoint::Completions => openai::parse_completions(&body)?,
         Endpoint::Messages => anthropic::parse_messages(&body)?,
     };
-    if !shared.config.models.iter().any(|m| *m == request.model) {
+    if !shared.config.models.contains(&request.model) {
         return Err(ApiError::model_not_found(&request.model));
     }
     let retry_after = shared.config.retry_after_s;
@@ -173,13 +172,15 @@ async fn complete_response(shared: &Shared, plan: Plan, slot: Slot) -> Response<
     }
     // Abort: headers and half the JSON, then the connection is cut.
     shared.stats.aborted();
-    let cut = body.len() / 2;
-    let half = Bytes::from(body).slice(..cut);
-    let frames = stream::iter([Ok(Frame::data(half)), Err(simulated_abort())]);
-    let mut resp = Response::new(StreamBody::new(frames).boxed_unsync());
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    resp
+    let body_len_half = body.len() / 2;
+    let half = Bytes::from(body).slice(..body_len_half);
+    let (tx, rx) = mpsc::channel::<FrameResult>(2);
+    tokio::spawn(async move {
+        if tx.send(Ok(Frame::data(half))).await.is_ok() {
+            cut(&tx).await;
+        }
+    });
+    channel_response(rx, "application/json")
 }
 
 /// The SSE encoder of an endpoint.
@@ -192,8 +193,12 @@ impl Encoder {
     fn new(plan: &Plan) -> Self {
         let meta = plan.meta.clone();
         match plan.endpoint {
-            Endpoint::ChatCompletions => Self::OpenAi(OpenAiStream::new(meta, true, plan.include_usage)),
-            Endpoint::Completions => Self::OpenAi(OpenAiStream::new(meta, false, plan.include_usage)),
+            Endpoint::ChatCompletions => {
+                Self::OpenAi(OpenAiStream::new(meta, true, plan.include_usage))
+            }
+            Endpoint::Completions => {
+                Self::OpenAi(OpenAiStream::new(meta, false, plan.include_usage))
+            }
             Endpoint::Messages => Self::Anthropic(AnthropicStream::new(meta)),
         }
     }
@@ -222,6 +227,9 @@ impl Encoder {
 
 type FrameResult = Result<Frame<Bytes>, io::Error>;
 
+/// Upper bound, in 1 ms polls, on waiting for a stream's frames to be taken before a cut.
+const ABORT_DRAIN_POLLS: u32 = 200;
+
 /// Waits until `deadline`; false if the client went away meanwhile.
 async fn wait_for_client(tx: &mpsc::Sender<FrameResult>, deadline: Instant) -> bool {
     if deadline <= Instant::now() {
@@ -231,6 +239,23 @@ async fn wait_for_client(tx: &mpsc::Sender<FrameResult>, deadline: Instant) -> b
         () = tokio::time::sleep_until(deadline) => true,
         () = tx.closed() => false,
     }
+}
+
+/// Ends a body with an error once the frames before it reached the socket.
+///
+/// hyper drops its unflushed write buffer when a body fails, so the tokens
+/// already produced must be written before the cut: wait until the body has
+/// taken every frame, then give the connection task a moment to flush.
+async fn cut(tx: &mpsc::Sender<FrameResult>) {
+    for _ in 0..ABORT_DRAIN_POLLS {
+        if tx.capacity() == tx.max_capacity() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    // Ignored: if the client is gone the connection is closed anyway.
+    let _ = tx.send(Err(simulated_abort())).await;
 }
 
 async fn send(tx: &mpsc::Sender<FrameResult>, bytes: Vec<u8>) -> bool {
@@ -256,8 +281,7 @@ async fn produce(shared: Arc<Shared>, plan: Plan, tx: mpsc::Sender<FrameResult>,
     }
     if plan.cut_after.is_some() {
         shared.stats.aborted();
-        // Ignored: if the client is gone the connection is closed anyway.
-        let _ = tx.send(Err(simulated_abort())).await;
+        cut(&tx).await;
         return;
     }
     send(&tx, encoder.finish(plan.tokens, plan.cut_short)).await;
@@ -265,12 +289,22 @@ async fn produce(shared: Arc<Shared>, plan: Plan, tx: mpsc::Sender<FrameResult>,
 
 /// An SSE answer: headers now, frames as the producer task makes them.
 fn stream_response(shared: Arc<Shared>, plan: Plan, slot: Slot) -> Response<Body> {
-    let (tx, mut rx) = mpsc::channel::<FrameResult>(16);
+    let (tx, rx) = mpsc::channel::<FrameResult>(16);
     tokio::spawn(produce(shared, plan, tx, slot));
+    let mut resp = channel_response(rx, "text/event-stream");
+    resp.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
+
+/// A response whose body is whatever a producer task sends on `rx`.
+fn channel_response(
+    mut rx: mpsc::Receiver<FrameResult>,
+    content_type: &'static str,
+) -> Response<Body> {
     let frames = stream::poll_fn(move |cx| rx.poll_recv(cx));
     let mut resp = Response::new(StreamBody::new(frames).boxed_unsync());
-    let headers = resp.headers_mut();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     resp
 }

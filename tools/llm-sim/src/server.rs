@@ -154,7 +154,9 @@ impl Shared {
         .await;
         // Cut connections only once no new one can arrive.
         if dead {
-            self.listener.kill_epoch.send_modify(|e| *e = e.wrapping_add(1));
+            self.listener
+                .kill_epoch
+                .send_modify(|e| *e = e.wrapping_add(1));
         }
         match settled {
             Ok(Ok(_)) => Ok(()),
@@ -263,7 +265,9 @@ async fn serve_api(
     shared.stats.status(resp.status().as_u16());
     let (mut parts, body) = resp.into_parts();
     parts.headers.insert(ZONE_HEADER, shared.zone.clone());
-    parts.headers.insert(INSTANCE_HEADER, shared.instance.clone());
+    parts
+        .headers
+        .insert(INSTANCE_HEADER, shared.instance.clone());
     Ok(Response::from_parts(
         parts,
         Tracked {

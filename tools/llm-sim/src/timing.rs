@@ -150,10 +150,10 @@ const WORDS: [&str; 32] = [
 /// one word, with a leading space except for the first token.
 pub fn token_text(offset: u64, i: u32) -> &'static str {
     const SPACED: [&str; 32] = [
-        " the", " quick", " model", " token", " flows", " through", " a", " mesh", " of",
-        " small", " proxy", " filters", " that", " keep", " traffic", " calm", " when",
-        " servers", " slow", " down", " or", " fail", " and", " every", " reply", " comes",
-        " back", " in", " time", " for", " you", " now",
+        " the", " quick", " model", " token", " flows", " through", " a", " mesh", " of", " small",
+        " proxy", " filters", " that", " keep", " traffic", " calm", " when", " servers", " slow",
+        " down", " or", " fail", " and", " every", " reply", " comes", " back", " in", " time",
+        " for", " you", " now",
     ];
     let idx = (offset.wrapping_add(u64::from(i)) % WORDS.len() as u64) as usize;
     if i == 0 { WORDS[idx] } else { SPACED[idx] }

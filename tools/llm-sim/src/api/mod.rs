@@ -181,7 +181,8 @@ impl ApiError {
         };
         let mut resp = json_response(self.status, body);
         if let Some(secs) = self.retry_after_s {
-            resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs));
+            resp.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
     }

@@ -475,7 +475,10 @@ mod tests {
                 .status,
             400
         );
-        assert_eq!(parse_completions(br#"{"model":"m"}"#).unwrap_err().status, 400);
+        assert_eq!(
+            parse_completions(br#"{"model":"m"}"#).unwrap_err().status,
+            400
+        );
     }
 
     #[test]
@@ -496,7 +499,10 @@ mod tests {
         let token = String::from_utf8(s.token("hi")).unwrap();
         assert!(token.contains(r#""usage":null"#), "{token}");
         let end = String::from_utf8(s.finish(1, false)).unwrap();
-        assert!(end.contains(r#""choices":[],"usage":{"prompt_tokens":3"#), "{end}");
+        assert!(
+            end.contains(r#""choices":[],"usage":{"prompt_tokens":3"#),
+            "{end}"
+        );
         assert!(end.ends_with("data: [DONE]\n\n"));
     }
 }
