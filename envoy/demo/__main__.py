@@ -1,0 +1,118 @@
+"""``cargo xtask demo``: sluice's story told through a real Envoy.
+
+Starts the lab (one llm-sim per backend zone of policies/lab.toml, Envoy
+rendered by ``sluice render envoy``), runs the chapters in order with a live
+view, writes ``target/sluice-demo/report.md`` and ``requests.png``, stops
+everything and exits 0 when every claim of every built chapter held (1 if
+one did not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from lab import Lab, install_cleanup_handlers, paths
+
+from . import report
+from .chapters import CHAPTERS, DemoContext
+from .live import LiveView
+from .traffic import Recorder, summarize
+
+STAT_PATTERNS = re.compile(
+    r"^(cluster\.[^.]+\.upstream_rq_(total|2xx|4xx|5xx|retry)"
+    r"|http\.(?!admin\.)[^.]+\.downstream_rq_[2-5]xx"
+    r"|wasmcustom\..*)$")
+
+
+def envoy_version() -> str:
+    out = subprocess.run([str(paths.envoy_binary()), "--version"], capture_output=True,
+                         text=True, timeout=30, stdin=subprocess.DEVNULL).stdout
+    match = re.search(r"version: [0-9a-f]+/([^/\s]+)", out)
+    return match.group(1) if match else out.strip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cargo xtask demo --", description=__doc__)
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="multiply every chapter's duration (e.g. 0.2 for a quick run)")
+    parser.add_argument("--only", action="append", default=[],
+                        help="run only this chapter (by key; repeatable)")
+    parser.add_argument("--out", type=Path, default=paths.TARGET_DIR / "sluice-demo",
+                        help="where report.md and requests.png go")
+    args = parser.parse_args(argv)
+    install_cleanup_handlers()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    chapters = CHAPTERS
+    unknown = set(args.only) - {c.key for c in chapters}
+    if unknown:
+        parser.error(f"unknown chapter(s) {sorted(unknown)}; known: {[c.key for c in chapters]}")
+
+    print(f"sluice demo: starting the lab from {paths.LAB_POLICY.relative_to(paths.REPO_ROOT)}",
+          flush=True)
+    recorder = Recorder()
+    live = LiveView(recorder)
+    envoy_stats: dict[str, int] = {}
+    with Lab("demo", keep_logs=False) as lab:
+        lab_info = {
+            "policy": str(paths.LAB_POLICY.relative_to(paths.REPO_ROOT)),
+            "envoy_version": envoy_version(),
+            "envoy": lab.envoy.address,
+            "sims": {f"{b}/{z}": sim.listen for (b, z), sim in lab.sims.items()},
+        }
+        print(f"  Envoy {lab_info['envoy_version']} on {lab.envoy.address} "
+              f"(admin {lab.envoy.admin_url})")
+        for name, address in lab_info["sims"].items():
+            print(f"  llm-sim {name} on {address}")
+        ctx = DemoContext(lab, recorder, live, scale=args.scale)
+        for number, chapter in enumerate(chapters, 1):
+            heading = f"\n== Chapter {number}: {chapter.title} =="
+            if not chapter.built:
+                print(f"{heading} (not yet built)\n   {chapter.story}", flush=True)
+                continue
+            if args.only and chapter.key not in args.only:
+                print(f"{heading} (skipped)", flush=True)
+                continue
+            print(f"{heading}\n   {chapter.story}", flush=True)
+            chapter.started = recorder.now()
+            recorder.mark(f"{chapter.key} start")
+            live.header(chapter.started)
+            chapter.checks = chapter.run(ctx)
+            chapter.ended = recorder.now()
+            recorder.mark(f"{chapter.key} end")
+            chapter.summary = summarize(recorder.between(chapter.started, chapter.ended + 1e-9))
+            for check in chapter.checks:
+                mark = "ok  " if check.held else "FAIL"
+                print(f"   [{mark}] {check.claim}: {check.seen}", flush=True)
+        envoy_stats = {k: v for k, v in lab.envoy.stats().items()
+                       if v and STAT_PATTERNS.match(k)}
+    # The lab is stopped here: write the report.
+    plot_path = args.out / "requests.png"
+    report.plot(recorder, chapters, plot_path)
+    report_path = args.out / "report.md"
+    report.write(report_path, chapters=chapters, recorder=recorder, lab_info=lab_info,
+                 envoy_stats=envoy_stats, plot_file=plot_path.name)
+    failed = [c for c in chapters if c.started is not None and not all(h.held for h in c.checks)]
+    total = summarize(recorder.snapshot())
+    print(f"\nsluice demo: {total['requests']} requests, ok {total['ok']}, 429 {total['429']}, "
+          f"fallback {total['fallback']}, errors {total['error']}")
+    print(f"report: {report_path}\nplot:   {plot_path}")
+    if failed:
+        print("sluice demo: claims that did not hold in: " + ", ".join(c.title for c in failed))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    started = time.monotonic()
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        print("\nsluice demo: interrupted; every process was stopped", file=sys.stderr)
+        code = 130
+    sys.exit(code)

@@ -1,0 +1,178 @@
+"""Client traffic for the demo: bounded loops of real openai SDK calls, and
+the record of what each request came back as.
+
+Every loop is bounded twice: by a deadline and by a request count. Each
+request has its own timeout and the SDK's retries are off, so what the record
+shows is what Envoy and sluice did, not what the client papered over.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import openai
+
+OUTCOMES = ("ok", "429", "fallback", "error")
+TENANT_HEADER = "x-tenant-id"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One finished request."""
+
+    t: float  # seconds since the demo started
+    tenant: str
+    stream: bool
+    outcome: str  # one of OUTCOMES
+    tokens: int  # prompt + completion tokens billed (0 unless ok/fallback)
+    zone: str = ""
+    detail: str = ""
+
+
+@dataclass
+class Recorder:
+    """Thread-safe record of outcomes and chapter events."""
+
+    start: float = field(default_factory=time.monotonic)
+    outcomes: list[Outcome] = field(default_factory=list)
+    events: list[tuple[float, str]] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def now(self) -> float:
+        return time.monotonic() - self.start
+
+    def add(self, outcome: Outcome) -> None:
+        with self._lock:
+            self.outcomes.append(outcome)
+
+    def mark(self, text: str) -> None:
+        with self._lock:
+            self.events.append((self.now(), text))
+
+    def snapshot(self) -> list[Outcome]:
+        with self._lock:
+            return list(self.outcomes)
+
+    def between(self, t0: float, t1: float) -> list[Outcome]:
+        return [o for o in self.snapshot() if t0 <= o.t < t1]
+
+
+def summarize(outcomes: list[Outcome]) -> dict:
+    """Counts by outcome and tokens by tenant."""
+    by_outcome = Counter(o.outcome for o in outcomes)
+    tokens: dict[str, int] = defaultdict(int)
+    requests: dict[str, int] = defaultdict(int)
+    for o in outcomes:
+        tokens[o.tenant] += o.tokens
+        requests[o.tenant] += 1
+    return {
+        "requests": len(outcomes),
+        **{k: by_outcome.get(k, 0) for k in OUTCOMES},
+        "tokens": dict(tokens),
+        "tenant_requests": dict(requests),
+        "zones": dict(Counter(o.zone for o in outcomes if o.zone)),
+        "errors": dict(Counter(o.detail for o in outcomes if o.outcome == "error")),
+    }
+
+
+@dataclass(frozen=True)
+class TrafficSpec:
+    """One tenant's client loop."""
+
+    tenant: str
+    model: str = "sim-large"
+    stream_every: int = 2  # every Nth request streams (1 = all, 0 = none)
+    max_tokens: tuple[int, int] = (8, 24)
+    pause: tuple[float, float] = (0.05, 0.25)  # seconds between requests
+    workers: int = 2
+    max_requests: int = 2000  # per worker: the count bound of the loop
+
+
+def _one_request(client: openai.OpenAI, spec: TrafficSpec, stream: bool, rng: random.Random,
+                 recorder: Recorder) -> Outcome:
+    max_tokens = rng.randint(*spec.max_tokens)
+    messages = [{"role": "user", "content": f"Say something about sluice, {spec.tenant}."}]
+    try:
+        if stream:
+            raw = client.chat.completions.with_raw_response.create(
+                model=spec.model, messages=messages, max_tokens=max_tokens, stream=True,
+                stream_options={"include_usage": True})
+            model, usage = "", None
+            with raw.parse() as chunks:
+                for chunk in chunks:
+                    model = chunk.model or model
+                    usage = chunk.usage or usage
+            tokens = usage.total_tokens if usage else 0
+        else:
+            raw = client.chat.completions.with_raw_response.create(
+                model=spec.model, messages=messages, max_tokens=max_tokens)
+            completion = raw.parse()
+            model = completion.model
+            tokens = completion.usage.total_tokens if completion.usage else 0
+        instance = raw.headers.get("x-llm-sim-instance", "")
+        zone = raw.headers.get("x-llm-sim-zone", "")
+        fell_back = model != spec.model or instance.startswith("fallback")
+        return Outcome(recorder.now(), spec.tenant, stream,
+                       "fallback" if fell_back else "ok", tokens, zone)
+    except openai.RateLimitError:
+        return Outcome(recorder.now(), spec.tenant, stream, "429", 0)
+    except openai.APIStatusError as err:
+        return Outcome(recorder.now(), spec.tenant, stream, "error", 0,
+                       detail=f"HTTP {err.status_code}")
+    except openai.APIError as err:
+        return Outcome(recorder.now(), spec.tenant, stream, "error", 0,
+                       detail=type(err).__name__)
+
+
+def run_traffic(base_url: str, specs: list[TrafficSpec], seconds: float,
+                recorder: Recorder, on_tick: Callable[[], None] | None = None,
+                seed: int = 7) -> None:
+    """Runs every spec's workers for ``seconds``; ``on_tick`` runs each second.
+
+    Ctrl-C (KeyboardInterrupt in this, the main thread) stops the workers too.
+    """
+    deadline = time.monotonic() + seconds
+    done = threading.Event()
+    clients = {
+        spec.tenant: openai.OpenAI(base_url=f"{base_url}/v1", api_key="sk-demo",
+                                   max_retries=0, timeout=15.0,
+                                   default_headers={TENANT_HEADER: spec.tenant})
+        for spec in specs
+    }
+
+    def worker(spec: TrafficSpec, index: int) -> None:
+        rng = random.Random(f"{seed}-{spec.tenant}-{index}")
+        client = clients[spec.tenant]
+        for n in range(spec.max_requests):
+            if done.is_set() or time.monotonic() >= deadline:
+                return
+            stream = spec.stream_every > 0 and (n + index) % spec.stream_every == 0
+            recorder.add(_one_request(client, spec, stream, rng, recorder))
+            done.wait(rng.uniform(*spec.pause))
+
+    threads = [threading.Thread(target=worker, args=(spec, i), daemon=True,
+                                name=f"traffic-{spec.tenant}-{i}")
+               for spec in specs for i in range(spec.workers)]
+    for thread in threads:
+        thread.start()
+    try:
+        # A request times out after 15 s, so the workers end by deadline + 15 s.
+        hard_stop = deadline + 20.0
+        next_tick = time.monotonic() + 1.0
+        while any(t.is_alive() for t in threads) and time.monotonic() < hard_stop:
+            time.sleep(max(0.0, min(next_tick, hard_stop) - time.monotonic()))
+            if time.monotonic() >= next_tick:
+                next_tick += 1.0
+                if on_tick is not None:
+                    on_tick()
+    finally:
+        done.set()
+        for thread in threads:
+            thread.join(20.0)
+        for client in clients.values():
+            client.close()
