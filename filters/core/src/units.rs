@@ -97,7 +97,7 @@ impl fmt::Display for Count {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.0;
         for (unit, suffix) in [(1_000_000_000, "G"), (1_000_000, "M"), (1_000, "k")] {
-            if n >= unit && n % unit == 0 {
+            if n >= unit && n.is_multiple_of(unit) {
                 return write!(f, "{}{suffix}", n / unit);
             }
         }
@@ -121,7 +121,7 @@ impl fmt::Display for HumanDuration {
             (60_000, "m"),
             (1_000, "s"),
         ] {
-            if ms % unit == 0 {
+            if ms.is_multiple_of(unit) {
                 return write!(f, "{}{suffix}", ms / unit);
             }
         }
@@ -142,7 +142,7 @@ impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.0;
         for (unit, suffix) in [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")] {
-            if n >= unit && n % unit == 0 {
+            if n >= unit && n.is_multiple_of(unit) {
                 return write!(f, "{}{suffix}", n / unit);
             }
         }

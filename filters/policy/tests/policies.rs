@@ -2,6 +2,8 @@
 //! and explain themselves losslessly; each file in `policies/invalid/` must
 //! produce exactly the errors in its `.expected` file.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test helpers
+
 use std::path::{Path, PathBuf};
 
 use sluice_policy::{Diagnostics, Format, Source, explain, parse, parse_json, parse_toml};
