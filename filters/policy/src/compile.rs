@@ -263,9 +263,9 @@ impl Compiler {
         policy.routes = self.routes(doc, &names);
         policy.breaker = self.global_breaker.take();
         if let Some(raw) = &doc.failover
-            && let Some(f) = &policy.failover
+            && policy.failover.is_some()
         {
-            self.check_failover_zones(&raw.value, f, &policy.backends);
+            self.check_failover_zones(&raw.value, &policy.backends);
         }
         self.check_quota_caps(doc, &policy);
         policy
@@ -368,18 +368,10 @@ impl Compiler {
         };
         let mut backends: Vec<cfg::Backend> = Vec::new();
         for raw in &list.value {
-            let Some(name) = self.required(&raw.name, "name", &raw.loc) else {
+            let taken = backends.iter().map(|b| b.name.as_str());
+            let Some(name) = self.declared_name("backend", &raw.name, &raw.loc, taken) else {
                 continue;
             };
-            let name_loc = loc_of(&raw.name, &raw.loc);
-            self.check_name("backend", &name, &name_loc);
-            if backends.iter().any(|b| b.name == name) {
-                self.push(CompileError::Duplicate {
-                    what: "backend",
-                    name: name.clone(),
-                    loc: name_loc,
-                });
-            }
             let models = self
                 .required(&raw.models, "models", &raw.loc)
                 .unwrap_or_default();
@@ -456,6 +448,28 @@ impl Compiler {
         Some(compiled)
     }
 
+    /// The required `name` of a declared backend or zone: well formed, and
+    /// not among the names already `taken`.
+    fn declared_name<'t>(
+        &mut self,
+        what: &'static str,
+        field: &Option<Spanned<String>>,
+        table: &Loc,
+        mut taken: impl Iterator<Item = &'t str>,
+    ) -> Option<String> {
+        let name = self.required(field, "name", table)?;
+        let loc = loc_of(field, table);
+        self.check_name(what, &name, &loc);
+        if taken.any(|t| t == name) {
+            self.push(CompileError::Duplicate {
+                what,
+                name: name.clone(),
+                loc,
+            });
+        }
+        Some(name)
+    }
+
     fn check_name(&mut self, what: &'static str, name: &str, loc: &Loc) {
         let valid = !name.is_empty()
             && name.bytes().all(|b| {
@@ -477,18 +491,10 @@ impl Compiler {
         };
         let mut zones: Vec<cfg::Zone> = Vec::new();
         for z in &list.value {
-            let Some(name) = self.required(&z.name, "name", &z.loc) else {
+            let taken = zones.iter().map(|z| z.name.as_str());
+            let Some(name) = self.declared_name("zone", &z.name, &z.loc, taken) else {
                 continue;
             };
-            let name_loc = loc_of(&z.name, &z.loc);
-            self.check_name("zone", &name, &name_loc);
-            if zones.iter().any(|o| o.name == name) {
-                self.push(CompileError::Duplicate {
-                    what: "zone",
-                    name: name.clone(),
-                    loc: name_loc,
-                });
-            }
             let endpoints: Vec<String> = z
                 .endpoints
                 .as_ref()
@@ -1127,12 +1133,7 @@ impl Compiler {
     }
 
     /// Zones named by `[failover]` must exist in some backend.
-    fn check_failover_zones(
-        &mut self,
-        raw: &raw::Failover,
-        _cfg: &FailoverConfig,
-        backends: &[cfg::Backend],
-    ) {
+    fn check_failover_zones(&mut self, raw: &raw::Failover, backends: &[cfg::Backend]) {
         let mut known: Vec<String> = backends
             .iter()
             .flat_map(|b| b.zones.iter().map(|z| z.name.clone()))

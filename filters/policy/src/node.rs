@@ -5,8 +5,6 @@
 //! collecting every error instead of stopping at the first as a derived
 //! `serde::Deserialize` would.
 
-use std::ops::Range;
-
 use toml::de::{DeTable, DeValue};
 
 use crate::diagnostic::{Diagnostic, Loc};
@@ -179,13 +177,4 @@ fn offset_of(text: &str, line: usize, column: usize) -> Option<usize> {
         .sum();
     let offset = line_start + column.saturating_sub(1);
     (offset <= text.len()).then_some(offset)
-}
-
-/// A span covering both ranges (for errors about a whole entry).
-pub fn join(a: &Option<Range<usize>>, b: &Option<Range<usize>>) -> Option<Range<usize>> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(a.start.min(b.start)..a.end.max(b.end)),
-        (Some(a), None) | (None, Some(a)) => Some(a.clone()),
-        (None, None) => None,
-    }
 }
