@@ -396,7 +396,8 @@ impl RunningServer {
             faults: Mutex::new(FaultState::new(faults, config.seed)),
             listener: ListenerControl {
                 desired,
-                listening: watch::Sender::new(false),
+                // The listener is bound (or not) before the readiness line is printed.
+                listening: watch::Sender::new(open),
                 kill_epoch: watch::Sender::new(0),
             },
             next_id: AtomicU64::new(0),
@@ -405,9 +406,6 @@ impl RunningServer {
             instance,
             config,
         });
-        // Started listening (or not) before the readiness line is printed.
-        shared.listener.listening.send_replace(open);
-
         let readiness = Readiness {
             listen,
             control,
