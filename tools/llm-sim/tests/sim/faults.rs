@@ -104,8 +104,8 @@ async fn added_latency_and_slow_tokens() {
         resp.elapsed
     );
 
-    // 5 tokens at 20/s: 4 gaps of 50 ms.
-    set_faults(&server, json!({"slow_tokens_per_sec": 20.0})).await;
+    // 5 tokens at 5/s: 4 gaps of 200 ms.
+    set_faults(&server, json!({"slow_tokens_per_sec": 5.0})).await;
     let resp = post(
         addr,
         "/v1/chat/completions",
