@@ -50,6 +50,9 @@ class Envoy:
             "--disable-hot-restart",
             "--admin-address-path", self._admin_path,
             "--log-path", self.log_path,
+            # The log file is flushed on this period (default 10 s): keep it
+            # short so a test can read what Envoy just logged.
+            "--file-flush-interval-msec", "100",
             "-l", log_level,
             "--component-log-level", component_log_level,
         ]
@@ -125,6 +128,14 @@ class Envoy:
             if sep and value.strip().lstrip("-").isdigit():
                 out[name] = int(value)
         return out
+
+    def wait_for_log(self, text: str, timeout: float = 5.0) -> str:
+        """Waits until Envoy's log contains ``text``; returns the log."""
+        def found() -> str | None:
+            log = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+            return log if text in log else None
+
+        return wait_until(found, timeout, interval=0.1, what=f"{text!r} in Envoy's log")
 
     def dump_state(self, into: Path) -> None:
         """Saves ``/stats``, ``/clusters`` and ``/config_dump`` (best effort)."""

@@ -5,6 +5,8 @@
   after it; its logs are kept under ``target/lab-logs/<test>/`` if it failed.
 - ``lab_factory``: ``lab_factory(policy=..., bootstrap_hook=..., sim_args=...)``
   starts a custom lab with the same guarantees (several per test are fine).
+- ``probe_lab``: the default lab with the conformance probe filter first in
+  the chain (skipped until the probe is built).
 - ``openai_client`` / ``anthropic_client``: the real SDKs pointed at ``lab``.
 
 Every process a test starts is stopped by the fixture's finalizer, on
@@ -72,20 +74,28 @@ def probe_built() -> bool:
 
 def with_probe(bootstrap: str) -> str:
     """The rendered chain with the conformance probe in front of it."""
-    return add_wasm_filter(bootstrap, "sluice-probe", paths.PROBE_WASM)
+    return add_wasm_filter(bootstrap, "sluice-probe", paths.PROBE_WASM,
+                           configuration='{"tick_ms": 100}')
 
 
-@pytest.fixture(params=["sluice", "sluice+probe"])
-def lab(request, lab_factory) -> Lab:
-    """The default lab; the ``sluice+probe`` variant adds the probe filter."""
+@pytest.fixture
+def lab(lab_factory) -> Lab:
+    """The default lab: policies/lab.toml as ``sluice render envoy`` renders it."""
     if not paths.LAB_POLICY.is_file():
         pytest.fail(f"{paths.LAB_POLICY} is missing: the lab needs it")
-    hook = None
-    if request.param == "sluice+probe":
-        if not probe_built():
-            pytest.skip(f"the conformance probe is not built yet ({paths.PROBE_WASM})")
-        hook = with_probe
-    return lab_factory(bootstrap_hook=hook)
+    return lab_factory()
+
+
+@pytest.fixture
+def probe_lab(lab_factory) -> Lab:
+    """The default lab with the conformance probe first in the chain.
+
+    The probe replaces each response body with its observation document
+    (the upstream body is kept inside it), so this lab is for probe tests only.
+    """
+    if not probe_built():
+        pytest.skip(f"the conformance probe is not built yet ({paths.PROBE_WASM})")
+    return lab_factory(bootstrap_hook=with_probe)
 
 
 @pytest.fixture

@@ -1,9 +1,7 @@
 """Every llm-sim endpoint through a real Envoy, driven by the real SDKs.
 
-The lab is policies/lab.toml rendered by ``sluice render envoy``; the
-``chain`` parameter runs each test once with sluice's chain as rendered and,
-once the conformance probe filter is built, once more with the probe added
-first in the chain. Content and usage must arrive intact: llm-sim generates
+The lab is policies/lab.toml rendered by ``sluice render envoy`` (with the
+filters it enforces today). Content and usage must arrive intact: llm-sim generates
 one word per token, so the words a client reads must equal the usage it is
 told, and the simulators' own counters must match what the clients saw.
 """

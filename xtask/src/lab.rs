@@ -104,11 +104,14 @@ pub fn prepare(ws: &Workspace) -> Result<Venv> {
 ///
 /// Returns the counts read from pytest's JUnit XML, for xtask's closing line.
 pub fn run_pytest(ws: &Workspace, venv: &Venv, extra: &[String]) -> Result<PytestCounts> {
-    let junit = ws.target_dir.join("lab-logs/junit.xml");
-    if let Some(dir) = junit.parent() {
-        std::fs::create_dir_all(dir)?;
+    // Start from an empty lab-logs/: what is there afterwards is this run's.
+    let logs = ws.target_dir.join("lab-logs");
+    if logs.exists() {
+        std::fs::remove_dir_all(&logs)
+            .with_context(|| format!("clearing {}", logs.display()))?;
     }
-    let _ = std::fs::remove_file(&junit);
+    std::fs::create_dir_all(&logs)?;
+    let junit = logs.join("junit.xml");
     let mut pytest = Command::new(&venv.python);
     pytest
         .args([
