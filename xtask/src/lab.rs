@@ -107,8 +107,7 @@ pub fn run_pytest(ws: &Workspace, venv: &Venv, extra: &[String]) -> Result<Pytes
     // Start from an empty lab-logs/: what is there afterwards is this run's.
     let logs = ws.target_dir.join("lab-logs");
     if logs.exists() {
-        std::fs::remove_dir_all(&logs)
-            .with_context(|| format!("clearing {}", logs.display()))?;
+        std::fs::remove_dir_all(&logs).with_context(|| format!("clearing {}", logs.display()))?;
     }
     std::fs::create_dir_all(&logs)?;
     let junit = logs.join("junit.xml");
