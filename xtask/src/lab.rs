@@ -10,7 +10,8 @@ use crate::cmd;
 use crate::workspace::Workspace;
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, ExitStatus};
+use std::time::{Duration, Instant};
 
 const STAMP: &str = "sluice-requirements.stamp";
 
@@ -124,7 +125,7 @@ pub fn run_pytest(ws: &Workspace, venv: &Venv, extra: &[String]) -> Result<Pytes
         .arg(format!("--junitxml={}", junit.display()))
         .args(extra);
     lab_env(ws, venv, &mut pytest);
-    let status = cmd::status(&mut pytest)?;
+    let status = run_with_deadline(&mut pytest, lab_deadline())?;
     let counts = PytestCounts::read(&junit).unwrap_or_default();
     match status.code() {
         Some(0) => Ok(counts),
@@ -133,6 +134,42 @@ pub fn run_pytest(ws: &Workspace, venv: &Venv, extra: &[String]) -> Result<Pytes
             "the Envoy lab tests failed ({status}); logs of failed scenarios are in {}",
             ws.target_dir.join("lab-logs").display()
         ),
+    }
+}
+
+/// The longest the whole lab stage may run (`SLUICE_LAB_TIMEOUT_S`, default 20 min).
+///
+/// Each test also has its own pytest-timeout (envoy/pytest.ini); this bound
+/// catches anything else (a hang in collection or at exit).
+fn lab_deadline() -> Duration {
+    let secs = std::env::var("SLUICE_LAB_TIMEOUT_S")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20 * 60);
+    Duration::from_secs(secs)
+}
+
+/// Runs `cmd` with inherited stdio, killing it once `limit` has passed.
+///
+/// Killing pytest also stops what it started: every lab process is spawned
+/// with a parent-death signal (envoy/lab/procs.py).
+fn run_with_deadline(cmd: &mut Command, limit: Duration) -> Result<ExitStatus> {
+    eprintln!("$ {cmd:?}");
+    let mut child = cmd.spawn().context("could not start pytest")?;
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if started.elapsed() >= limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "the lab tests ran longer than {}s and were killed",
+                limit.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
