@@ -1,0 +1,1 @@
+//! The conformance probe's observation document as the harness produces it.
