@@ -240,6 +240,11 @@ pub struct Response {
     /// `response.flags` at the end.
     pub flags: u64,
     pub worker: usize,
+    /// Request headers as the router saw them (after every filter), if the
+    /// request reached it.
+    pub upstream_request_headers: Option<HeaderMap>,
+    /// Request body as the router received it.
+    pub upstream_request_body: Vec<u8>,
 }
 
 impl Response {
@@ -1135,6 +1140,8 @@ impl Host {
         }
         s.router.started = true;
         let headers = s.data.borrow().request_headers.clone();
+        s.response.upstream_request_headers = Some(headers.clone());
+        s.response.upstream_request_body = s.router.body.clone();
         let cluster = route
             .cluster_header
             .as_ref()

@@ -29,6 +29,17 @@
 //!   resume when the answer arrives.
 //!
 //! The plugin configuration is optional JSON: `{"tick_ms": 100}` (default 100).
+//!
+//! # Passthrough mode
+//!
+//! With `{"mode": "passthrough"}` the probe records nothing and stays cheap, for
+//! scenario tests and benchmarks of the harness itself: it counts requests
+//! (`probe.passthrough.requests`) and 5xx responses
+//! (`probe.passthrough.responses_5xx`), appends its `plugin_name` to the
+//! `x-probe-chain` request and response headers (so a test can see the order
+//! a chain runs in), and, when configured with `retry_on` / `max_retries` /
+//! `retriable_status_codes`, sets Envoy's retry headers the way a sluice
+//! filter would.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -116,6 +127,7 @@ thread_local! {
 
 #[derive(Default)]
 struct VmState {
+    passthrough: Option<Passthrough>,
     tick_period_ms: u64,
     /// Virtual or real time of each `on_tick`, nanoseconds since the epoch (last 16).
     ticks_ns: Vec<u64>,
@@ -126,6 +138,17 @@ struct VmState {
     counter_id: Option<u32>,
     histogram_id: Option<u32>,
     gauge_id: Option<u32>,
+}
+
+/// Settings of passthrough mode.
+#[derive(Clone, Default)]
+struct Passthrough {
+    retry_on: Option<String>,
+    max_retries: Option<u64>,
+    retriable_status_codes: Option<String>,
+    requests_metric: Option<u32>,
+    errors_metric: Option<u32>,
+    plugin_name: String,
 }
 
 proxy_wasm::main! {{
@@ -147,11 +170,35 @@ impl RootContext for ProbeRoot {
     }
 
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
-        let tick_ms = self
+        let config = self
             .get_plugin_configuration()
             .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok())
-            .and_then(|config| config.get("tick_ms").and_then(Value::as_u64))
-            .unwrap_or(100);
+            .unwrap_or(Value::Null);
+        if config.get("mode").and_then(Value::as_str) == Some("passthrough") {
+            let text = |key: &str| config.get(key).and_then(Value::as_str).map(str::to_owned);
+            let passthrough = Passthrough {
+                retry_on: text("retry_on"),
+                max_retries: config.get("max_retries").and_then(Value::as_u64),
+                retriable_status_codes: text("retriable_status_codes"),
+                requests_metric: proxy_wasm::hostcalls::define_metric(
+                    MetricType::Counter,
+                    "probe.passthrough.requests",
+                )
+                .ok(),
+                errors_metric: proxy_wasm::hostcalls::define_metric(
+                    MetricType::Counter,
+                    "probe.passthrough.responses_5xx",
+                )
+                .ok(),
+                plugin_name: self
+                    .get_property(vec!["plugin_name"])
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .unwrap_or_default(),
+            };
+            VM.with_borrow_mut(|vm| vm.passthrough = Some(passthrough));
+            return true;
+        }
+        let tick_ms = config.get("tick_ms").and_then(Value::as_u64).unwrap_or(100);
         self.set_tick_period(Duration::from_millis(tick_ms));
         let counter = proxy_wasm::hostcalls::define_metric(MetricType::Counter, "probe.requests");
         let gauge = proxy_wasm::hostcalls::define_metric(MetricType::Gauge, "probe.in_flight");
@@ -189,6 +236,9 @@ impl RootContext for ProbeRoot {
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        if let Some(passthrough) = VM.with_borrow(|vm| vm.passthrough.clone()) {
+            return Some(Box::new(PassthroughStream { config: passthrough }));
+        }
         Some(Box::new(ProbeStream::new(context_id)))
     }
 
@@ -554,6 +604,43 @@ impl HttpContext for ProbeStream {
         }
         end.insert("callbacks".to_owned(), json!(self.callbacks));
         VM.with_borrow_mut(|vm| vm.last_stream_end = Some(Value::Object(end)));
+    }
+}
+
+/// The cheap stream of passthrough mode.
+struct PassthroughStream {
+    config: Passthrough,
+}
+
+impl Context for PassthroughStream {}
+
+impl HttpContext for PassthroughStream {
+    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        if let Some(id) = self.config.requests_metric {
+            let _ = proxy_wasm::hostcalls::increment_metric(id, 1);
+        }
+        self.add_http_request_header("x-probe-chain", &self.config.plugin_name);
+        if let Some(retry_on) = &self.config.retry_on {
+            self.set_http_request_header("x-envoy-retry-on", Some(retry_on));
+        }
+        if let Some(max) = self.config.max_retries {
+            self.set_http_request_header("x-envoy-max-retries", Some(&max.to_string()));
+        }
+        if let Some(codes) = &self.config.retriable_status_codes {
+            self.set_http_request_header("x-envoy-retriable-status-codes", Some(codes));
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let status = self.get_http_response_header(":status");
+        if status.is_some_and(|s| s.starts_with('5')) {
+            if let Some(id) = self.config.errors_metric {
+                let _ = proxy_wasm::hostcalls::increment_metric(id, 1);
+            }
+        }
+        self.add_http_response_header("x-probe-chain", &self.config.plugin_name);
+        Action::Continue
     }
 }
 
