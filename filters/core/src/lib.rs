@@ -8,4 +8,5 @@
 
 pub mod config;
 pub mod tenant;
+pub mod time;
 pub mod units;
