@@ -69,6 +69,12 @@ def main(argv: list[str] | None = None) -> int:
               f"(admin {lab.envoy.admin_url})")
         for name, address in lab_info["sims"].items():
             print(f"  llm-sim {name} on {address}")
+        # `sluice render envoy` says in comments what no filter enforces yet.
+        lab_info["not_enforced"] = [line.split(":", 1)[1].strip() for line in
+                                    lab.bootstrap.splitlines()
+                                    if line.startswith("# NOT ENFORCED YET:")]
+        for item in lab_info["not_enforced"]:
+            print(f"  not enforced yet by the rendered Envoy: {item}")
         ctx = DemoContext(lab, recorder, live, scale=args.scale)
         for number, chapter in enumerate(chapters, 1):
             heading = f"\n== Chapter {number}: {chapter.title} =="

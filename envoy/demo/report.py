@@ -66,6 +66,8 @@ def write(path: Path, *, chapters: list[Chapter], recorder: Recorder, lab_info: 
         "Lab: Envoy listening on " + lab_info["envoy"] + "; simulators: "
         + ", ".join(f"{k} at {v}" for k, v in lab_info["sims"].items()) + ".",
         "",
+        *([f"Not enforced yet by the rendered Envoy: {'; '.join(lab_info['not_enforced'])}.", ""]
+          if lab_info.get("not_enforced") else []),
         "## Chapters",
         "",
         "| # | chapter | status | seconds | requests | ok | 429 | fallback | errors |",
