@@ -39,10 +39,12 @@ pub fn ensure_venv(ws: &Workspace) -> Result<Venv> {
     let stamp_text = format!("{}\n{requirements}", host_version.trim());
     let stamp_path = venv.join(STAMP);
 
-    let up_to_date =
-        python.is_file() && std::fs::read_to_string(&stamp_path).is_ok_and(|s| s == stamp_text);
+    let stamp = std::fs::read_to_string(&stamp_path).unwrap_or_default();
+    let up_to_date = python.is_file() && stamp == stamp_text;
     if !up_to_date {
-        if !python.is_file() {
+        // A venv made by another Python is rebuilt from scratch.
+        let other_python = !stamp.is_empty() && stamp.lines().next() != Some(host_version.trim());
+        if !python.is_file() || other_python {
             println!("creating the lab venv at {}", venv.display());
             let mut create = cmd::command(host_python(), ["-m", "venv", "--clear"]);
             create.arg(&venv);
