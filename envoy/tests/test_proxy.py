@@ -167,3 +167,24 @@ def test_sse_frames_pass_unchanged(lab, path, body, last_event):
         for line in frame.splitlines():
             if line.startswith("data: ") and line != "data: [DONE]":
                 json.loads(line[len("data: "):])  # each data line is whole JSON
+
+
+def test_simulator_faults_reach_the_client_and_clear(lab, openai_client):
+    """The lab's control of the upstreams works end to end (what later
+    chapters and scenarios build on): every primary zone answers 503, the
+    client sees it through Envoy; cleared, traffic flows again."""
+    import openai
+
+    for zone in primary_zones(lab):
+        lab.sim("primary", zone).set_faults(fixed_status=503)
+    with pytest.raises(openai.APIStatusError) as failure:
+        openai_client.chat.completions.create(
+            model="sim-large", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert failure.value.status_code == 503
+    for zone in primary_zones(lab):
+        lab.sim("primary", zone).set_faults()
+    done = openai_client.chat.completions.create(
+        model="sim-large", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert done.usage.completion_tokens == 2
+    upstream_5xx = lab.envoy.stats("cluster.primary.upstream_rq_5xx")
+    assert upstream_5xx.get("cluster.primary.upstream_rq_5xx", 0) >= 1
