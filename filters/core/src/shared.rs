@@ -1,0 +1,221 @@
+//! State shared by every worker VM: read-modify-write with compare-and-swap.
+//!
+//! Envoy runs one Wasm VM per worker thread; quotas, circuits and budgets
+//! must be one state for all of them. Proxy-wasm shared data gives a byte
+//! value per key with a version (`cas`): a write carrying a stale version
+//! fails, so an update is read → decode → change → encode → write, retried
+//! when another worker wrote in between. The retry count is bounded: under
+//! contention that persists the caller gets [`UpdateError::Contention`] and
+//! applies its documented fallback rather than spinning in the request path.
+//!
+//! [`SharedStore`] is the host access (implemented over proxy-wasm in
+//! `sluice-filter-common`, and by an in-memory store here for tests); values
+//! are encoded with MessagePack (rmp-serde), compact and schema-tolerant.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// A versioned value as read from the store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Versioned {
+    pub value: Option<Vec<u8>>,
+    /// The version to pass back to [`SharedStore::set`]; `None` when the key
+    /// was never written.
+    pub cas: Option<u32>,
+}
+
+/// Why a write did not happen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("the value changed since it was read")]
+    CasMismatch,
+    #[error("the host refused the shared-data call")]
+    Host,
+}
+
+/// Access to a shared key-value store with compare-and-swap.
+pub trait SharedStore {
+    fn get(&self, key: &str) -> Result<Versioned, StoreError>;
+    /// Writes `value` if the key's version is still `cas` (`None`: write
+    /// unconditionally, as proxy-wasm's cas 0 does).
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError>;
+}
+
+/// Why an update did not happen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum UpdateError {
+    #[error("other workers kept changing the value ({attempts} attempts)")]
+    Contention { attempts: u32 },
+    #[error("the host refused the shared-data call")]
+    Host,
+}
+
+/// Updates the state under `key` with `change`, retrying on a concurrent
+/// write up to `max_attempts` times. A missing or undecodable value starts
+/// from `T::default()` (a value written by an older, incompatible layout is
+/// replaced rather than wedging the key). Returns what `change` returned on
+/// the attempt that was written.
+pub fn update<S, T, R>(
+    store: &S,
+    key: &str,
+    max_attempts: u32,
+    mut change: impl FnMut(&mut T) -> R,
+) -> Result<R, UpdateError>
+where
+    S: SharedStore + ?Sized,
+    T: Serialize + DeserializeOwned + Default,
+{
+    let attempts = max_attempts.max(1);
+    for _ in 0..attempts {
+        let current = store.get(key).map_err(|_| UpdateError::Host)?;
+        let mut state: T = current
+            .value
+            .as_deref()
+            .and_then(|b| rmp_serde::from_slice(b).ok())
+            .unwrap_or_default();
+        let result = change(&mut state);
+        let bytes = rmp_serde::to_vec(&state).map_err(|_| UpdateError::Host)?;
+        // A key never written has no version, and Envoy writes an absent key
+        // whatever cas is given: two workers creating the same key at the
+        // same instant can lose one of the two first updates. That window
+        // exists once per key, and only until its first write lands.
+        match store.set(key, &bytes, current.cas) {
+            Ok(()) => return Ok(result),
+            Err(StoreError::CasMismatch) => continue,
+            Err(StoreError::Host) => return Err(UpdateError::Host),
+        }
+    }
+    Err(UpdateError::Contention { attempts })
+}
+
+/// Reads the state under `key` without changing it (`T::default()` when absent).
+pub fn read<S, T>(store: &S, key: &str) -> Result<T, UpdateError>
+where
+    S: SharedStore + ?Sized,
+    T: DeserializeOwned + Default,
+{
+    let current = store.get(key).map_err(|_| UpdateError::Host)?;
+    Ok(current
+        .value
+        .as_deref()
+        .and_then(|b| rmp_serde::from_slice(b).ok())
+        .unwrap_or_default())
+}
+
+/// An in-memory store with Envoy's semantics, for tests of code that
+/// updates shared state: versions start at 1 on the first write and grow by
+/// one per write; a set with a stale non-zero cas fails; cas 0 (or `None`)
+/// overwrites.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    entries: std::cell::RefCell<std::collections::HashMap<String, (Vec<u8>, u32)>>,
+}
+
+impl SharedStore for MemoryStore {
+    fn get(&self, key: &str) -> Result<Versioned, StoreError> {
+        Ok(match self.entries.borrow().get(key) {
+            Some((v, cas)) => Versioned {
+                value: Some(v.clone()),
+                cas: Some(*cas),
+            },
+            None => Versioned {
+                value: None,
+                cas: None,
+            },
+        })
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
+        let mut entries = self.entries.borrow_mut();
+        let current = entries.get(key).map(|(_, c)| *c);
+        if let (Some(expected), Some(actual)) = (cas, current)
+            && expected != 0
+            && expected != actual
+        {
+            return Err(StoreError::CasMismatch);
+        }
+        let next = current.unwrap_or(0).wrapping_add(1).max(1);
+        entries.insert(key.to_string(), (value.to_vec(), next));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    #[test]
+    fn update_reads_changes_and_writes() {
+        let store = MemoryStore::default();
+        for _ in 0..3 {
+            update(&store, "k", 4, |n: &mut u64| *n += 1).unwrap();
+        }
+        assert_eq!(read::<_, u64>(&store, "k").unwrap(), 3);
+    }
+
+    /// A store where another worker writes between our read and our write,
+    /// a given number of times.
+    struct Contended {
+        inner: MemoryStore,
+        interferences: Cell<u32>,
+    }
+
+    impl SharedStore for Contended {
+        fn get(&self, key: &str) -> Result<Versioned, StoreError> {
+            let v = self.inner.get(key);
+            if self.interferences.get() > 0 {
+                self.interferences.set(self.interferences.get() - 1);
+                let other: u64 = read(&self.inner, key).unwrap();
+                self.inner
+                    .set(key, &rmp_serde::to_vec(&(other + 100)).unwrap(), None)
+                    .unwrap();
+            }
+            v
+        }
+        fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
+            self.inner.set(key, value, cas)
+        }
+    }
+
+    #[test]
+    fn a_concurrent_write_is_never_lost() {
+        let store = Contended {
+            inner: MemoryStore::default(),
+            interferences: Cell::new(0),
+        };
+        update(&store, "k", 4, |n: &mut u64| *n += 1).unwrap();
+        store.interferences.set(2);
+        let tries = Cell::new(0);
+        update(&store, "k", 4, |n: &mut u64| {
+            tries.set(tries.get() + 1);
+            *n += 1
+        })
+        .unwrap();
+        // 1, then two interfering +100 writes, then our +1 on top of them.
+        assert_eq!(read::<_, u64>(&store.inner, "k").unwrap(), 202);
+        assert_eq!(tries.get(), 3);
+    }
+
+    #[test]
+    fn persistent_contention_gives_up_after_the_bound() {
+        let store = Contended {
+            inner: MemoryStore::default(),
+            interferences: Cell::new(0),
+        };
+        update(&store, "k", 4, |n: &mut u64| *n += 1).unwrap();
+        store.interferences.set(u32::MAX);
+        assert_eq!(
+            update(&store, "k", 3, |n: &mut u64| *n += 1),
+            Err(UpdateError::Contention { attempts: 3 })
+        );
+    }
+
+    #[test]
+    fn an_undecodable_value_starts_over() {
+        let store = MemoryStore::default();
+        store.set("k", b"\xc1 not msgpack", None).unwrap();
+        update(&store, "k", 2, |n: &mut u64| *n += 5).unwrap();
+        assert_eq!(read::<_, u64>(&store, "k").unwrap(), 5);
+    }
+}
