@@ -36,14 +36,22 @@ impl Timestamp {
     pub fn since(self, earlier: Timestamp) -> Duration {
         Duration::from_nanos(self.0.saturating_sub(earlier.0))
     }
+}
 
-    /// `self + d`, saturating.
-    pub fn add(self, d: Duration) -> Timestamp {
+/// `t + d`, saturating.
+impl std::ops::Add<Duration> for Timestamp {
+    type Output = Timestamp;
+
+    fn add(self, d: Duration) -> Timestamp {
         Timestamp(self.0.saturating_add(duration_nanos(d)))
     }
+}
 
-    /// `self - d`, saturating at zero.
-    pub fn sub(self, d: Duration) -> Timestamp {
+/// `t - d`, saturating at zero.
+impl std::ops::Sub<Duration> for Timestamp {
+    type Output = Timestamp;
+
+    fn sub(self, d: Duration) -> Timestamp {
         Timestamp(self.0.saturating_sub(duration_nanos(d)))
     }
 }
