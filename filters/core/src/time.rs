@@ -72,9 +72,9 @@ mod tests {
         assert_eq!(later.since(earlier), Duration::from_secs(1));
         assert_eq!(earlier.since(later), Duration::ZERO);
         assert_eq!(
-            Timestamp(u64::MAX).add(Duration::from_secs(1)),
+            Timestamp(u64::MAX) + Duration::from_secs(1),
             Timestamp(u64::MAX)
         );
-        assert_eq!(Timestamp::ZERO.sub(Duration::from_secs(1)), Timestamp::ZERO);
+        assert_eq!(Timestamp::ZERO - Duration::from_secs(1), Timestamp::ZERO);
     }
 }
