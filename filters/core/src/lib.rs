@@ -8,7 +8,9 @@
 
 pub mod breaker;
 pub mod config;
+pub mod llm;
 pub mod shared;
 pub mod tenant;
 pub mod time;
+pub mod tokens;
 pub mod units;

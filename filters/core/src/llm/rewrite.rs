@@ -1,0 +1,146 @@
+//! Editing a request body before it is forwarded.
+
+use serde_json::{Map, Value};
+
+use super::CapField;
+
+/// Edits to make to a request body.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Rewrite {
+    /// Set `stream_options.include_usage = true`, so that an OpenAI stream
+    /// ends with a usage chunk (an extra chunk with empty `choices` the
+    /// client did not ask for: current SDKs accept it).
+    pub include_usage: bool,
+    /// Lower the completion cap: the field the request used, and the new
+    /// value in tokens (`over_cap = "clamp"`).
+    pub clamp: Option<(CapField, u64)>,
+}
+
+impl Rewrite {
+    /// Whether there is nothing to change.
+    pub fn is_empty(&self) -> bool {
+        !self.include_usage && self.clamp.is_none()
+    }
+}
+
+/// The body with `edits` applied, or `None` when there is nothing to change
+/// or the body is not a JSON object (it is then forwarded as is).
+///
+/// The common case, adding `include_usage` to a body without
+/// `stream_options`, splices the field in after the opening brace and leaves
+/// every other byte alone; other edits re-serialize the document (keys may
+/// come out in another order, which JSON APIs ignore).
+pub fn rewrite_body(body: &[u8], edits: &Rewrite) -> Option<Vec<u8>> {
+    if edits.is_empty() {
+        return None;
+    }
+    if edits.clamp.is_none() && !contains(body, b"\"stream_options\"") {
+        return splice_include_usage(body);
+    }
+    let mut doc: Value = serde_json::from_slice(body).ok()?;
+    let obj = doc.as_object_mut()?;
+    if edits.include_usage {
+        match obj.get_mut("stream_options") {
+            Some(Value::Object(options)) => {
+                options.insert("include_usage".to_string(), Value::Bool(true));
+            }
+            _ => {
+                let mut options = Map::new();
+                options.insert("include_usage".to_string(), Value::Bool(true));
+                obj.insert("stream_options".to_string(), Value::Object(options));
+            }
+        }
+    }
+    if let Some((field, tokens)) = edits.clamp {
+        obj.insert(field.name().to_string(), Value::from(tokens));
+    }
+    serde_json::to_vec(&doc).ok()
+}
+
+const INCLUDE_USAGE: &[u8] = br#""stream_options":{"include_usage":true}"#;
+
+/// Inserts `"stream_options":{...}` as the object's first member.
+fn splice_include_usage(body: &[u8]) -> Option<Vec<u8>> {
+    let open = body.iter().position(|b| !b.is_ascii_whitespace())?;
+    if body[open] != b'{' {
+        return None;
+    }
+    let rest = &body[open + 1..];
+    let empty = rest
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|&b| b == b'}');
+    let mut out = Vec::with_capacity(body.len() + INCLUDE_USAGE.len() + 1);
+    out.extend_from_slice(&body[..=open]);
+    out.extend_from_slice(INCLUDE_USAGE);
+    if !empty {
+        out.push(b',');
+    }
+    out.extend_from_slice(rest);
+    Some(out)
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json(bytes: &[u8]) -> Value {
+        serde_json::from_slice(bytes).unwrap()
+    }
+
+    const USAGE: Rewrite = Rewrite {
+        include_usage: true,
+        clamp: None,
+    };
+
+    #[test]
+    fn splices_include_usage_keeping_the_rest_byte_for_byte() {
+        let body = br#"  {"model":"m","stream":true,"messages":[]}"#;
+        let out = rewrite_body(body, &USAGE).unwrap();
+        assert_eq!(
+            out,
+            br#"  {"stream_options":{"include_usage":true},"model":"m","stream":true,"messages":[]}"#
+        );
+        assert_eq!(
+            rewrite_body(b"{ }", &USAGE).unwrap(),
+            br#"{"stream_options":{"include_usage":true} }"#
+        );
+    }
+
+    #[test]
+    fn merges_into_existing_stream_options() {
+        let body = br#"{"model":"m","stream":true,"stream_options":{"include_usage":false,"x":1}}"#;
+        let out = json(&rewrite_body(body, &USAGE).unwrap());
+        assert_eq!(out["stream_options"]["include_usage"], true);
+        assert_eq!(out["stream_options"]["x"], 1);
+        let body = br#"{"stream_options":null}"#;
+        let out = json(&rewrite_body(body, &USAGE).unwrap());
+        assert_eq!(out["stream_options"]["include_usage"], true);
+    }
+
+    #[test]
+    fn clamps_the_cap_field_the_request_used() {
+        let edits = Rewrite {
+            include_usage: false,
+            clamp: Some((CapField::MaxCompletionTokens, 4096)),
+        };
+        let out = json(&rewrite_body(br#"{"max_completion_tokens":100000}"#, &edits).unwrap());
+        assert_eq!(out["max_completion_tokens"], 4096);
+    }
+
+    #[test]
+    fn leaves_non_objects_and_empty_edits_alone() {
+        assert_eq!(rewrite_body(b"[1]", &USAGE), None);
+        assert_eq!(rewrite_body(b"", &USAGE), None);
+        assert_eq!(rewrite_body(br#"{"a":1}"#, &Rewrite::default()), None);
+        let edits = Rewrite {
+            include_usage: false,
+            clamp: Some((CapField::MaxTokens, 1)),
+        };
+        assert_eq!(rewrite_body(b"not json", &edits), None);
+    }
+}
