@@ -1,4 +1,5 @@
 //! The bulkhead: caps, tenant isolation, the FIFO queue, leases.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 #[path = "breaker_common/mod.rs"]
 mod common;
@@ -34,13 +35,21 @@ fn caps_apply_per_backend_and_per_tenant() {
     let mut b = Bulkhead::default();
     let a1 = granted(&mut b, &cfg, "a", at(0.0));
     granted(&mut b, &cfg, "a", at(0.0));
-    assert_eq!(b.try_acquire(&cfg, "a", at(0.0)), Acquire::Full, "a at its cap");
+    assert_eq!(
+        b.try_acquire(&cfg, "a", at(0.0)),
+        Acquire::Full,
+        "a at its cap"
+    );
     granted(&mut b, &cfg, "b", at(0.0));
     // batch's override is 1, and one slot is left.
     granted(&mut b, &cfg, "batch", at(0.0));
     assert_eq!(b.try_acquire(&cfg, "batch", at(0.0)), Acquire::Full);
     assert_eq!(b.in_flight(at(0.0)), 4);
-    assert_eq!(b.try_acquire(&cfg, "c", at(0.0)), Acquire::Full, "backend full");
+    assert_eq!(
+        b.try_acquire(&cfg, "c", at(0.0)),
+        Acquire::Full,
+        "backend full"
+    );
     b.release(a1, at(1.0));
     assert_eq!(b.in_flight_of("a", at(1.0)), 1);
     granted(&mut b, &cfg, "c", at(1.0));
@@ -65,7 +74,11 @@ fn the_queue_is_fifo_and_bounded() {
     let l2 = granted(&mut b, &cfg, "b", at(0.0));
     let q1 = queued(&mut b, &cfg, "c", at(0.1));
     let q2 = queued(&mut b, &cfg, "d", at(0.2));
-    assert_eq!(b.try_acquire(&cfg, "e", at(0.3)), Acquire::Full, "queue full");
+    assert_eq!(
+        b.try_acquire(&cfg, "e", at(0.3)),
+        Acquire::Full,
+        "queue full"
+    );
     assert_eq!(b.queue_len(), 2);
     assert_eq!(b.poll(&cfg, q2, at(0.4)), Poll::Waiting { position: 1 });
     b.release(l1, at(0.5));
@@ -120,7 +133,10 @@ fn a_slot_whose_release_never_comes_expires() {
     // Taken at the start of an epoch: it holds through the next one.
     let t0 = (at(0.0).as_nanos() / 30_000_000_000 + 1) as f64 * epoch - 1_800_000_000.0;
     granted(&mut b, &cfg, "crashed", at(t0));
-    assert_eq!(b.try_acquire(&cfg, "x", at(t0 + 2.0 * epoch - 0.001)), Acquire::Full);
+    assert_eq!(
+        b.try_acquire(&cfg, "x", at(t0 + 2.0 * epoch - 0.001)),
+        Acquire::Full
+    );
     assert_eq!(b.in_flight(at(t0 + 2.0 * epoch)), 0);
     granted(&mut b, &cfg, "x", at(t0 + 2.0 * epoch));
 }
@@ -164,7 +180,13 @@ fn the_clock_going_back_does_not_pin_slots() {
     granted(&mut b, &cfg, "a", at(10_000.0));
     // A day back: the slot still expires within two epochs of the new time.
     let back = 10_000.0 - 86_400.0;
-    assert_eq!(b.try_acquire(&cfg, "b", at(back)), Acquire::Queued(QueueTicket { id: 0, tenant: tenant_key("b") }));
+    assert_eq!(
+        b.try_acquire(&cfg, "b", at(back)),
+        Acquire::Queued(QueueTicket {
+            id: 0,
+            tenant: tenant_key("b")
+        })
+    );
     assert!(matches!(
         b.try_acquire(&cfg, "c", at(back + 2.0 * SLOT_EPOCH.as_secs_f64() + 0.1)),
         Acquire::Granted(_)
@@ -192,7 +214,10 @@ fn the_encoded_bulkhead_stays_small() {
     assert_eq!(b.in_flight(at(0.0)), 256);
     assert_eq!(b.queue_len(), 32);
     let bytes = rmp_serde::to_vec(&b).unwrap();
-    eprintln!("bulkhead: 8 tenants, 256 in flight, 32 waiting: {} bytes", bytes.len());
+    eprintln!(
+        "bulkhead: 8 tenants, 256 in flight, 32 waiting: {} bytes",
+        bytes.len()
+    );
     assert!(bytes.len() <= 1024, "{}", bytes.len());
     let back: Bulkhead = rmp_serde::from_slice(&bytes).unwrap();
     assert_eq!(back, b);
@@ -225,7 +250,11 @@ fn op() -> impl Strategy<Value = Op> {
 
 fn tenant(i: u8) -> String {
     // Tenant 0 is "batch", whose override cap is 1.
-    if i == 0 { "batch".to_string() } else { format!("t{i}") }
+    if i == 0 {
+        "batch".to_string()
+    } else {
+        format!("t{i}")
+    }
 }
 
 proptest! {

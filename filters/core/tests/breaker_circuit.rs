@@ -1,5 +1,6 @@
 //! The circuit breaker: each mode, the half-open dance, back-off, leases,
 //! backwards clocks and the encoded size, by example and by property.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 #[path = "breaker_common/mod.rs"]
 mod common;
@@ -29,7 +30,11 @@ fn allowed(c: &mut Circuit, cfg: &BreakerConfig, now: Timestamp) -> Option<Probe
     }
 }
 
-fn rejected(c: &mut Circuit, cfg: &BreakerConfig, now: Timestamp) -> (RejectReason, Option<Duration>) {
+fn rejected(
+    c: &mut Circuit,
+    cfg: &BreakerConfig,
+    now: Timestamp,
+) -> (RejectReason, Option<Duration>) {
     match c.admit(cfg, now, 0.5).admission {
         Admission::Rejected {
             reason,
@@ -109,7 +114,10 @@ fn half_open_admits_at_most_the_probes_and_closes_when_all_succeed() {
     let p2 = allowed(&mut c, &cfg, at(30.0)).unwrap();
     let p3 = allowed(&mut c, &cfg, at(30.0)).unwrap();
     assert_eq!(c.probes_in_flight(at(30.0)), 3);
-    assert_eq!(rejected(&mut c, &cfg, at(30.0)).0, RejectReason::CircuitOpen);
+    assert_eq!(
+        rejected(&mut c, &cfg, at(30.0)).0,
+        RejectReason::CircuitOpen
+    );
 
     assert_eq!(c.record(&cfg, at(31.0), OK, Some(p1), 0.5), None);
     // A freed slot is not re-issued: two successes plus two in flight would
@@ -124,7 +132,11 @@ fn half_open_admits_at_most_the_probes_and_closes_when_all_succeed() {
             to: CircuitState::Closed
         })
     );
-    assert_eq!(allowed(&mut c, &cfg, at(33.0)), None, "closed: no probe ticket");
+    assert_eq!(
+        allowed(&mut c, &cfg, at(33.0)),
+        None,
+        "closed: no probe ticket"
+    );
 }
 
 #[test]
@@ -169,7 +181,10 @@ fn jitter_spreads_the_open_time_both_ways() {
     assert!(close(open_time(&cfg, 1, 0.0), 27.0));
     assert!(close(open_time(&cfg, 1, 0.5), 30.0));
     let high = open_time(&cfg, 1, 0.999_999);
-    assert!(high > Duration::from_millis(32_999) && high <= secs(33), "{high:?}");
+    assert!(
+        high > Duration::from_millis(32_999) && high <= secs(33),
+        "{high:?}"
+    );
     assert!(open_time(&cfg, 50, 0.999_999) <= secs(330));
     assert!(open_time(&cfg, u32::MAX, 1.0) <= secs(330));
     assert!(close(open_time(&cfg, 1, f64::NAN), 30.0));
@@ -208,7 +223,9 @@ fn vanished_probes_free_their_slots_after_the_lease() {
     let cfg = consecutive(5);
     let mut c = Circuit::new(&cfg);
     trip(&mut c, &cfg, at(0.0));
-    let probes: Vec<_> = (0..3).map(|_| allowed(&mut c, &cfg, at(30.0)).unwrap()).collect();
+    let probes: Vec<_> = (0..3)
+        .map(|_| allowed(&mut c, &cfg, at(30.0)).unwrap())
+        .collect();
     rejected(&mut c, &cfg, at(30.0));
     // One live stream renews its probe; the other two never report.
     let lease = PROBE_LEASE.as_secs_f64();
@@ -230,7 +247,9 @@ fn an_abandoned_probe_gives_its_slot_back() {
     let cfg = consecutive(5);
     let mut c = Circuit::new(&cfg);
     trip(&mut c, &cfg, at(0.0));
-    let probes: Vec<_> = (0..3).map(|_| allowed(&mut c, &cfg, at(30.0)).unwrap()).collect();
+    let probes: Vec<_> = (0..3)
+        .map(|_| allowed(&mut c, &cfg, at(30.0)).unwrap())
+        .collect();
     c.abandon(probes[1]);
     assert_eq!(c.probes_in_flight(at(30.0)), 2);
     assert!(allowed(&mut c, &cfg, at(30.0)).is_some());
@@ -279,7 +298,10 @@ fn rate_mode_waits_for_min_calls_then_trips_at_the_threshold() {
     // The window slides: the oldest call (a failure) leaves as a failure enters.
     assert_eq!(c.record(&cfg, at(0.0), FAIL, None, 0.5), None);
     c.record(&cfg, at(0.0), FAIL, None, 0.5);
-    assert_eq!(c.record(&cfg, at(0.0), FAIL, None, 0.5).map(|t| t.to), Some(CircuitState::Open));
+    assert_eq!(
+        c.record(&cfg, at(0.0), FAIL, None, 0.5).map(|t| t.to),
+        Some(CircuitState::Open)
+    );
 }
 
 #[test]
@@ -365,7 +387,11 @@ fn adaptive_mode_sheds_in_proportion_and_recovers() {
     }
     assert!((c.throttle_probability(&cfg, at(2.0)) - 0.8).abs() < 1e-12);
     assert!(c.admit(&cfg, at(2.0), 0.81).admission.is_allowed());
-    assert_eq!(c.state(at(2.0)), CircuitState::Closed, "adaptive never opens");
+    assert_eq!(
+        c.state(at(2.0)),
+        CircuitState::Closed,
+        "adaptive never opens"
+    );
     // A window later the history is gone.
     assert_eq!(c.throttle_probability(&cfg, at(62.5)), 0.0);
     assert!(c.admit(&cfg, at(62.5), 0.0).admission.is_allowed());
@@ -402,27 +428,56 @@ fn classify_counts_only_listed_failures() {
     let none = ResponseFlags::default();
     let c = |status, flags, cfg: &BreakerConfig| classify(status, flags, None, None, cfg);
     assert_eq!(c(Some(200), none, &cfg), Some(OK));
-    assert_eq!(c(Some(404), none, &cfg), Some(OK), "a client error is not sickness");
-    assert_eq!(c(Some(500), none, &cfg), Some(Outcome::failure(FailureKind::Status5xx)));
+    assert_eq!(
+        c(Some(404), none, &cfg),
+        Some(OK),
+        "a client error is not sickness"
+    );
+    assert_eq!(
+        c(Some(500), none, &cfg),
+        Some(Outcome::failure(FailureKind::Status5xx))
+    );
     assert_eq!(c(Some(429), none, &cfg), Some(OK), "429 not listed");
     let uf = ResponseFlags::from_envoy_bits(ResponseFlags::ENVOY_UF);
-    assert_eq!(c(Some(503), uf, &cfg), Some(Outcome::failure(FailureKind::ConnectFailure)));
+    assert_eq!(
+        c(Some(503), uf, &cfg),
+        Some(Outcome::failure(FailureKind::ConnectFailure))
+    );
     let ur = ResponseFlags::from_envoy_bits(ResponseFlags::ENVOY_UR);
-    assert_eq!(c(None, ur, &cfg), Some(Outcome::failure(FailureKind::Reset)));
+    assert_eq!(
+        c(None, ur, &cfg),
+        Some(Outcome::failure(FailureKind::Reset))
+    );
     let ut = ResponseFlags::from_envoy_bits(ResponseFlags::ENVOY_UT | 0x8000);
-    assert_eq!(c(Some(504), ut, &cfg), Some(Outcome::failure(FailureKind::Timeout)));
+    assert_eq!(
+        c(Some(504), ut, &cfg),
+        Some(Outcome::failure(FailureKind::Timeout))
+    );
     let dc = ResponseFlags::from_envoy_bits(ResponseFlags::ENVOY_DC);
     assert_eq!(c(None, dc, &cfg), None, "the client left: no verdict");
     assert_eq!(
-        c(Some(500), ResponseFlags::from_envoy_bits(ResponseFlags::ENVOY_DC), &cfg),
+        c(
+            Some(500),
+            ResponseFlags::from_envoy_bits(ResponseFlags::ENVOY_DC),
+            &cfg
+        ),
         Some(Outcome::failure(FailureKind::Status5xx))
     );
 
     cfg.failure_on = vec![FailureKind::GatewayError, FailureKind::Status429];
     assert_eq!(c(Some(500), none, &cfg), Some(OK));
-    assert_eq!(c(Some(502), none, &cfg), Some(Outcome::failure(FailureKind::GatewayError)));
-    assert_eq!(c(Some(429), none, &cfg), Some(Outcome::failure(FailureKind::Status429)));
-    assert_eq!(c(Some(503), uf, &cfg), Some(Outcome::failure(FailureKind::GatewayError)));
+    assert_eq!(
+        c(Some(502), none, &cfg),
+        Some(Outcome::failure(FailureKind::GatewayError))
+    );
+    assert_eq!(
+        c(Some(429), none, &cfg),
+        Some(Outcome::failure(FailureKind::Status429))
+    );
+    assert_eq!(
+        c(Some(503), uf, &cfg),
+        Some(Outcome::failure(FailureKind::GatewayError))
+    );
 }
 
 #[test]
@@ -431,7 +486,10 @@ fn classify_judges_slowness_by_ttft_and_tpot() {
     let none = ResponseFlags::default();
     let ms = Duration::from_millis;
     let slow = |ttft, tpot| classify(Some(200), none, ttft, tpot, &cfg).unwrap().slow;
-    assert!(!slow(Some(secs(10)), Some(ms(200))), "at the limits is not slow");
+    assert!(
+        !slow(Some(secs(10)), Some(ms(200))),
+        "at the limits is not slow"
+    );
     assert!(slow(Some(ms(10_001)), None));
     assert!(slow(Some(ms(100)), Some(ms(201))));
     assert!(!slow(None, None));
@@ -515,8 +573,12 @@ fn any_config() -> impl Strategy<Value = BreakerConfig> {
     let mode = prop_oneof![
         (1u32..6).prop_map(consecutive),
         (1u32..20, 1u8..=100, 1u8..=100).prop_map(|(n, f, s)| rate(Window::Calls(nz(n)), n, f, s)),
-        (1u64..120, 1u32..20, 1u8..=100)
-            .prop_map(|(w, m, f)| rate(Window::Time(secs(w)), m, f, 100)),
+        (1u64..120, 1u32..20, 1u8..=100).prop_map(|(w, m, f)| rate(
+            Window::Time(secs(w)),
+            m,
+            f,
+            100
+        )),
         (1.0..4.0f64, 1u64..180, 1u8..=100).prop_map(|(k, w, r)| adaptive(k, secs(w), r)),
     ];
     (mode, 1u32..5, 1u64..60, 1u64..10, 1.0..4.0f64, 0u8..50).prop_map(

@@ -1,5 +1,6 @@
 //! Degradation: fail-fast errors, fallback reroutes, static answers (JSON
 //! and SSE, parsed back strictly), and the model rewrite.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 #[path = "breaker_common/mod.rs"]
 mod common;
@@ -113,12 +114,21 @@ fn fail_fast_is_a_503_with_retry_after_in_the_openai_shape() {
 
 #[test]
 fn fail_fast_in_the_anthropic_shape_and_retry_after_rounds_up() {
-    let r = fail_fast(RejectReason::QueueTimeout, Duration::from_millis(2_100), Api::Anthropic);
+    let r = fail_fast(
+        RejectReason::QueueTimeout,
+        Duration::from_millis(2_100),
+        Api::Anthropic,
+    );
     assert_eq!(header(&r, "retry-after"), "3");
     let body: Value = serde_json::from_str(&r.body).unwrap();
     assert_eq!(body["type"], "error");
     assert_eq!(body["error"]["type"], "overloaded_error");
-    assert!(body["error"]["message"].as_str().unwrap().contains("waiting"));
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("waiting")
+    );
     // An open circuit's own estimate beats the configured value.
     let d = degrade(
         &cfg(DegradeAction::FailFast),
@@ -138,12 +148,27 @@ fn fallback_reroutes_and_labels_the_response() {
         model: "gpt-4o-mini".into(),
         backend: "fallback".into(),
     };
-    match degrade(&cfg(action.clone()), RejectReason::BulkheadFull, None, &request(Api::Openai, false), at(0.0)) {
+    match degrade(
+        &cfg(action.clone()),
+        RejectReason::BulkheadFull,
+        None,
+        &request(Api::Openai, false),
+        at(0.0),
+    ) {
         Degradation::Reroute(r) => {
             assert_eq!(r.model, "gpt-4o-mini");
-            assert_eq!(r.request_headers, vec![(BACKEND_HEADER, "fallback".to_string())]);
-            assert!(r.response_headers.contains(&(DEGRADED_HEADER, "fallback-model".to_string())));
-            assert!(r.response_headers.contains(&(REASON_HEADER, "bulkhead-full".to_string())));
+            assert_eq!(
+                r.request_headers,
+                vec![(BACKEND_HEADER, "fallback".to_string())]
+            );
+            assert!(
+                r.response_headers
+                    .contains(&(DEGRADED_HEADER, "fallback-model".to_string()))
+            );
+            assert!(
+                r.response_headers
+                    .contains(&(REASON_HEADER, "bulkhead-full".to_string()))
+            );
         }
         other => panic!("{other:?}"),
     }
@@ -153,7 +178,13 @@ fn fallback_reroutes_and_labels_the_response() {
         stream: false,
         model: "gpt-4o-mini",
     };
-    let r = reply_of(degrade(&cfg(action), RejectReason::CircuitOpen, None, &on_fallback, at(0.0)));
+    let r = reply_of(degrade(
+        &cfg(action),
+        RejectReason::CircuitOpen,
+        None,
+        &on_fallback,
+        at(0.0),
+    ));
     assert_eq!(r.status, 503);
 }
 
@@ -161,7 +192,13 @@ fn static_reply(api: Api, stream: bool) -> LocalReply {
     let action = DegradeAction::Static {
         text: "Service is busy: \"please\" retry\nlater.".into(),
     };
-    reply_of(degrade(&cfg(action), RejectReason::Throttled, None, &request(api, stream), at(12.0)))
+    reply_of(degrade(
+        &cfg(action),
+        RejectReason::Throttled,
+        None,
+        &request(api, stream),
+        at(12.0),
+    ))
 }
 
 const TEXT: &str = "Service is busy: \"please\" retry\nlater.";
@@ -188,7 +225,13 @@ fn static_openai_stream_is_valid_sse_ending_with_done() {
     assert_eq!(header(&r, "content-type"), "text/event-stream");
     let events = parse_sse(&r.body).unwrap();
     let (last, chunks) = events.split_last().unwrap();
-    assert_eq!(last, &Event { event: None, data: "[DONE]".into() });
+    assert_eq!(
+        last,
+        &Event {
+            event: None,
+            data: "[DONE]".into()
+        }
+    );
     let chunks: Vec<Value> = chunks
         .iter()
         .map(|e| {
@@ -206,7 +249,10 @@ fn static_openai_stream_is_valid_sse_ending_with_done() {
     }
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     assert_eq!(text, TEXT);
-    let finishes: Vec<&Value> = chunks.iter().map(|c| &c["choices"][0]["finish_reason"]).collect();
+    let finishes: Vec<&Value> = chunks
+        .iter()
+        .map(|c| &c["choices"][0]["finish_reason"])
+        .collect();
     assert!(finishes[..finishes.len() - 1].iter().all(|f| f.is_null()));
     assert_eq!(finishes.last().unwrap().as_str(), Some("stop"));
 }
@@ -240,7 +286,10 @@ fn static_anthropic_stream_follows_the_event_sequence() {
             "message_stop"
         ]
     );
-    let data: Vec<Value> = events.iter().map(|e| serde_json::from_str(&e.data).unwrap()).collect();
+    let data: Vec<Value> = events
+        .iter()
+        .map(|e| serde_json::from_str(&e.data).unwrap())
+        .collect();
     for (name, d) in names.iter().zip(&data) {
         assert_eq!(d["type"], *name, "the data's type names its event");
     }
@@ -271,14 +320,24 @@ fn rewrite_model_changes_only_the_top_level_model() {
     assert_eq!(out, expected);
 
     // Absent: added. Duplicated: exactly one remains.
-    let out: Value = serde_json::from_slice(&rewrite_model(b"{\"messages\":[]}", "m").unwrap()).unwrap();
+    let out: Value =
+        serde_json::from_slice(&rewrite_model(b"{\"messages\":[]}", "m").unwrap()).unwrap();
     assert_eq!(out["model"], "m");
     let out = rewrite_model(br#"{"model":"a","model":"b"}"#, "m").unwrap();
     assert_eq!(out, br#"{"model":"m"}"#);
 
-    assert!(matches!(rewrite_model(b"[1,2]", "m"), Err(RewriteError::NotAnObject)));
-    assert!(matches!(rewrite_model(b"{\"model\":", "m"), Err(RewriteError::NotJson(_))));
-    assert!(matches!(rewrite_model(b"", "m"), Err(RewriteError::NotJson(_))));
+    assert!(matches!(
+        rewrite_model(b"[1,2]", "m"),
+        Err(RewriteError::NotAnObject)
+    ));
+    assert!(matches!(
+        rewrite_model(b"{\"model\":", "m"),
+        Err(RewriteError::NotJson(_))
+    ));
+    assert!(matches!(
+        rewrite_model(b"", "m"),
+        Err(RewriteError::NotJson(_))
+    ));
     // A model name that needs escaping stays one JSON string.
     let out: Value = serde_json::from_slice(&rewrite_model(b"{}", "a\"b\\c").unwrap()).unwrap();
     assert_eq!(out["model"], "a\"b\\c");

@@ -518,7 +518,11 @@ pub fn open_time(cfg: &BreakerConfig, trips: u32, rand: f64) -> Duration {
     };
     let max = cfg.max_open_for.max(cfg.open_for).as_secs_f64();
     let grown = cfg.open_for.as_secs_f64() * backoff.powi(exponent);
-    let base = if grown.is_finite() { grown.min(max) } else { max };
+    let base = if grown.is_finite() {
+        grown.min(max)
+    } else {
+        max
+    };
     let spread = cfg.jitter.get() * (2.0 * unit_interval(rand) - 1.0);
     let secs = (base * (1.0 + spread)).max(0.0);
     Duration::try_from_secs_f64(secs).unwrap_or(cfg.max_open_for)

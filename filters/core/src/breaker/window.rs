@@ -313,10 +313,9 @@ impl OutcomeWindow {
         let fresh = Self::new(window);
         match (self, &fresh) {
             (Self::Calls(a), Self::Calls(b)) => a.size() == b.size(),
-            (
-                Self::ManyCalls { per_bucket: a, .. },
-                Self::ManyCalls { per_bucket: b, .. },
-            ) => a == b,
+            (Self::ManyCalls { per_bucket: a, .. }, Self::ManyCalls { per_bucket: b, .. }) => {
+                a == b
+            }
             (
                 Self::Time {
                     width_nanos: a,
@@ -340,11 +339,17 @@ impl OutcomeWindow {
                 seen,
                 ring,
             } => {
-                ring.add(*seen / u64::from((*per_bucket).max(1)), Tally::of(failed, slow));
+                ring.add(
+                    *seen / u64::from((*per_bucket).max(1)),
+                    Tally::of(failed, slow),
+                );
                 *seen = seen.saturating_add(1);
             }
             Self::Time { width_nanos, ring } => {
-                ring.add(now.as_nanos() / (*width_nanos).max(1), Tally::of(failed, slow));
+                ring.add(
+                    now.as_nanos() / (*width_nanos).max(1),
+                    Tally::of(failed, slow),
+                );
             }
         }
     }
@@ -389,7 +394,14 @@ mod tests {
         }
         let t = ring.tally();
         // Calls 150..250: multiples of 5 → 20, even → 50.
-        assert_eq!(t, Tally { calls: 100, failures: 20, slow: 50 });
+        assert_eq!(
+            t,
+            Tally {
+                calls: 100,
+                failures: 20,
+                slow: 50
+            }
+        );
         assert!((t.failure_rate() - 0.2).abs() < 1e-12);
     }
 
@@ -399,7 +411,14 @@ mod tests {
         ring.push(true, false);
         assert_eq!(ring.tally().failures, 1);
         ring.push(false, true);
-        assert_eq!(ring.tally(), Tally { calls: 1, failures: 0, slow: 1 });
+        assert_eq!(
+            ring.tally(),
+            Tally {
+                calls: 1,
+                failures: 0,
+                slow: 1
+            }
+        );
     }
 
     #[test]
@@ -425,13 +444,27 @@ mod tests {
             ring.add(e, Tally::of(e < 110, false));
         }
         // Epochs 110..=119 remain, all successes.
-        assert_eq!(ring.sum(119), Tally { calls: 10, failures: 0, slow: 0 });
+        assert_eq!(
+            ring.sum(119),
+            Tally {
+                calls: 10,
+                failures: 0,
+                slow: 0
+            }
+        );
         // Five epochs later only 115..=119 are inside.
         assert_eq!(ring.sum(124).calls, 5);
         assert_eq!(ring.sum(129).calls, 0);
         // A big leap clears everything.
         ring.add(1_000, Tally::of(true, false));
-        assert_eq!(ring.sum(1_000), Tally { calls: 1, failures: 1, slow: 0 });
+        assert_eq!(
+            ring.sum(1_000),
+            Tally {
+                calls: 1,
+                failures: 1,
+                slow: 0
+            }
+        );
     }
 
     #[test]
@@ -443,7 +476,14 @@ mod tests {
         assert_eq!(ring.sum(45).failures, 2);
         // A jump back past the window starts over.
         ring.add(10, Tally::of(false, false));
-        assert_eq!(ring.sum(10), Tally { calls: 1, failures: 0, slow: 0 });
+        assert_eq!(
+            ring.sum(10),
+            Tally {
+                calls: 1,
+                failures: 0,
+                slow: 0
+            }
+        );
         ring.add(11, Tally::of(false, false));
         assert_eq!(ring.sum(11).calls, 2);
     }
@@ -452,7 +492,13 @@ mod tests {
     fn long_call_windows_are_bucketed_within_one_bucket() {
         let n = NonZeroU32::new(6400).unwrap();
         let mut w = OutcomeWindow::new(Window::Calls(n));
-        assert!(matches!(w, OutcomeWindow::ManyCalls { per_bucket: 100, .. }));
+        assert!(matches!(
+            w,
+            OutcomeWindow::ManyCalls {
+                per_bucket: 100,
+                ..
+            }
+        ));
         for i in 0..20_000u32 {
             w.record(Timestamp::ZERO, i >= 10_000, false);
         }

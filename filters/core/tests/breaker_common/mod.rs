@@ -35,7 +35,12 @@ pub fn bulkhead() -> BulkheadConfig {
     }
 }
 
-pub fn bulkhead_with(max: u32, per_tenant: Option<u32>, queue: u32, max_wait: Duration) -> BulkheadConfig {
+pub fn bulkhead_with(
+    max: u32,
+    per_tenant: Option<u32>,
+    queue: u32,
+    max_wait: Duration,
+) -> BulkheadConfig {
     BulkheadConfig {
         max_in_flight: nz(max),
         max_in_flight_per_tenant: per_tenant.map(nz),
