@@ -403,6 +403,7 @@ pub struct Host {
     keep_finished: bool,
     /// Every `dispatch_http_call` the filters made, in order.
     http_calls: Vec<OutgoingCall>,
+    finished_total: usize,
 }
 
 impl Host {
@@ -429,6 +430,7 @@ impl Host {
             completion_order: Vec::new(),
             keep_finished: true,
             http_calls: Vec::new(),
+            finished_total: 0,
         }
     }
 
@@ -721,6 +723,11 @@ impl Host {
             .iter()
             .filter_map(|id| self.finished.get(id).map(|r| (*id, self.tags.get(id).copied(), r)))
             .collect()
+    }
+
+    /// Number of streams finished so far.
+    pub fn finished_count(&self) -> usize {
+        self.finished_total
     }
 
     /// Streams not finished yet.
@@ -1436,6 +1443,7 @@ impl Host {
             self.context_index.remove(&(plugin, worker, ctx));
         }
         if let Some(s) = self.streams.remove(&id) {
+            self.finished_total += 1;
             if self.keep_finished {
                 self.finished.insert(id, s.response);
                 self.completion_order.push(id);

@@ -178,7 +178,7 @@ pub fn run(scenario: Scenario) -> anyhow::Result<Report> {
     }
     let limit = Duration::from_secs_f64(at) + Duration::from_secs(600);
     let expected = scenario.requests;
-    host.run_until(limit, |h| h.completed().len() >= expected);
+    host.run_until(limit, |h| h.finished_count() >= expected);
 
     let start = host.options().start_time_ns;
     let mut trace: Vec<TraceLine> = host
