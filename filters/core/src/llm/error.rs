@@ -106,7 +106,11 @@ mod tests {
 
     #[test]
     fn anthropic_shapes() {
-        let body = parse(&error_body(Api::Anthropic, ErrorKind::ConcurrentStreams, "m"));
+        let body = parse(&error_body(
+            Api::Anthropic,
+            ErrorKind::ConcurrentStreams,
+            "m",
+        ));
         assert_eq!(body["type"], "error");
         assert_eq!(body["error"]["type"], "rate_limit_error");
         assert_eq!(body["error"]["message"], "m");

@@ -207,7 +207,14 @@ impl RequestInfo {
         self.problem = problem;
         self.cap = read_cap(self.api, obj);
         let mut count = TextCount::default();
-        for key in ["messages", "system", "prompt", "suffix", "input", "instructions"] {
+        for key in [
+            "messages",
+            "system",
+            "prompt",
+            "suffix",
+            "input",
+            "instructions",
+        ] {
             if let Some(v) = obj.get(key) {
                 count.add(v);
             }

@@ -23,8 +23,8 @@
 
 use std::fmt;
 
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use super::request::{MAX_SANE_TOKENS, estimate_tokens};
 use super::sse::SseLineReader;
@@ -638,7 +638,10 @@ mod tests {
         assert_eq!(r.usage.input_tokens, 0);
         assert_eq!(r.usage.output_tokens, MAX_SANE_TOKENS);
         assert_eq!(r.usage.total_tokens, MAX_SANE_TOKENS);
-        let r = parse(Framing::Json, r#"{"usage":{"prompt_tokens":1e300,"completion_tokens":2.5}}"#);
+        let r = parse(
+            Framing::Json,
+            r#"{"usage":{"prompt_tokens":1e300,"completion_tokens":2.5}}"#,
+        );
         assert!(r.clamped);
         assert_eq!(r.usage.input_tokens, MAX_SANE_TOKENS);
         assert_eq!(r.usage.output_tokens, 2);

@@ -93,9 +93,17 @@ pub enum Decision {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Limited {
     /// A token limit; `window` is its period.
-    Tokens { window: Duration, limit: u64 },
-    Requests { window: Duration, limit: u64 },
-    ConcurrentStreams { limit: u32 },
+    Tokens {
+        window: Duration,
+        limit: u64,
+    },
+    Requests {
+        window: Duration,
+        limit: u64,
+    },
+    ConcurrentStreams {
+        limit: u32,
+    },
 }
 
 /// A request turned away, with what the 429 needs.
@@ -237,7 +245,13 @@ impl Limiter {
 
     /// The first quota whose `match` covers the request, if any (none: the
     /// request is not limited).
-    pub fn quota_for(&self, path: &str, authority: &str, model: &str, tenant: &str) -> Option<QuotaId> {
+    pub fn quota_for(
+        &self,
+        path: &str,
+        authority: &str,
+        model: &str,
+        tenant: &str,
+    ) -> Option<QuotaId> {
         self.quotas
             .iter()
             .position(|q| q.matcher.matches(path, authority, model, tenant))
@@ -313,7 +327,8 @@ impl Limiter {
             },
             Cap::Absent if info.api == ApiShape::Other => 0,
             Cap::Absent => {
-                let reserved = max_completion.map_or(self.default_max_tokens, |m| m.min(self.default_max_tokens));
+                let reserved = max_completion
+                    .map_or(self.default_max_tokens, |m| m.min(self.default_max_tokens));
                 if over_cap == OverCap::Clamp
                     && max_completion.is_some()
                     && let Some(field) = default_cap_field(info.api)
@@ -500,7 +515,11 @@ impl Limiter {
 
     /// Response headers for `status` (see [`QuotaStatus::headers`]), with
     /// the IETF ones when the policy asks for them.
-    pub fn headers(&self, status: &QuotaStatus, retry_after: Option<Duration>) -> Vec<(&'static str, String)> {
+    pub fn headers(
+        &self,
+        status: &QuotaStatus,
+        retry_after: Option<Duration>,
+    ) -> Vec<(&'static str, String)> {
         status.headers(retry_after, self.ietf_headers)
     }
 

@@ -22,7 +22,11 @@ impl KeyId {
         let mut h = Sha256::new();
         h.update(quota.0.to_le_bytes());
         // Length prefixes keep ("ab", "c") and ("a", "bc") apart.
-        h.update(u64::try_from(tenant.len()).unwrap_or(u64::MAX).to_le_bytes());
+        h.update(
+            u64::try_from(tenant.len())
+                .unwrap_or(u64::MAX)
+                .to_le_bytes(),
+        );
         h.update(tenant.as_bytes());
         h.update(model.as_bytes());
         let digest = h.finalize();
@@ -198,7 +202,10 @@ impl KeyIndex {
     /// [`TOUCH_EVERY_SECS`] and the index should be written back.
     pub fn touch(&mut self, slot: u32, now: Timestamp) -> bool {
         let secs = now.as_nanos() / 1_000_000_000;
-        match self.slots.get_mut(usize::try_from(slot).unwrap_or(usize::MAX)) {
+        match self
+            .slots
+            .get_mut(usize::try_from(slot).unwrap_or(usize::MAX))
+        {
             Some((_, used)) if secs >= used.saturating_add(TOUCH_EVERY_SECS) => {
                 *used = secs;
                 true
@@ -219,25 +226,47 @@ mod tests {
     #[test]
     fn key_ids_are_stable_and_distinct() {
         let q = QuotaId(0);
-        assert_eq!(KeyId::new(q, "acme", "gpt-4o"), KeyId::new(q, "acme", "gpt-4o"));
-        assert_ne!(KeyId::new(q, "acme", "gpt-4o"), KeyId::new(QuotaId(1), "acme", "gpt-4o"));
+        assert_eq!(
+            KeyId::new(q, "acme", "gpt-4o"),
+            KeyId::new(q, "acme", "gpt-4o")
+        );
+        assert_ne!(
+            KeyId::new(q, "acme", "gpt-4o"),
+            KeyId::new(QuotaId(1), "acme", "gpt-4o")
+        );
         assert_ne!(KeyId::new(q, "ab", "c"), KeyId::new(q, "a", "bc"));
     }
 
     #[test]
     fn index_evicts_the_idlest_key() {
         let mut index = KeyIndex::default();
-        let keys: Vec<KeyId> = (0..3).map(|i| KeyId::new(QuotaId(0), &format!("t{i}"), "m")).collect();
+        let keys: Vec<KeyId> = (0..3)
+            .map(|i| KeyId::new(QuotaId(0), &format!("t{i}"), "m"))
+            .collect();
         assert_eq!(index.assign(keys[0], t(100), 2).slot, 0);
         assert_eq!(index.assign(keys[1], t(200), 2).slot, 1);
         // keys[0] used again, later than keys[1].
         assert!(index.touch(0, t(300)));
         assert!(!index.touch(0, t(330)), "within the touch granularity");
         let a = index.assign(keys[2], t(400), 2);
-        assert_eq!(a, Assignment { slot: 1, new: true, evicted: Some(keys[1]) });
+        assert_eq!(
+            a,
+            Assignment {
+                slot: 1,
+                new: true,
+                evicted: Some(keys[1])
+            }
+        );
         assert_eq!(index.len(), 2);
         assert_eq!(index.slot_of(keys[1]), None);
-        assert_eq!(index.assign(keys[0], t(500), 2), Assignment { slot: 0, new: false, evicted: None });
+        assert_eq!(
+            index.assign(keys[0], t(500), 2),
+            Assignment {
+                slot: 0,
+                new: false,
+                evicted: None
+            }
+        );
     }
 
     #[test]
