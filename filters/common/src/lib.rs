@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod host;
+pub mod identity;
 pub mod metrics;
 pub mod panic;
 
