@@ -37,7 +37,11 @@ pub enum Action {
 impl Action {
     /// Envoy treats every non-zero header status as some form of "stop".
     pub fn from_raw(raw: u32) -> Self {
-        if raw == 0 { Action::Continue } else { Action::Pause }
+        if raw == 0 {
+            Action::Continue
+        } else {
+            Action::Pause
+        }
     }
 }
 

@@ -19,7 +19,9 @@ impl HeaderMap {
     }
 
     /// Builds a map from pairs, lowercasing names (pseudo-headers move first).
-    pub fn from_pairs<K: AsRef<str>, V: AsRef<str>>(pairs: impl IntoIterator<Item = (K, V)>) -> Self {
+    pub fn from_pairs<K: AsRef<str>, V: AsRef<str>>(
+        pairs: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
         let mut map = Self::new();
         for (k, v) in pairs {
             map.add(k.as_ref(), v.as_ref());
@@ -39,20 +41,31 @@ impl HeaderMap {
     /// First value of `name` (case-insensitive).
     pub fn get(&self, name: &str) -> Option<&str> {
         let name = name.to_ascii_lowercase();
-        self.entries.iter().find(|(k, _)| *k == name).map(|(_, v)| v.as_str())
+        self.entries
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_str())
     }
 
     /// Every value of `name`, in order.
     pub fn get_all(&self, name: &str) -> Vec<&str> {
         let name = name.to_ascii_lowercase();
-        self.entries.iter().filter(|(k, _)| *k == name).map(|(_, v)| v.as_str()).collect()
+        self.entries
+            .iter()
+            .filter(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
     }
 
     /// Appends an entry; a pseudo-header goes after the last pseudo-header.
     pub fn add(&mut self, name: &str, value: &str) {
         let name = name.to_ascii_lowercase();
         if name.starts_with(':') {
-            let at = self.entries.iter().take_while(|(k, _)| k.starts_with(':')).count();
+            let at = self
+                .entries
+                .iter()
+                .take_while(|(k, _)| k.starts_with(':'))
+                .count();
             self.entries.insert(at, (name, value.to_owned()));
         } else {
             self.entries.push((name, value.to_owned()));
@@ -87,7 +100,11 @@ impl HeaderMap {
 
     /// The proxy-wasm serialization of this map (see [`serialize_pairs`]).
     pub fn serialize(&self) -> Vec<u8> {
-        serialize_pairs(self.entries.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())))
+        serialize_pairs(
+            self.entries
+                .iter()
+                .map(|(k, v)| (k.as_bytes(), v.as_bytes())),
+        )
     }
 }
 
@@ -100,9 +117,15 @@ impl fmt::Debug for HeaderMap {
 /// Serializes pairs the way the SDK parses them: a little-endian u32 count,
 /// then a (name length, value length) u32 pair per entry, then every name and
 /// value each followed by a NUL byte.
-pub fn serialize_pairs<'a>(pairs: impl IntoIterator<Item = (&'a [u8], &'a [u8])> + Clone) -> Vec<u8> {
+pub fn serialize_pairs<'a>(
+    pairs: impl IntoIterator<Item = (&'a [u8], &'a [u8])> + Clone,
+) -> Vec<u8> {
     let count = pairs.clone().into_iter().count();
-    let data: usize = pairs.clone().into_iter().map(|(k, v)| k.len() + v.len() + 2).sum();
+    let data: usize = pairs
+        .clone()
+        .into_iter()
+        .map(|(k, v)| k.len() + v.len() + 2)
+        .sum();
     let mut out = Vec::with_capacity(4 + count * 8 + data);
     out.extend_from_slice(&(count as u32).to_le_bytes());
     for (k, v) in pairs.clone() {
@@ -140,7 +163,9 @@ pub fn deserialize_pairs(bytes: &[u8]) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
         let value_len = read_u32(8 + i * 8)?;
         let key = bytes.get(data_at..data_at.checked_add(key_len)?)?.to_vec();
         data_at = data_at.checked_add(key_len)?.checked_add(1)?;
-        let value = bytes.get(data_at..data_at.checked_add(value_len)?)?.to_vec();
+        let value = bytes
+            .get(data_at..data_at.checked_add(value_len)?)?
+            .to_vec();
         data_at = data_at.checked_add(value_len)?.checked_add(1)?;
         pairs.push((key, value));
     }
@@ -151,7 +176,12 @@ pub fn deserialize_pairs(bytes: &[u8]) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
 pub fn pairs_to_strings(pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Vec<(String, String)> {
     pairs
         .into_iter()
-        .map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), String::from_utf8_lossy(&v).into_owned()))
+        .map(|(k, v)| {
+            (
+                String::from_utf8_lossy(&k).into_owned(),
+                String::from_utf8_lossy(&v).into_owned(),
+            )
+        })
         .collect()
 }
 

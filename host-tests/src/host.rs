@@ -22,7 +22,10 @@ use crate::prng::Prng;
 use crate::properties::PluginIdentity;
 use crate::stream_data::{Access, StreamData, UpstreamHost};
 use crate::upstream::{AttemptPlan, Cluster, ResponsePlan};
-use crate::vm::{CallResponse, ConfigPhase, LocalReply, OutgoingCall, StreamAction, StreamContext, VmState, WorkerVm};
+use crate::vm::{
+    CallResponse, ConfigPhase, LocalReply, OutgoingCall, StreamAction, StreamContext, VmState,
+    WorkerVm,
+};
 use crate::world::{LogRecord, Metrics, NodeInfo, QueueOwner, World};
 
 /// Index of a plugin in a [`Host`] (its position in the filter chain).
@@ -209,7 +212,9 @@ impl Request {
     }
 
     pub fn trailer(mut self, name: &str, value: &str) -> Self {
-        self.trailers.get_or_insert_with(Vec::new).push((name.into(), value.into()));
+        self.trailers
+            .get_or_insert_with(Vec::new)
+            .push((name.into(), value.into()));
         self
     }
 }
@@ -258,12 +263,14 @@ impl Response {
 
     /// Time from the start to the response headers.
     pub fn time_to_headers(&self) -> Option<Duration> {
-        self.headers_at_ns.map(|t| Duration::from_nanos(t - self.started_ns))
+        self.headers_at_ns
+            .map(|t| Duration::from_nanos(t - self.started_ns))
     }
 
     /// Time from the start to the end of the response.
     pub fn duration(&self) -> Option<Duration> {
-        self.completed_ns.map(|t| Duration::from_nanos(t - self.started_ns))
+        self.completed_ns
+            .map(|t| Duration::from_nanos(t - self.started_ns))
     }
 
     pub fn is_complete(&self) -> bool {
@@ -336,15 +343,48 @@ struct Stream {
 }
 
 enum Event {
-    Tick { plugin: PluginId, worker: usize, generation: u64 },
-    CallDone { plugin: PluginId, worker: usize, context_id: u32, token: u32, response: CallResponse },
-    QueueReady { owner: QueueOwner, queue_id: u32 },
-    StartRequest { worker: Option<usize>, request: Box<Request>, tag: u64 },
-    AttemptHeaders { stream: StreamId, generation: u64 },
-    AttemptConnectFailure { stream: StreamId, generation: u64 },
-    AttemptChunk { stream: StreamId, generation: u64, index: usize },
-    AttemptReset { stream: StreamId, generation: u64 },
-    Retry { stream: StreamId, generation: u64 },
+    Tick {
+        plugin: PluginId,
+        worker: usize,
+        generation: u64,
+    },
+    CallDone {
+        plugin: PluginId,
+        worker: usize,
+        context_id: u32,
+        token: u32,
+        response: CallResponse,
+    },
+    QueueReady {
+        owner: QueueOwner,
+        queue_id: u32,
+    },
+    StartRequest {
+        worker: Option<usize>,
+        request: Box<Request>,
+        tag: u64,
+    },
+    AttemptHeaders {
+        stream: StreamId,
+        generation: u64,
+    },
+    AttemptConnectFailure {
+        stream: StreamId,
+        generation: u64,
+    },
+    AttemptChunk {
+        stream: StreamId,
+        generation: u64,
+        index: usize,
+    },
+    AttemptReset {
+        stream: StreamId,
+        generation: u64,
+    },
+    Retry {
+        stream: StreamId,
+        generation: u64,
+    },
 }
 
 struct Scheduled {
@@ -436,7 +476,10 @@ impl Host {
 
     /// A host with default options and `workers` workers.
     pub fn with_workers(workers: usize) -> Self {
-        Self::new(HostOptions { workers, ..HostOptions::default() })
+        Self::new(HostOptions {
+            workers,
+            ..HostOptions::default()
+        })
     }
 
     pub fn options(&self) -> &HostOptions {
@@ -445,7 +488,10 @@ impl Host {
 
     /// Adds a cluster for the router and for `dispatch_http_call`.
     pub fn add_cluster(&mut self, cluster: Cluster) {
-        self.world.borrow_mut().cluster_names.insert(cluster.name.clone());
+        self.world
+            .borrow_mut()
+            .cluster_names
+            .insert(cluster.name.clone());
         self.clusters.insert(cluster.name.clone(), cluster);
     }
 
@@ -491,7 +537,10 @@ impl Host {
                 pending_calls: HashMap::new(),
                 call_response: None,
                 actions: Vec::new(),
-                rng: Prng::derive(self.options.seed, ((plugin_id as u64) << 32) | worker as u64),
+                rng: Prng::derive(
+                    self.options.seed,
+                    ((plugin_id as u64) << 32) | worker as u64,
+                ),
                 unsupported_calls: Vec::new(),
             };
             let mut vm = WorkerVm::instantiate(&pre, state)
@@ -499,22 +548,39 @@ impl Host {
             vm.next_context_id = 2;
             vms.push(vm);
         }
-        self.plugins.push(Plugin { config, vms, tick_ms: vec![0; self.options.workers] });
+        self.plugins.push(Plugin {
+            config,
+            vms,
+            tick_ms: vec![0; self.options.workers],
+        });
         for worker in 0..self.options.workers {
             let vm_len = vm_configuration.len() as u32;
             let config_len = plugin_configuration.len() as u32;
-            let _ = self.call(plugin_id, worker, 1, |e, s| e.on_context_create.as_ref().map(|f| f.call(s, (1, 0))));
+            let _ = self.call(plugin_id, worker, 1, |e, s| {
+                e.on_context_create.as_ref().map(|f| f.call(s, (1, 0)))
+            });
             self.set_config_phase(plugin_id, worker, ConfigPhase::VmStart);
-            let started = self.call(plugin_id, worker, 1, |e, s| e.on_vm_start.as_ref().map(|f| f.call(s, (1, vm_len))));
+            let started = self.call(plugin_id, worker, 1, |e, s| {
+                e.on_vm_start.as_ref().map(|f| f.call(s, (1, vm_len)))
+            });
             self.set_config_phase(plugin_id, worker, ConfigPhase::Configure);
-            let configured = self.call(plugin_id, worker, 1, |e, s| e.on_configure.as_ref().map(|f| f.call(s, (1, config_len))));
+            let configured = self.call(plugin_id, worker, 1, |e, s| {
+                e.on_configure.as_ref().map(|f| f.call(s, (1, config_len)))
+            });
             self.set_config_phase(plugin_id, worker, ConfigPhase::None);
             let name = &self.plugins[plugin_id].config.name;
             match (started, configured) {
                 (Called::Failed, _) | (_, Called::Failed) => {
-                    return Err(anyhow!("{name} worker {worker}: VM failed during start: {}", self.vm_failure(plugin_id, worker)));
+                    return Err(anyhow!(
+                        "{name} worker {worker}: VM failed during start: {}",
+                        self.vm_failure(plugin_id, worker)
+                    ));
                 }
-                (Called::Returned(0), _) => return Err(anyhow!("{name} worker {worker}: on_vm_start returned false")),
+                (Called::Returned(0), _) => {
+                    return Err(anyhow!(
+                        "{name} worker {worker}: on_vm_start returned false"
+                    ));
+                }
                 (_, Called::Returned(0)) => {
                     return Err(anyhow!(
                         "{name} worker {worker}: on_configure returned false (Envoy would reject this configuration); logs:\n{}",
@@ -529,12 +595,18 @@ impl Host {
     }
 
     fn set_config_phase(&mut self, plugin: PluginId, worker: usize, phase: ConfigPhase) {
-        self.plugins[plugin].vms[worker].store.data_mut().config_phase = phase;
+        self.plugins[plugin].vms[worker]
+            .store
+            .data_mut()
+            .config_phase = phase;
     }
 
     /// Why a VM failed ("" if it did not).
     pub fn vm_failure(&self, plugin: PluginId, worker: usize) -> String {
-        self.plugins[plugin].vms[worker].failed.clone().unwrap_or_default()
+        self.plugins[plugin].vms[worker]
+            .failed
+            .clone()
+            .unwrap_or_default()
     }
 
     /// Every VM failure so far, as (plugin name, worker, reason).
@@ -552,7 +624,11 @@ impl Host {
 
     /// Host calls the guests made that the harness does not support.
     pub fn unsupported_calls(&self) -> Vec<String> {
-        self.plugins.iter().flat_map(|p| p.vms.iter()).flat_map(|vm| vm.store.data().unsupported_calls.clone()).collect()
+        self.plugins
+            .iter()
+            .flat_map(|p| p.vms.iter())
+            .flat_map(|vm| vm.store.data().unsupported_calls.clone())
+            .collect()
     }
 
     // --- time ---
@@ -580,7 +656,9 @@ impl Host {
             if next.at > until {
                 break;
             }
-            let Some(Reverse(item)) = self.events.pop() else { break };
+            let Some(Reverse(item)) = self.events.pop() else {
+                break;
+            };
             {
                 let mut world = self.world.borrow_mut();
                 world.now_ns = world.now_ns.max(item.at);
@@ -612,7 +690,11 @@ impl Host {
 
     fn schedule(&mut self, at: u64, event: Event) {
         self.seq += 1;
-        self.events.push(Reverse(Scheduled { at, seq: self.seq, event }));
+        self.events.push(Reverse(Scheduled {
+            at,
+            seq: self.seq,
+            event,
+        }));
     }
 
     fn schedule_in(&mut self, after_ns: u64, event: Event) {
@@ -637,7 +719,13 @@ impl Host {
 
     /// Every log message containing `needle`.
     pub fn logs_containing(&self, needle: &str) -> Vec<String> {
-        self.world.borrow().logs.iter().filter(|r| r.message.contains(needle)).map(|r| r.message.clone()).collect()
+        self.world
+            .borrow()
+            .logs
+            .iter()
+            .filter(|r| r.message.contains(needle))
+            .map(|r| r.message.clone())
+            .collect()
     }
 
     fn log_text(&self) -> String {
@@ -657,12 +745,19 @@ impl Host {
 
     /// A shared-data value as the given `vm_id` sees it.
     pub fn shared_data(&self, vm_id: &str, key: &str) -> Option<(Vec<u8>, u32)> {
-        self.world.borrow().shared_data.get(vm_id, key.as_bytes()).ok()
+        self.world
+            .borrow()
+            .shared_data
+            .get(vm_id, key.as_bytes())
+            .ok()
     }
 
     /// Sets shared data from the test (cas 0: overwrite).
     pub fn set_shared_data(&mut self, vm_id: &str, key: &str, value: &[u8]) {
-        self.world.borrow_mut().shared_data.set(vm_id, key.as_bytes(), value, 0);
+        self.world
+            .borrow_mut()
+            .shared_data
+            .set(vm_id, key.as_bytes(), value, 0);
     }
 
     /// The world's state, for anything not covered above.
@@ -707,21 +802,44 @@ impl Host {
 
     /// The response of a stream: final if it finished, partial otherwise.
     pub fn response(&self, id: StreamId) -> Option<Response> {
-        self.finished.get(&id).cloned().or_else(|| self.streams.get(&id).map(|s| s.response.clone()))
+        self.finished
+            .get(&id)
+            .cloned()
+            .or_else(|| self.streams.get(&id).map(|s| s.response.clone()))
     }
 
     /// Schedules a request to start at `at` (virtual time since the host
     /// start); `tag` comes back in [`Host::completed`].
-    pub fn schedule_request(&mut self, at: Duration, worker: Option<usize>, request: Request, tag: u64) {
-        let at = self.options.start_time_ns.saturating_add(at.as_nanos() as u64);
-        self.schedule(at, Event::StartRequest { worker, request: Box::new(request), tag });
+    pub fn schedule_request(
+        &mut self,
+        at: Duration,
+        worker: Option<usize>,
+        request: Request,
+        tag: u64,
+    ) {
+        let at = self
+            .options
+            .start_time_ns
+            .saturating_add(at.as_nanos() as u64);
+        self.schedule(
+            at,
+            Event::StartRequest {
+                worker,
+                request: Box::new(request),
+                tag,
+            },
+        );
     }
 
     /// Streams finished so far, in completion order, with the tag they were scheduled with.
     pub fn completed(&self) -> Vec<(StreamId, Option<u64>, &Response)> {
         self.completion_order
             .iter()
-            .filter_map(|id| self.finished.get(id).map(|r| (*id, self.tags.get(id).copied(), r)))
+            .filter_map(|id| {
+                self.finished
+                    .get(id)
+                    .map(|r| (*id, self.tags.get(id).copied(), r))
+            })
             .collect()
     }
 
@@ -740,16 +858,57 @@ impl Host {
         self.keep_finished = keep;
     }
 
+    /// Starts a request whose body is still coming: the request's own chunks
+    /// (if any) are sent without end of stream; send the rest with
+    /// [`Host::send_request_data`] and [`Host::send_request_trailers`].
+    pub fn start_streaming(&mut self, worker: usize, request: Request) -> StreamId {
+        let id = self.open_stream_with(worker, request, true);
+        self.run_pending();
+        id
+    }
+
+    /// Sends a request body chunk on a stream started with [`Host::start_streaming`].
+    pub fn send_request_data(&mut self, id: StreamId, bytes: &[u8], end_stream: bool) {
+        if !self.stream_stopped(id) {
+            self.push(id, Dir::Request, 0, Frame::Data { bytes: bytes.to_vec(), eos: end_stream });
+        }
+        self.run_pending();
+    }
+
+    /// Ends a streaming request with trailers.
+    pub fn send_request_trailers(&mut self, id: StreamId, trailers: &[(&str, &str)]) {
+        if let Some(s) = self.streams.get(&id) {
+            s.data.borrow_mut().request_trailers = HeaderMap::from_pairs(trailers.iter().copied());
+        }
+        if !self.stream_stopped(id) {
+            self.push(id, Dir::Request, 0, Frame::Trailers);
+        }
+        self.run_pending();
+    }
+
     fn open_stream(&mut self, worker: usize, request: Request) -> StreamId {
+        self.open_stream_with(worker, request, false)
+    }
+
+    fn open_stream_with(&mut self, worker: usize, request: Request, streaming: bool) -> StreamId {
         let id = StreamId(self.next_stream);
         self.next_stream += 1;
         let now = self.now_ns();
-        let mut headers = HeaderMap::from_pairs(request.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let mut headers = HeaderMap::from_pairs(
+            request
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        );
         if self.options.normalize_downstream {
             if headers.get(":scheme").is_none() {
                 headers.add(":scheme", "http");
             }
-            for h in ["x-envoy-max-retries", "x-envoy-retry-on", "x-envoy-retriable-status-codes"] {
+            for h in [
+                "x-envoy-max-retries",
+                "x-envoy-retry-on",
+                "x-envoy-retriable-status-codes",
+            ] {
                 headers.remove(h);
             }
             headers.replace("x-forwarded-proto", "http");
@@ -788,18 +947,29 @@ impl Host {
             response_started: false,
             local_reply_sent: false,
             router: RouterState::default(),
-            response: Response { started_ns: now, worker, ..Response::default() },
+            response: Response {
+                started_ns: now,
+                worker,
+                ..Response::default()
+            },
             done: false,
         };
         self.streams.insert(id, stream);
         let body_chunks = request.body.len();
         let has_trailers = request.trailers.is_some();
-        self.push(id, Dir::Request, 0, Frame::Headers { eos: body_chunks == 0 && !has_trailers });
+        self.push(
+            id,
+            Dir::Request,
+            0,
+            Frame::Headers {
+                eos: body_chunks == 0 && !has_trailers && !streaming,
+            },
+        );
         for (i, chunk) in request.body.into_iter().enumerate() {
             if self.stream_stopped(id) {
                 break;
             }
-            let eos = i + 1 == body_chunks && !has_trailers;
+            let eos = i + 1 == body_chunks && !has_trailers && !streaming;
             self.push(id, Dir::Request, 0, Frame::Data { bytes: chunk, eos });
         }
         if let Some(trailers) = request.trailers {
@@ -815,7 +985,9 @@ impl Host {
 
     /// True once the stream is done or a local reply / reset is pending for it.
     fn stream_stopped(&self, id: StreamId) -> bool {
-        let Some(stream) = self.streams.get(&id) else { return true };
+        let Some(stream) = self.streams.get(&id) else {
+            return true;
+        };
         if stream.done {
             return true;
         }
@@ -898,7 +1070,8 @@ impl Host {
             let action = match &mut frame {
                 Frame::Headers { eos } => self.call_headers(id, dir, slot, *eos),
                 Frame::Data { bytes, eos } => {
-                    let (action, after) = self.call_body(id, dir, slot, std::mem::take(bytes), *eos);
+                    let (action, after) =
+                        self.call_body(id, dir, slot, std::mem::take(bytes), *eos);
                     *bytes = after;
                     action
                 }
@@ -906,7 +1079,10 @@ impl Host {
             };
             if action == Action::Pause {
                 let held = self.held_mut(id, dir);
-                let mut h = Held { at: pos, ..Held::default() };
+                let mut h = Held {
+                    at: pos,
+                    ..Held::default()
+                };
                 match frame {
                     Frame::Headers { eos } => h.headers = Some(eos),
                     Frame::Data { bytes, eos } => h.body = Some((bytes, eos)),
@@ -921,7 +1097,9 @@ impl Host {
 
     /// Passes on everything the filter at `pos` held (it continued).
     fn release(&mut self, id: StreamId, dir: Dir, pos: usize) {
-        let Some(held) = self.held_mut(id, dir).take() else { return };
+        let Some(held) = self.held_mut(id, dir).take() else {
+            return;
+        };
         if let Some(eos) = held.headers {
             self.push(id, dir, pos + 1, Frame::Headers { eos });
         }
@@ -949,17 +1127,36 @@ impl Host {
         let ctx = vm.next_context_id;
         vm.next_context_id += 1;
         let stream = self.streams[&id].data.clone();
-        vm.store.data_mut().contexts.insert(ctx, StreamContext { stream, access: Access::default() });
+        vm.store.data_mut().contexts.insert(
+            ctx,
+            StreamContext {
+                stream,
+                access: Access::default(),
+            },
+        );
         self.context_index.insert((plugin, worker, ctx), id);
         self.streams.get_mut(&id).expect("stream").slots[slot].1 = Some(ctx);
-        if let Called::Failed = self.call(plugin, worker, ctx, |e, s| e.on_context_create.as_ref().map(|f| f.call(s, (ctx, 1)))) {
+        if let Called::Failed = self.call(plugin, worker, ctx, |e, s| {
+            e.on_context_create.as_ref().map(|f| f.call(s, (ctx, 1)))
+        }) {
             return Some((plugin, ctx));
         }
         Some((plugin, ctx))
     }
 
-    fn set_access(&mut self, plugin: PluginId, worker: usize, ctx: u32, f: impl FnOnce(&mut Access)) {
-        if let Some(c) = self.plugins[plugin].vms[worker].store.data_mut().contexts.get_mut(&ctx) {
+    fn set_access(
+        &mut self,
+        plugin: PluginId,
+        worker: usize,
+        ctx: u32,
+        f: impl FnOnce(&mut Access),
+    ) {
+        if let Some(c) = self.plugins[plugin].vms[worker]
+            .store
+            .data_mut()
+            .contexts
+            .get_mut(&ctx)
+        {
             f(&mut c.access);
         }
     }
@@ -988,7 +1185,9 @@ impl Host {
 
     fn call_headers(&mut self, id: StreamId, dir: Dir, slot: usize, eos: bool) -> Action {
         let worker = self.streams[&id].worker;
-        let Some((plugin, ctx)) = self.context_for(id, slot, dir == Dir::Request) else { return Action::Continue };
+        let Some((plugin, ctx)) = self.context_for(id, slot, dir == Dir::Request) else {
+            return Action::Continue;
+        };
         let data = self.streams[&id].data.clone();
         let count = match dir {
             Dir::Request => data.borrow().request_headers.len(),
@@ -1000,8 +1199,16 @@ impl Host {
         });
         let eos = u32::from(eos);
         let called = match dir {
-            Dir::Request => self.call(plugin, worker, ctx, |e, s| e.on_request_headers.as_ref().map(|f| f.call(s, (ctx, count, eos)))),
-            Dir::Response => self.call(plugin, worker, ctx, |e, s| e.on_response_headers.as_ref().map(|f| f.call(s, (ctx, count, eos)))),
+            Dir::Request => self.call(plugin, worker, ctx, |e, s| {
+                e.on_request_headers
+                    .as_ref()
+                    .map(|f| f.call(s, (ctx, count, eos)))
+            }),
+            Dir::Response => self.call(plugin, worker, ctx, |e, s| {
+                e.on_response_headers
+                    .as_ref()
+                    .map(|f| f.call(s, (ctx, count, eos)))
+            }),
         };
         let action = match called {
             Called::Returned(raw) => Action::from_raw(raw),
@@ -1020,9 +1227,18 @@ impl Host {
 
     /// Calls the body callback with `bytes` as the visible buffer; returns the
     /// verdict and the buffer as the filter left it.
-    fn call_body(&mut self, id: StreamId, dir: Dir, slot: usize, bytes: Vec<u8>, eos: bool) -> (Action, Vec<u8>) {
+    fn call_body(
+        &mut self,
+        id: StreamId,
+        dir: Dir,
+        slot: usize,
+        bytes: Vec<u8>,
+        eos: bool,
+    ) -> (Action, Vec<u8>) {
         let worker = self.streams[&id].worker;
-        let Some((plugin, ctx)) = self.context_for(id, slot, false) else { return (Action::Continue, bytes) };
+        let Some((plugin, ctx)) = self.context_for(id, slot, false) else {
+            return (Action::Continue, bytes);
+        };
         let data = self.streams[&id].data.clone();
         let len = bytes.len() as u32;
         match dir {
@@ -1035,8 +1251,16 @@ impl Host {
         });
         let eos_raw = u32::from(eos);
         let called = match dir {
-            Dir::Request => self.call(plugin, worker, ctx, |e, s| e.on_request_body.as_ref().map(|f| f.call(s, (ctx, len, eos_raw)))),
-            Dir::Response => self.call(plugin, worker, ctx, |e, s| e.on_response_body.as_ref().map(|f| f.call(s, (ctx, len, eos_raw)))),
+            Dir::Request => self.call(plugin, worker, ctx, |e, s| {
+                e.on_request_body
+                    .as_ref()
+                    .map(|f| f.call(s, (ctx, len, eos_raw)))
+            }),
+            Dir::Response => self.call(plugin, worker, ctx, |e, s| {
+                e.on_response_body
+                    .as_ref()
+                    .map(|f| f.call(s, (ctx, len, eos_raw)))
+            }),
         };
         let after = match dir {
             Dir::Request => std::mem::take(&mut data.borrow_mut().request_body),
@@ -1058,7 +1282,9 @@ impl Host {
 
     fn call_trailers(&mut self, id: StreamId, dir: Dir, slot: usize) -> Action {
         let worker = self.streams[&id].worker;
-        let Some((plugin, ctx)) = self.context_for(id, slot, false) else { return Action::Continue };
+        let Some((plugin, ctx)) = self.context_for(id, slot, false) else {
+            return Action::Continue;
+        };
         let data = self.streams[&id].data.clone();
         let count = match dir {
             Dir::Request => data.borrow().request_trailers.len(),
@@ -1069,8 +1295,16 @@ impl Host {
             Dir::Response => a.response_trailers = true,
         });
         let called = match dir {
-            Dir::Request => self.call(plugin, worker, ctx, |e, s| e.on_request_trailers.as_ref().map(|f| f.call(s, (ctx, count)))),
-            Dir::Response => self.call(plugin, worker, ctx, |e, s| e.on_response_trailers.as_ref().map(|f| f.call(s, (ctx, count)))),
+            Dir::Request => self.call(plugin, worker, ctx, |e, s| {
+                e.on_request_trailers
+                    .as_ref()
+                    .map(|f| f.call(s, (ctx, count)))
+            }),
+            Dir::Response => self.call(plugin, worker, ctx, |e, s| {
+                e.on_response_trailers
+                    .as_ref()
+                    .map(|f| f.call(s, (ctx, count)))
+            }),
         };
         let action = match called {
             Called::Returned(raw) => Action::from_raw(raw),
@@ -1110,7 +1344,10 @@ impl Host {
                 let complete = match frame {
                     Frame::Headers { eos } => {
                         let headers = s.data.borrow().response_headers.clone();
-                        s.response.status = headers.get(":status").and_then(|v| v.parse().ok()).unwrap_or(0);
+                        s.response.status = headers
+                            .get(":status")
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(0);
                         s.response.headers = headers;
                         s.response.headers_at_ns = Some(now);
                         eos
@@ -1166,7 +1403,12 @@ impl Host {
         s.router.cluster = Some(cluster);
         s.router.override_hosts = headers
             .get(&route.override_host_header)
-            .map(|v| v.split(',').map(|h| h.trim().to_owned()).filter(|h| !h.is_empty()).collect())
+            .map(|v| {
+                v.split(',')
+                    .map(|h| h.trim().to_owned())
+                    .filter(|h| !h.is_empty())
+                    .collect()
+            })
             .unwrap_or_default();
         s.router.retry_on = headers
             .get("x-envoy-retry-on")
@@ -1177,7 +1419,10 @@ impl Host {
             .map(|v| v.split(',').filter_map(|c| c.trim().parse().ok()).collect())
             .unwrap_or_default();
         let default_retries = u32::from(!s.router.retry_on.is_empty());
-        s.router.retries_left = headers.get("x-envoy-max-retries").and_then(|v| v.parse().ok()).unwrap_or(default_retries);
+        s.router.retries_left = headers
+            .get("x-envoy-max-retries")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default_retries);
         if s.router.retry_on.is_empty() {
             s.router.retries_left = 0;
         }
@@ -1186,7 +1431,9 @@ impl Host {
 
     fn attempt(&mut self, id: StreamId) {
         let elapsed = self.elapsed();
-        let Some(s) = self.streams.get_mut(&id) else { return };
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
         s.router.attempt += 1;
         s.router.generation += 1;
         let generation = s.router.generation;
@@ -1194,51 +1441,82 @@ impl Host {
         s.data.borrow_mut().info.attempt_count = attempt;
         let cluster_name = s.router.cluster.clone().unwrap_or_default();
         let wanted = s.router.override_hosts.get(attempt as usize - 1).cloned();
-        let Some(cluster) = self.clusters.get_mut(&cluster_name) else { return };
+        let Some(cluster) = self.clusters.get_mut(&cluster_name) else {
+            return;
+        };
         // override_host: this attempt's entry if the cluster has it, else the fallback policy.
-        let index = wanted.and_then(|a| cluster.index_of(&a)).or_else(|| cluster.next_round_robin());
+        let index = wanted
+            .and_then(|a| cluster.index_of(&a))
+            .or_else(|| cluster.next_round_robin());
         let Some(index) = index else {
             s.data.borrow_mut().info.response_flags |= response_flags::NO_HEALTHY_UPSTREAM;
             return self.router_reply(id, 503, "no healthy upstream", "no_healthy_upstream");
         };
         let endpoint = &cluster.endpoints[index];
-        s.data.borrow_mut().info.upstream_host =
-            Some(UpstreamHost { address: endpoint.address.clone(), locality: endpoint.locality.clone() });
+        s.data.borrow_mut().info.upstream_host = Some(UpstreamHost {
+            address: endpoint.address.clone(),
+            locality: endpoint.locality.clone(),
+        });
         s.response.upstream = Some(endpoint.address.clone());
         s.response.attempts = attempt;
         let plan = endpoint.behavior.plan(elapsed, &mut self.rng);
         match plan {
             AttemptPlan::ConnectFailure { after_ns } => {
                 s.router.plan = None;
-                self.schedule_in(after_ns, Event::AttemptConnectFailure { stream: id, generation });
+                self.schedule_in(
+                    after_ns,
+                    Event::AttemptConnectFailure {
+                        stream: id,
+                        generation,
+                    },
+                );
             }
             AttemptPlan::Respond(plan) => {
                 let at = plan.first_byte_ns;
                 s.router.plan = Some(plan);
-                self.schedule_in(at, Event::AttemptHeaders { stream: id, generation });
+                self.schedule_in(
+                    at,
+                    Event::AttemptHeaders {
+                        stream: id,
+                        generation,
+                    },
+                );
             }
         }
     }
 
     /// Whether the router retries this outcome (`None` status = connect failure or reset).
     fn retriable(router: &RouterState, status: Option<u32>) -> bool {
-        router.retry_on.iter().any(|policy| match (policy.as_str(), status) {
-            ("5xx", None) | ("reset", None) | ("connect-failure", None) | ("gateway-error", None) => true,
-            ("5xx", Some(s)) => s >= 500,
-            ("gateway-error", Some(s)) => matches!(s, 502..=504),
-            ("retriable-4xx", Some(s)) => s == 409,
-            ("retriable-status-codes", Some(s)) => router.retriable_codes.contains(&s),
-            _ => false,
-        })
+        router
+            .retry_on
+            .iter()
+            .any(|policy| match (policy.as_str(), status) {
+                ("5xx", None)
+                | ("reset", None)
+                | ("connect-failure", None)
+                | ("gateway-error", None) => true,
+                ("5xx", Some(s)) => s >= 500,
+                ("gateway-error", Some(s)) => matches!(s, 502..=504),
+                ("retriable-4xx", Some(s)) => s == 409,
+                ("retriable-status-codes", Some(s)) => router.retriable_codes.contains(&s),
+                _ => false,
+            })
     }
 
     /// Schedules a retry if the policy allows one; returns whether it did.
     fn maybe_retry(&mut self, id: StreamId, status: Option<u32>) -> bool {
         let route = self.options.route.clone();
-        let Some(s) = self.streams.get_mut(&id) else { return false };
+        let Some(s) = self.streams.get_mut(&id) else {
+            return false;
+        };
         if s.router.retries_left == 0 || !Self::retriable(&s.router, status) {
-            if s.router.retried || (s.router.retries_left == 0 && !s.router.retry_on.is_empty() && Self::retriable(&s.router, status)) {
-                s.data.borrow_mut().info.response_flags |= response_flags::UPSTREAM_RETRY_LIMIT_EXCEEDED;
+            if s.router.retried
+                || (s.router.retries_left == 0
+                    && !s.router.retry_on.is_empty()
+                    && Self::retriable(&s.router, status))
+            {
+                s.data.borrow_mut().info.response_flags |=
+                    response_flags::UPSTREAM_RETRY_LIMIT_EXCEEDED;
             }
             return false;
         }
@@ -1250,16 +1528,26 @@ impl Host {
         let ceiling = route.retry_base_interval.as_nanos() as u64 * (1u64 << retry_index.min(20));
         let ceiling = ceiling.min(route.retry_max_interval.as_nanos() as u64);
         let delay = self.rng.below(ceiling.max(1));
-        self.schedule_in(delay, Event::Retry { stream: id, generation });
+        self.schedule_in(
+            delay,
+            Event::Retry {
+                stream: id,
+                generation,
+            },
+        );
         true
     }
 
     fn on_attempt_headers(&mut self, id: StreamId, generation: u64) {
-        let Some(s) = self.streams.get(&id) else { return };
+        let Some(s) = self.streams.get(&id) else {
+            return;
+        };
         if s.router.generation != generation || s.done || s.local_reply_sent {
             return;
         }
-        let Some(plan) = s.router.plan.clone() else { return };
+        let Some(plan) = s.router.plan.clone() else {
+            return;
+        };
         if self.maybe_retry(id, Some(plan.status)) {
             return;
         }
@@ -1287,27 +1575,51 @@ impl Host {
                 break;
             }
             last = *offset;
-            self.schedule_in(*offset, Event::AttemptChunk { stream: id, generation, index });
+            self.schedule_in(
+                *offset,
+                Event::AttemptChunk {
+                    stream: id,
+                    generation,
+                    index,
+                },
+            );
         }
-        if plan.reset_after_chunks.is_some_and(|n| n < plan.chunks.len()) {
-            self.schedule_in(last + 1, Event::AttemptReset { stream: id, generation });
+        if plan
+            .reset_after_chunks
+            .is_some_and(|n| n < plan.chunks.len())
+        {
+            self.schedule_in(
+                last + 1,
+                Event::AttemptReset {
+                    stream: id,
+                    generation,
+                },
+            );
         }
     }
 
     fn on_attempt_chunk(&mut self, id: StreamId, generation: u64, index: usize) {
-        let Some(s) = self.streams.get(&id) else { return };
+        let Some(s) = self.streams.get(&id) else {
+            return;
+        };
         if s.router.generation != generation || s.done || s.local_reply_sent {
             return;
         }
-        let Some(plan) = s.router.plan.as_ref() else { return };
-        let Some((_, bytes)) = plan.chunks.get(index) else { return };
+        let Some(plan) = s.router.plan.as_ref() else {
+            return;
+        };
+        let Some((_, bytes)) = plan.chunks.get(index) else {
+            return;
+        };
         let bytes = bytes.clone();
         let eos = index + 1 == plan.chunks.len() && plan.trailers.is_none();
         self.push(id, Dir::Response, 0, Frame::Data { bytes, eos });
     }
 
     fn on_connect_failure(&mut self, id: StreamId, generation: u64) {
-        let Some(s) = self.streams.get(&id) else { return };
+        let Some(s) = self.streams.get(&id) else {
+            return;
+        };
         if s.router.generation != generation || s.done || s.local_reply_sent {
             return;
         }
@@ -1326,14 +1638,17 @@ impl Host {
     }
 
     fn on_attempt_reset(&mut self, id: StreamId, generation: u64) {
-        let Some(s) = self.streams.get(&id) else { return };
+        let Some(s) = self.streams.get(&id) else {
+            return;
+        };
         if s.router.generation != generation || s.done {
             return;
         }
         {
             let mut data = s.data.borrow_mut();
             data.info.response_flags |= response_flags::UPSTREAM_REMOTE_RESET;
-            data.info.response_code_details = Some("upstream_reset_after_response_started{remote_reset}".into());
+            data.info.response_code_details =
+                Some("upstream_reset_after_response_started{remote_reset}".into());
         }
         self.complete(id, true);
     }
@@ -1342,7 +1657,13 @@ impl Host {
     fn router_reply(&mut self, id: StreamId, status: u32, body: &str, details: &str) {
         self.send_local_reply(
             id,
-            LocalReply { status, details: details.into(), body: body.as_bytes().to_vec(), headers: Vec::new(), grpc_status: -1 },
+            LocalReply {
+                status,
+                details: details.into(),
+                body: body.as_bytes().to_vec(),
+                headers: Vec::new(),
+                grpc_status: -1,
+            },
         );
     }
 
@@ -1350,7 +1671,10 @@ impl Host {
     fn start_response(&mut self, id: StreamId) {
         let s = self.streams.get_mut(&id).expect("stream");
         s.response_started = true;
-        s.response_order = (0..s.slots.len()).rev().filter(|&i| s.slots[i].1.is_some()).collect();
+        s.response_order = (0..s.slots.len())
+            .rev()
+            .filter(|&i| s.slots[i].1.is_some())
+            .collect();
         s.response_held = None;
     }
 
@@ -1358,7 +1682,9 @@ impl Host {
     /// (`:status`, the filter's headers, then content-length/content-type when
     /// there is a body) and send it through every started filter in reverse.
     fn send_local_reply(&mut self, id: StreamId, reply: LocalReply) {
-        let Some(s) = self.streams.get_mut(&id) else { return };
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
         if s.done {
             return;
         }
@@ -1388,7 +1714,8 @@ impl Host {
         }
         // Actions already queued for this stream are superseded.
         let index = &self.context_index;
-        self.pending.retain(|(p, w, c, _)| index.get(&(*p, *w, *c)) != Some(&id));
+        self.pending
+            .retain(|(p, w, c, _)| index.get(&(*p, *w, *c)) != Some(&id));
         let eos = reply.body.is_empty();
         if in_response_path {
             // Simplification: a reply sent while encoding goes straight to the client.
@@ -1402,7 +1729,15 @@ impl Host {
         s.local_reply_sent = false; // let the reply itself flow
         self.push(id, Dir::Response, 0, Frame::Headers { eos });
         if !eos {
-            self.push(id, Dir::Response, 0, Frame::Data { bytes: reply.body, eos: true });
+            self.push(
+                id,
+                Dir::Response,
+                0,
+                Frame::Data {
+                    bytes: reply.body,
+                    eos: true,
+                },
+            );
         }
         if let Some(s) = self.streams.get_mut(&id) {
             s.local_reply_sent = true;
@@ -1414,7 +1749,9 @@ impl Host {
     /// destroys the filters).
     fn complete(&mut self, id: StreamId, reset: bool) {
         let now = self.now_ns();
-        let Some(s) = self.streams.get_mut(&id) else { return };
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
         if s.done {
             return;
         }
@@ -1430,16 +1767,30 @@ impl Host {
             s.response.attempts = data.info.attempt_count;
         }
         let worker = s.worker;
-        let contexts: Vec<(PluginId, u32)> = s.slots.iter().filter_map(|(p, c)| c.map(|c| (*p, c))).collect();
+        let contexts: Vec<(PluginId, u32)> = s
+            .slots
+            .iter()
+            .filter_map(|(p, c)| c.map(|c| (*p, c)))
+            .collect();
         for &(plugin, ctx) in &contexts {
             self.set_access(plugin, worker, ctx, |a| a.access_log = true);
-            let _ = self.call(plugin, worker, ctx, |e, s| e.on_log.as_ref().map(|f| f.call(s, ctx)));
+            let _ = self.call(plugin, worker, ctx, |e, s| {
+                e.on_log.as_ref().map(|f| f.call(s, ctx))
+            });
             self.set_access(plugin, worker, ctx, |a| a.access_log = false);
         }
         for &(plugin, ctx) in &contexts {
-            let _ = self.call(plugin, worker, ctx, |e, s| e.on_done.as_ref().map(|f| f.call(s, ctx)));
-            let _ = self.call(plugin, worker, ctx, |e, s| e.on_delete.as_ref().map(|f| f.call(s, ctx)));
-            self.plugins[plugin].vms[worker].store.data_mut().contexts.remove(&ctx);
+            let _ = self.call(plugin, worker, ctx, |e, s| {
+                e.on_done.as_ref().map(|f| f.call(s, ctx))
+            });
+            let _ = self.call(plugin, worker, ctx, |e, s| {
+                e.on_delete.as_ref().map(|f| f.call(s, ctx))
+            });
+            self.plugins[plugin].vms[worker]
+                .store
+                .data_mut()
+                .contexts
+                .remove(&ctx);
             self.context_index.remove(&(plugin, worker, ctx));
         }
         if let Some(s) = self.streams.remove(&id) {
@@ -1462,7 +1813,9 @@ impl Host {
 
     fn run_pending(&mut self) {
         while let Some((plugin, worker, ctx, action)) = self.pending.pop_front() {
-            let Some(&id) = self.context_index.get(&(plugin, worker, ctx)) else { continue };
+            let Some(&id) = self.context_index.get(&(plugin, worker, ctx)) else {
+                continue;
+            };
             if self.streams.get(&id).is_none_or(|s| s.done) {
                 continue;
             }
@@ -1484,11 +1837,24 @@ impl Host {
                         a.request_body = false;
                         a.request_trailers = false;
                     });
-                    let dir = if kind == StreamType::HttpRequest { Dir::Request } else { Dir::Response };
-                    let Some(slot) = self.streams[&id].slots.iter().position(|(p, _)| *p == plugin) else { continue };
+                    let dir = if kind == StreamType::HttpRequest {
+                        Dir::Request
+                    } else {
+                        Dir::Response
+                    };
+                    let Some(slot) = self.streams[&id]
+                        .slots
+                        .iter()
+                        .position(|(p, _)| *p == plugin)
+                    else {
+                        continue;
+                    };
                     let pos = match dir {
                         Dir::Request => Some(slot),
-                        Dir::Response => self.streams[&id].response_order.iter().position(|&s| s == slot),
+                        Dir::Response => self.streams[&id]
+                            .response_order
+                            .iter()
+                            .position(|&s| s == slot),
                     };
                     let held_at = match dir {
                         Dir::Request => self.streams[&id].request_held.as_ref().map(|h| h.at),
@@ -1508,20 +1874,43 @@ impl Host {
 
     fn handle(&mut self, event: Event) {
         match event {
-            Event::Tick { plugin, worker, generation } => {
+            Event::Tick {
+                plugin,
+                worker,
+                generation,
+            } => {
                 if self.plugins[plugin].vms[worker].tick_generation != generation {
                     return;
                 }
-                let _ = self.call(plugin, worker, 1, |e, s| e.on_tick.as_ref().map(|f| f.call(s, 1)));
+                let _ = self.call(plugin, worker, 1, |e, s| {
+                    e.on_tick.as_ref().map(|f| f.call(s, 1))
+                });
                 let vm = &self.plugins[plugin].vms[worker];
                 let period = self.plugins[plugin].tick_ms[worker];
                 if vm.tick_generation == generation && period > 0 && vm.failed.is_none() {
-                    self.schedule_in(u64::from(period) * 1_000_000, Event::Tick { plugin, worker, generation });
+                    self.schedule_in(
+                        u64::from(period) * 1_000_000,
+                        Event::Tick {
+                            plugin,
+                            worker,
+                            generation,
+                        },
+                    );
                 }
             }
-            Event::CallDone { plugin, worker, context_id, token, response } => {
+            Event::CallDone {
+                plugin,
+                worker,
+                context_id,
+                token,
+                response,
+            } => {
                 let exists = context_id == 1
-                    || self.plugins[plugin].vms[worker].store.data().contexts.contains_key(&context_id);
+                    || self.plugins[plugin].vms[worker]
+                        .store
+                        .data()
+                        .contexts
+                        .contains_key(&context_id);
                 let state = self.plugins[plugin].vms[worker].store.data_mut();
                 state.pending_calls.remove(&token);
                 if !exists {
@@ -1532,15 +1921,28 @@ impl Host {
                 let trailers = response.trailers.len() as u32;
                 state.call_response = Some(response);
                 let _ = self.call(plugin, worker, context_id, |e, s| {
-                    e.on_http_call_response.as_ref().map(|f| f.call(s, (context_id, token, headers, body, trailers)))
+                    e.on_http_call_response
+                        .as_ref()
+                        .map(|f| f.call(s, (context_id, token, headers, body, trailers)))
                 });
-                self.plugins[plugin].vms[worker].store.data_mut().call_response = None;
+                self.plugins[plugin].vms[worker]
+                    .store
+                    .data_mut()
+                    .call_response = None;
             }
             Event::QueueReady { owner, queue_id } => {
                 let ctx = owner.context_id;
-                let _ = self.call(owner.plugin, owner.worker, ctx, |e, s| e.on_queue_ready.as_ref().map(|f| f.call(s, (ctx, queue_id))));
+                let _ = self.call(owner.plugin, owner.worker, ctx, |e, s| {
+                    e.on_queue_ready
+                        .as_ref()
+                        .map(|f| f.call(s, (ctx, queue_id)))
+                });
             }
-            Event::StartRequest { worker, request, tag } => {
+            Event::StartRequest {
+                worker,
+                request,
+                tag,
+            } => {
                 let worker = worker.unwrap_or_else(|| {
                     let w = self.next_worker % self.options.workers;
                     self.next_worker += 1;
@@ -1549,12 +1951,22 @@ impl Host {
                 let id = self.open_stream(worker, *request);
                 self.tags.insert(id, tag);
             }
-            Event::AttemptHeaders { stream, generation } => self.on_attempt_headers(stream, generation),
-            Event::AttemptConnectFailure { stream, generation } => self.on_connect_failure(stream, generation),
-            Event::AttemptChunk { stream, generation, index } => self.on_attempt_chunk(stream, generation, index),
+            Event::AttemptHeaders { stream, generation } => {
+                self.on_attempt_headers(stream, generation)
+            }
+            Event::AttemptConnectFailure { stream, generation } => {
+                self.on_connect_failure(stream, generation)
+            }
+            Event::AttemptChunk {
+                stream,
+                generation,
+                index,
+            } => self.on_attempt_chunk(stream, generation, index),
             Event::AttemptReset { stream, generation } => self.on_attempt_reset(stream, generation),
             Event::Retry { stream, generation } => {
-                if self.streams.get(&stream).is_some_and(|s| s.router.generation == generation && !s.done && !s.local_reply_sent) {
+                if self.streams.get(&stream).is_some_and(|s| {
+                    s.router.generation == generation && !s.done && !s.local_reply_sent
+                }) {
                     self.attempt(stream);
                 }
             }
@@ -1571,7 +1983,10 @@ impl Host {
         plugin: PluginId,
         worker: usize,
         ctx: u32,
-        f: impl FnOnce(&crate::vm::Exports, &mut wasmtime::Store<VmState>) -> Option<wasmtime::Result<R>>,
+        f: impl FnOnce(
+            &crate::vm::Exports,
+            &mut wasmtime::Store<VmState>,
+        ) -> Option<wasmtime::Result<R>>,
     ) -> Called<R> {
         let vm = &mut self.plugins[plugin].vms[worker];
         if vm.failed.is_some() {
@@ -1591,7 +2006,12 @@ impl Host {
             Some(Err(trap)) => {
                 let reason = format!("{trap:?}");
                 let name = self.plugins[plugin].config.name.clone();
-                self.world.borrow_mut().log(LogLevel::Critical, &name, worker, format!("host: VM failed: {reason}"));
+                self.world.borrow_mut().log(
+                    LogLevel::Critical,
+                    &name,
+                    worker,
+                    format!("host: VM failed: {reason}"),
+                );
                 self.plugins[plugin].vms[worker].failed = Some(reason);
                 Called::Failed
             }
@@ -1617,7 +2037,14 @@ impl Host {
             let generation = vm.tick_generation;
             self.plugins[plugin].tick_ms[worker] = ms;
             if ms > 0 {
-                self.schedule_in(u64::from(ms) * 1_000_000, Event::Tick { plugin, worker, generation });
+                self.schedule_in(
+                    u64::from(ms) * 1_000_000,
+                    Event::Tick {
+                        plugin,
+                        worker,
+                        generation,
+                    },
+                );
             }
         }
         let ready = std::mem::take(&mut self.world.borrow_mut().queues.ready);
@@ -1631,9 +2058,15 @@ impl Host {
     fn dispatch(&mut self, plugin: PluginId, worker: usize, call: OutgoingCall) {
         self.http_calls.push(call.clone());
         let elapsed = self.elapsed();
-        let Some(cluster) = self.clusters.get_mut(&call.cluster) else { return };
-        let Some(index) = cluster.next_round_robin() else { return };
-        let plan = cluster.endpoints[index].behavior.plan(elapsed, &mut self.rng);
+        let Some(cluster) = self.clusters.get_mut(&call.cluster) else {
+            return;
+        };
+        let Some(index) = cluster.next_round_robin() else {
+            return;
+        };
+        let plan = cluster.endpoints[index]
+            .behavior
+            .plan(elapsed, &mut self.rng);
         let (delay, response) = match plan {
             AttemptPlan::ConnectFailure { after_ns } => (after_ns, CallResponse::default()),
             AttemptPlan::Respond(plan) => {
@@ -1644,7 +2077,14 @@ impl Host {
                 }
                 let last = plan.chunks.last().map_or(0, |(o, _)| *o);
                 let body = plan.chunks.into_iter().flat_map(|(_, b)| b).collect();
-                (plan.first_byte_ns + last, CallResponse { headers, body, trailers: HeaderMap::new() })
+                (
+                    plan.first_byte_ns + last,
+                    CallResponse {
+                        headers,
+                        body,
+                        trailers: HeaderMap::new(),
+                    },
+                )
             }
         };
         let timeout_ns = u64::from(call.timeout_ms) * 1_000_000;
@@ -1653,10 +2093,26 @@ impl Host {
             headers.add(":status", "504");
             headers.add("content-length", "24");
             headers.add("content-type", "text/plain");
-            (timeout_ns, CallResponse { headers, body: b"upstream request timeout".to_vec(), trailers: HeaderMap::new() })
+            (
+                timeout_ns,
+                CallResponse {
+                    headers,
+                    body: b"upstream request timeout".to_vec(),
+                    trailers: HeaderMap::new(),
+                },
+            )
         } else {
             (delay, response)
         };
-        self.schedule_in(delay, Event::CallDone { plugin, worker, context_id: call.context_id, token: call.token, response });
+        self.schedule_in(
+            delay,
+            Event::CallDone {
+                plugin,
+                worker,
+                context_id: call.context_id,
+                token: call.token,
+                response,
+            },
+        );
     }
 }

@@ -41,7 +41,10 @@ pub mod world;
 
 pub use abi::{Action, LogLevel, MetricType, Status};
 pub use headers::HeaderMap;
-pub use host::{FailurePolicy, Host, HostOptions, PluginConfig, PluginId, Request, Response, RouteConfig, StreamId};
+pub use host::{
+    FailurePolicy, Host, HostOptions, PluginConfig, PluginId, Request, Response, RouteConfig,
+    StreamId,
+};
 pub use module_cache::{FilterModule, locate_filter};
 pub use prng::Prng;
 pub use upstream::{AttemptPlan, BodySpec, Cluster, Endpoint, EndpointBehavior, Fault, FaultKind};

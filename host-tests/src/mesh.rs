@@ -147,7 +147,9 @@ impl Report {
         }
         durations.sort_unstable();
         let rank = ((p / 100.0) * (durations.len() - 1) as f64).round() as usize;
-        Some(Duration::from_micros(durations[rank.min(durations.len() - 1)]))
+        Some(Duration::from_micros(
+            durations[rank.min(durations.len() - 1)],
+        ))
     }
 }
 
@@ -205,11 +207,18 @@ pub fn run(scenario: Scenario) -> anyhow::Result<Report> {
     let mut hasher = DefaultHasher::new();
     for line in &trace {
         *outcomes.entry(line.outcome()).or_insert(0) += 1;
-        *by_upstream.entry(line.upstream.clone().unwrap_or_else(|| "-".into())).or_insert(0) += 1;
+        *by_upstream
+            .entry(line.upstream.clone().unwrap_or_else(|| "-".into()))
+            .or_insert(0) += 1;
         *attempts.entry(line.attempts).or_insert(0) += 1;
         line.hash(&mut hasher);
     }
-    let metrics = host.metrics().all().iter().map(|(k, m)| (k.clone(), m.value)).collect();
+    let metrics = host
+        .metrics()
+        .all()
+        .iter()
+        .map(|(k, m)| (k.clone(), m.value))
+        .collect();
     Ok(Report {
         outcomes,
         by_upstream,

@@ -27,7 +27,10 @@ pub fn engine() -> &'static Engine {
 
 /// The workspace root (two levels up from this crate's manifest).
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 /// The target directory cargo builds into (`CARGO_TARGET_DIR` or `<workspace>/target`).
@@ -35,7 +38,11 @@ pub fn target_dir() -> PathBuf {
     match std::env::var_os("CARGO_TARGET_DIR") {
         Some(dir) => {
             let dir = PathBuf::from(dir);
-            if dir.is_absolute() { dir } else { workspace_root().join(dir) }
+            if dir.is_absolute() {
+                dir
+            } else {
+                workspace_root().join(dir)
+            }
         }
         None => workspace_root().join("target"),
     }
@@ -53,16 +60,28 @@ pub fn locate_filter(crate_name: &str) -> anyhow::Result<PathBuf> {
         candidates.push(PathBuf::from(dir).join(&file));
     }
     candidates.push(target_dir().join("wasm32-wasip1/release").join(&file));
-    candidates.push(workspace_root().join("target/wasm32-wasip1/release").join(&file));
-    candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
-        anyhow!(
-            "filter module {file} not found (looked in: {}).\n\
+    candidates.push(
+        workspace_root()
+            .join("target/wasm32-wasip1/release")
+            .join(&file),
+    );
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .ok_or_else(|| {
+            anyhow!(
+                "filter module {file} not found (looked in: {}).\n\
              Build the filters first: `cargo xtask build` \
              (or `cargo build --release --target wasm32-wasip1 -p {crate_name}`), \
              or point SLUICE_WASM_DIR at a directory holding {file}.",
-            candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
-        )
-    })
+                candidates
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
 }
 
 /// A compiled filter module, cheap to clone.
@@ -91,13 +110,19 @@ impl FilterModule {
         static CACHE: OnceLock<Mutex<HashMap<(PathBuf, u64), Module>>> = OnceLock::new();
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         let hash = content_hash(&bytes);
-        let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let cache = CACHE.get_or_init(Default::default);
         // Holding the lock while compiling makes parallel tests wait for one
         // compilation instead of all compiling the same module.
         let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(module) = cache.get(&(path.to_path_buf(), hash)) {
-            return Ok(Self { module: module.clone(), name });
+            return Ok(Self {
+                module: module.clone(),
+                name,
+            });
         }
         let module = load_or_precompile(&bytes, hash, &name)?;
         cache.insert((path.to_path_buf(), hash), module.clone());
@@ -107,12 +132,18 @@ impl FilterModule {
     /// Compiles from bytes without any cache (for benchmarks of compilation).
     pub fn compile_uncached(bytes: &[u8], name: &str) -> anyhow::Result<Self> {
         let module = Module::new(engine(), bytes).map_err(|e| anyhow!("compiling {name}: {e}"))?;
-        Ok(Self { module, name: name.to_owned() })
+        Ok(Self {
+            module,
+            name: name.to_owned(),
+        })
     }
 
     /// Names of the functions the module imports, as `module.name`.
     pub fn imports(&self) -> Vec<String> {
-        self.module.imports().map(|i| format!("{}.{}", i.module(), i.name())).collect()
+        self.module
+            .imports()
+            .map(|i| format!("{}.{}", i.module(), i.name()))
+            .collect()
     }
 
     /// Names of the module's exports.

@@ -13,7 +13,9 @@ use std::time::Duration;
 use anyhow::{Context as _, anyhow};
 use serde_json::Value;
 
-use crate::{Cluster, Endpoint, EndpointBehavior, FilterModule, Host, HostOptions, PluginConfig, Request};
+use crate::{
+    Cluster, Endpoint, EndpointBehavior, FilterModule, Host, HostOptions, PluginConfig, Request,
+};
 
 /// What to send through the probe, and how the upstream answers.
 #[derive(Clone, Debug)]
@@ -53,23 +55,37 @@ impl Default for ProbeRun {
 /// endpoint answering after 20 ms) and returns the last request's document.
 pub fn harness_observations(run: &ProbeRun) -> anyhow::Result<Value> {
     let module = FilterModule::load("sluice-probe")?;
-    let mut host = Host::new(HostOptions { workers: 1, ..HostOptions::default() });
+    let mut host = Host::new(HostOptions {
+        workers: 1,
+        ..HostOptions::default()
+    });
     host.add_cluster(Cluster::new(
         "backend",
         vec![Endpoint::new(
             "10.0.0.1:8000",
             "zone-a",
-            EndpointBehavior::fixed(run.upstream_status, &run.upstream_body, Duration::from_millis(20)),
+            EndpointBehavior::fixed(
+                run.upstream_status,
+                &run.upstream_body,
+                Duration::from_millis(20),
+            ),
         )],
     ));
-    host.add_filter(PluginConfig::new(module).name("sluice-probe").root_id("sluice-probe").configuration(run.configuration.clone()))?;
+    host.add_filter(
+        PluginConfig::new(module)
+            .name("sluice-probe")
+            .root_id("sluice-probe")
+            .configuration(run.configuration.clone()),
+    )?;
     let request = || {
         let mut request = Request::new(&run.method, &run.path);
         for (k, v) in &run.headers {
             request = request.header(k, v);
         }
         if let Some(body) = &run.body {
-            request = request.header("content-length", &body.len().to_string()).chunk(body.as_bytes());
+            request = request
+                .header("content-length", &body.len().to_string())
+                .chunk(body.as_bytes());
         }
         request
     };
@@ -82,11 +98,19 @@ pub fn harness_observations(run: &ProbeRun) -> anyhow::Result<Value> {
         return Err(anyhow!("the probe VM failed: {reason}"));
     }
     let text = if response.body.is_empty() {
-        response.header("x-probe-observations").unwrap_or_default().to_owned()
+        response
+            .header("x-probe-observations")
+            .unwrap_or_default()
+            .to_owned()
     } else {
         response.body_text()
     };
-    serde_json::from_str(&text).with_context(|| format!("probe answer is not JSON (status {}): {text}", response.status))
+    serde_json::from_str(&text).with_context(|| {
+        format!(
+            "probe answer is not JSON (status {}): {text}",
+            response.status
+        )
+    })
 }
 
 /// Observations whose values legitimately differ between two hosts (times,
@@ -117,7 +141,11 @@ pub const VOLATILE: &[&str] = &[
 pub enum Difference {
     OnlyLeft(String),
     OnlyRight(String),
-    Value { key: String, left: Value, right: Value },
+    Value {
+        key: String,
+        left: Value,
+        right: Value,
+    },
 }
 
 /// Flattens a document's observations into dotted keys.
@@ -126,7 +154,11 @@ pub fn flatten(document: &Value) -> BTreeMap<String, Value> {
         match value {
             Value::Object(map) if !map.is_empty() => {
                 for (k, v) in map {
-                    let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
                     walk(&key, v, out);
                 }
             }
@@ -136,7 +168,11 @@ pub fn flatten(document: &Value) -> BTreeMap<String, Value> {
         }
     }
     let mut out = BTreeMap::new();
-    walk("", document.get("observations").unwrap_or(document), &mut out);
+    walk(
+        "",
+        document.get("observations").unwrap_or(document),
+        &mut out,
+    );
     out
 }
 
@@ -149,9 +185,11 @@ pub fn compare(left: &Value, right: &Value) -> Vec<Difference> {
     for (k, lv) in &l {
         match r.get(k) {
             None => out.push(Difference::OnlyLeft(k.clone())),
-            Some(rv) if lv != rv && !volatile(k) => {
-                out.push(Difference::Value { key: k.clone(), left: lv.clone(), right: rv.clone() })
-            }
+            Some(rv) if lv != rv && !volatile(k) => out.push(Difference::Value {
+                key: k.clone(),
+                left: lv.clone(),
+                right: rv.clone(),
+            }),
             _ => {}
         }
     }

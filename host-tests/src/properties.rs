@@ -58,7 +58,11 @@ fn string_map(pairs: &[(String, String)]) -> Vec<u8> {
 }
 
 fn only_leaf(rest: &[&str], value: Vec<u8>) -> Result<Vec<u8>, Status> {
-    if rest.is_empty() { Ok(value) } else { Err(Status::NotFound) }
+    if rest.is_empty() {
+        Ok(value)
+    } else {
+        Err(Status::NotFound)
+    }
 }
 
 fn lookup(scope: &PropertyScope<'_>, first: &str, rest: &[&str]) -> Result<Vec<u8>, Status> {
@@ -71,13 +75,21 @@ fn lookup(scope: &PropertyScope<'_>, first: &str, rest: &[&str]) -> Result<Vec<u
             let (key, rest) = rest.split_first().ok_or(Status::SerializationFailure)?;
             match *key {
                 "node" => node(scope.node, rest),
-                "cluster_name" => stream_leaf(scope, rest, |s, _| s.info.cluster_name.clone().map(String::into_bytes)),
-                "route_name" => stream_leaf(scope, rest, |s, _| s.info.route_name.clone().map(String::into_bytes)),
+                "cluster_name" => stream_leaf(scope, rest, |s, _| {
+                    s.info.cluster_name.clone().map(String::into_bytes)
+                }),
+                "route_name" => stream_leaf(scope, rest, |s, _| {
+                    s.info.route_name.clone().map(String::into_bytes)
+                }),
                 _ => Err(Status::NotFound),
             }
         }
-        "cluster_name" => stream_leaf(scope, rest, |s, _| s.info.cluster_name.clone().map(String::into_bytes)),
-        "route_name" => stream_leaf(scope, rest, |s, _| Some(s.info.route_name.clone().unwrap_or_default().into_bytes())),
+        "cluster_name" => stream_leaf(scope, rest, |s, _| {
+            s.info.cluster_name.clone().map(String::into_bytes)
+        }),
+        "route_name" => stream_leaf(scope, rest, |s, _| {
+            Some(s.info.route_name.clone().unwrap_or_default().into_bytes())
+        }),
         "listener_direction" => only_leaf(rest, i64_bytes(1)), // OUTBOUND=2, INBOUND=1; sidecar inbound by default
         "request" => request(scope, rest),
         "response" => response(scope, rest),
@@ -85,10 +97,17 @@ fn lookup(scope: &PropertyScope<'_>, first: &str, rest: &[&str]) -> Result<Vec<u
         "source" | "destination" => {
             let (key, rest) = rest.split_first().ok_or(Status::SerializationFailure)?;
             stream_leaf(scope, rest, |s, _| {
-                let address = if first == "source" { &s.info.source_address } else { &s.info.destination_address };
+                let address = if first == "source" {
+                    &s.info.source_address
+                } else {
+                    &s.info.destination_address
+                };
                 match *key {
                     "address" => Some(address.clone().into_bytes()),
-                    "port" => address.rsplit_once(':').and_then(|(_, p)| p.parse::<i64>().ok()).map(i64_bytes),
+                    "port" => address
+                        .rsplit_once(':')
+                        .and_then(|(_, p)| p.parse::<i64>().ok())
+                        .map(i64_bytes),
                     _ => None,
                 }
             })
@@ -105,7 +124,12 @@ fn lookup(scope: &PropertyScope<'_>, first: &str, rest: &[&str]) -> Result<Vec<u
         other => {
             // Values set with `proxy_set_property` ("wasm." filter state in Envoy).
             let (stream, _) = scope.stream.ok_or(Status::NotFound)?;
-            let value = stream.info.filter_state.get(other).cloned().ok_or(Status::NotFound)?;
+            let value = stream
+                .info
+                .filter_state
+                .get(other)
+                .cloned()
+                .ok_or(Status::NotFound)?;
             only_leaf(rest, value)
         }
     }
@@ -161,10 +185,21 @@ fn request(scope: &PropertyScope<'_>, rest: &[&str]) -> Result<Vec<u8>, Status> 
         "duration" => stream.info.request_duration_ns.map(|d| i64_bytes(d as i64)),
         "protocol" => Some(stream.info.protocol.clone().into_bytes()),
         "path" => header_string(headers, ":path"),
-        "url_path" => headers.map(|_| path.split('?').next().unwrap_or_default().as_bytes().to_vec()),
+        "url_path" => headers.map(|_| {
+            path.split('?')
+                .next()
+                .unwrap_or_default()
+                .as_bytes()
+                .to_vec()
+        }),
         "query" => headers.map(|_| {
             let query = path.split_once('?').map(|(_, q)| q).unwrap_or_default();
-            query.split('#').next().unwrap_or_default().as_bytes().to_vec()
+            query
+                .split('#')
+                .next()
+                .unwrap_or_default()
+                .as_bytes()
+                .to_vec()
         }),
         "host" => header_string(headers, ":authority"),
         "scheme" => header_string(headers, ":scheme"),
@@ -187,13 +222,19 @@ fn request(scope: &PropertyScope<'_>, rest: &[&str]) -> Result<Vec<u8>, Status> 
 fn response(scope: &PropertyScope<'_>, rest: &[&str]) -> Result<Vec<u8>, Status> {
     let (stream, access) = scope.stream.ok_or(Status::NotFound)?;
     let (key, rest) = rest.split_first().ok_or(Status::SerializationFailure)?;
-    let headers = (access.response_headers || access.access_log).then_some(&stream.response_headers);
-    let trailers = (access.response_trailers || access.access_log).then_some(&stream.response_trailers);
+    let headers =
+        (access.response_headers || access.access_log).then_some(&stream.response_headers);
+    let trailers =
+        (access.response_trailers || access.access_log).then_some(&stream.response_trailers);
     let value = match *key {
         "headers" => return headers_map(headers, rest),
         "trailers" => return headers_map(trailers, rest),
         "code" => stream.info.response_code.map(|c| i64_bytes(i64::from(c))),
-        "code_details" => stream.info.response_code_details.clone().map(String::into_bytes),
+        "code_details" => stream
+            .info
+            .response_code_details
+            .clone()
+            .map(String::into_bytes),
         "flags" => Some(i64_bytes(stream.info.response_flags as i64)),
         "size" => Some(i64_bytes(stream.info.bytes_sent as i64)),
         "total_size" => Some(i64_bytes(
@@ -212,8 +253,14 @@ fn upstream(scope: &PropertyScope<'_>, rest: &[&str]) -> Result<Vec<u8>, Status>
     let (key, rest) = rest.split_first().ok_or(Status::SerializationFailure)?;
     let host = stream.info.upstream_host.as_ref();
     match *key {
-        "address" => only_leaf(rest, host.ok_or(Status::NotFound)?.address.clone().into_bytes()),
-        "port" => only_leaf(rest, i64_bytes(host.and_then(|h| h.port()).ok_or(Status::NotFound)?)),
+        "address" => only_leaf(
+            rest,
+            host.ok_or(Status::NotFound)?.address.clone().into_bytes(),
+        ),
+        "port" => only_leaf(
+            rest,
+            i64_bytes(host.and_then(|h| h.port()).ok_or(Status::NotFound)?),
+        ),
         "request_attempt_count" => only_leaf(rest, u64_bytes(stream.info.attempt_count)),
         "locality" => locality(&host.ok_or(Status::NotFound)?.locality, rest),
         _ => Err(Status::NotFound),
@@ -233,7 +280,11 @@ fn node(node: &NodeInfo, rest: &[&str]) -> Result<Vec<u8>, Status> {
                 let value = node.metadata.get(*field).ok_or(Status::NotFound)?;
                 return only_leaf(rest, value.as_bytes().to_vec());
             }
-            let pairs: Vec<(String, String)> = node.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            let pairs: Vec<(String, String)> = node
+                .metadata
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
             Ok(string_map(&pairs))
         }
         "locality" => locality(&node.locality, rest),
@@ -312,17 +363,37 @@ pub fn node_proto(node: &NodeInfo) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    fn scope_with<'a>(plugin: &'a PluginIdentity, node: &'a NodeInfo, stream: &'a StreamData) -> PropertyScope<'a> {
-        let access = Access { request_headers: true, response_headers: true, ..Access::default() };
-        PropertyScope { plugin, node, stream: Some((stream, access)) }
+    fn scope_with<'a>(
+        plugin: &'a PluginIdentity,
+        node: &'a NodeInfo,
+        stream: &'a StreamData,
+    ) -> PropertyScope<'a> {
+        let access = Access {
+            request_headers: true,
+            response_headers: true,
+            ..Access::default()
+        };
+        PropertyScope {
+            plugin,
+            node,
+            stream: Some((stream, access)),
+        }
     }
 
     #[test]
     fn encodings_follow_envoy() {
-        let plugin = PluginIdentity { name: "p".into(), root_id: "r".into(), vm_id: "v".into() };
-        let node = NodeInfo { locality: Locality::zone("eu", "eu-1a"), ..NodeInfo::default() };
+        let plugin = PluginIdentity {
+            name: "p".into(),
+            root_id: "r".into(),
+            vm_id: "v".into(),
+        };
+        let node = NodeInfo {
+            locality: Locality::zone("eu", "eu-1a"),
+            ..NodeInfo::default()
+        };
         let mut stream = StreamData::default();
-        stream.request_headers = HeaderMap::from_pairs([(":path", "/a?b=1#f"), ("x", "1"), ("x", "2")]);
+        stream.request_headers =
+            HeaderMap::from_pairs([(":path", "/a?b=1#f"), ("x", "1"), ("x", "2")]);
         stream.info.start_time_ns = 1_700_000_000_123_456_789;
         stream.info.response_code = Some(503);
         stream.info.attempt_count = 3;
@@ -331,9 +402,15 @@ mod tests {
         assert_eq!(get("request.path").unwrap(), b"/a?b=1#f");
         assert_eq!(get("request.url_path").unwrap(), b"/a");
         assert_eq!(get("request.query").unwrap(), b"b=1");
-        assert_eq!(get("request.time").unwrap(), 1_700_000_000_123_456_789i64.to_le_bytes());
+        assert_eq!(
+            get("request.time").unwrap(),
+            1_700_000_000_123_456_789i64.to_le_bytes()
+        );
         assert_eq!(get("response.code").unwrap(), 503i64.to_le_bytes());
-        assert_eq!(get("upstream.request_attempt_count").unwrap(), 3u64.to_le_bytes());
+        assert_eq!(
+            get("upstream.request_attempt_count").unwrap(),
+            3u64.to_le_bytes()
+        );
         assert_eq!(get("request.headers.x").unwrap(), b"1,2");
         assert_eq!(get("node.locality.zone").unwrap(), b"eu-1a");
         assert_eq!(get("node.locality").unwrap(), b"\x0a\x02eu\x12\x05eu-1a");

@@ -23,7 +23,9 @@ pub struct UpstreamHost {
 impl UpstreamHost {
     /// Port part of the address (`upstream.port`).
     pub fn port(&self) -> Option<i64> {
-        self.address.rsplit_once(':').and_then(|(_, p)| p.parse().ok())
+        self.address
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok())
     }
 }
 

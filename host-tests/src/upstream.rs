@@ -85,7 +85,12 @@ impl Default for EndpointBehavior {
 impl EndpointBehavior {
     /// A fixed JSON answer after `latency`.
     pub fn fixed(status: u32, body: &str, latency: Duration) -> Self {
-        Self { status, body: BodySpec::Fixed(body.as_bytes().to_vec()), time_to_first_token: latency, ..Self::default() }
+        Self {
+            status,
+            body: BodySpec::Fixed(body.as_bytes().to_vec()),
+            time_to_first_token: latency,
+            ..Self::default()
+        }
     }
 
     /// An LLM-like SSE stream.
@@ -121,18 +126,31 @@ impl EndpointBehavior {
 
     /// Plans the answer to one attempt starting at `elapsed` since the host start.
     pub fn plan(&self, elapsed: Duration, rng: &mut Prng) -> AttemptPlan {
-        let active: Vec<&FaultKind> =
-            self.faults.iter().filter(|f| f.from <= elapsed && elapsed < f.until).map(|f| &f.kind).collect();
-        let slow: f64 = active.iter().map(|k| if let FaultKind::Slow(f) = k { *f } else { 1.0 }).product();
+        let active: Vec<&FaultKind> = self
+            .faults
+            .iter()
+            .filter(|f| f.from <= elapsed && elapsed < f.until)
+            .map(|f| &f.kind)
+            .collect();
+        let slow: f64 = active
+            .iter()
+            .map(|k| if let FaultKind::Slow(f) = k { *f } else { 1.0 })
+            .product();
         let spread = self.jitter;
         let jitter = |d: Duration, rng: &mut Prng| -> u64 {
             let base = d.as_nanos() as f64 * slow;
-            let factor = if spread > 0.0 { 1.0 + spread * (2.0 * rng.next_f64() - 1.0) } else { 1.0 };
+            let factor = if spread > 0.0 {
+                1.0 + spread * (2.0 * rng.next_f64() - 1.0)
+            } else {
+                1.0
+            };
             (base * factor).max(0.0) as u64
         };
         let ttft = jitter(self.time_to_first_token, rng);
         if active.iter().any(|k| **k == FaultKind::Down) {
-            return AttemptPlan::ConnectFailure { after_ns: 1_000_000 };
+            return AttemptPlan::ConnectFailure {
+                after_ns: 1_000_000,
+            };
         }
         let forced_status = active.iter().find_map(|k| match k {
             FaultKind::Storm429 => Some(429),
@@ -242,7 +260,11 @@ pub struct Endpoint {
 
 impl Endpoint {
     pub fn new(address: &str, zone: &str, behavior: EndpointBehavior) -> Self {
-        Self { address: address.into(), locality: Locality::zone("region", zone), behavior }
+        Self {
+            address: address.into(),
+            locality: Locality::zone("region", zone),
+            behavior,
+        }
     }
 }
 
@@ -256,12 +278,23 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn new(name: &str, endpoints: Vec<Endpoint>) -> Self {
-        Self { name: name.into(), endpoints, round_robin: 0 }
+        Self {
+            name: name.into(),
+            endpoints,
+            round_robin: 0,
+        }
     }
 
     /// A cluster with one endpoint answering `status`/`body` after `latency`.
     pub fn fixed(name: &str, status: u32, body: &str, latency: Duration) -> Self {
-        Self::new(name, vec![Endpoint::new("10.0.0.1:8000", "zone-a", EndpointBehavior::fixed(status, body, latency))])
+        Self::new(
+            name,
+            vec![Endpoint::new(
+                "10.0.0.1:8000",
+                "zone-a",
+                EndpointBehavior::fixed(status, body, latency),
+            )],
+        )
     }
 
     pub(crate) fn next_round_robin(&mut self) -> Option<usize> {

@@ -51,7 +51,8 @@ impl SharedData {
                 *entry = (value.to_vec(), next);
             }
             None => {
-                self.entries.insert((vm_id.to_owned(), key.to_vec()), (value.to_vec(), next));
+                self.entries
+                    .insert((vm_id.to_owned(), key.to_vec()), (value.to_vec(), next));
             }
         }
         Status::Ok
@@ -107,7 +108,13 @@ impl SharedQueues {
         }
         let id = self.ids.len() as u32 + 1;
         self.ids.insert(key, id);
-        self.queues.insert(id, Queue { owner, items: Default::default() });
+        self.queues.insert(
+            id,
+            Queue {
+                owner,
+                items: Default::default(),
+            },
+        );
         id
     }
 
@@ -154,9 +161,11 @@ pub struct Metrics {
 
 impl Metrics {
     pub(crate) fn define(&mut self, name: &str, kind: MetricType) {
-        self.by_name
-            .entry(name.to_owned())
-            .or_insert(Metric { kind, value: 0, samples: Vec::new() });
+        self.by_name.entry(name.to_owned()).or_insert(Metric {
+            kind,
+            value: 0,
+            samples: Vec::new(),
+        });
     }
 
     pub(crate) fn get_mut(&mut self, name: &str) -> Option<&mut Metric> {
@@ -198,7 +207,11 @@ pub struct Locality {
 
 impl Locality {
     pub fn zone(region: &str, zone: &str) -> Self {
-        Self { region: region.into(), zone: zone.into(), sub_zone: String::new() }
+        Self {
+            region: region.into(),
+            zone: zone.into(),
+            sub_zone: String::new(),
+        }
     }
 }
 
@@ -238,9 +251,18 @@ impl World {
     /// Records a log line (and echoes it when `SLUICE_HOST_LOGS` is set).
     pub fn log(&mut self, level: LogLevel, plugin: &str, worker: usize, message: String) {
         if self.echo_logs {
-            eprintln!("[{:>12.6}s {level:?} {plugin}#{worker}] {message}", self.now_ns as f64 / 1e9);
+            eprintln!(
+                "[{:>12.6}s {level:?} {plugin}#{worker}] {message}",
+                self.now_ns as f64 / 1e9
+            );
         }
-        self.logs.push(LogRecord { time_ns: self.now_ns, level, plugin: plugin.to_owned(), worker, message });
+        self.logs.push(LogRecord {
+            time_ns: self.now_ns,
+            level,
+            plugin: plugin.to_owned(),
+            worker,
+            message,
+        });
     }
 }
 

@@ -84,7 +84,10 @@ fn probe_document_reports_envoy_semantics() {
     );
     let end = &o["previous_stream_end"];
     let callbacks = end["callbacks"].as_array().unwrap();
-    assert_eq!(callbacks[callbacks.len() - 2..], [json!("on_log"), json!("on_done")]);
+    assert_eq!(
+        callbacks[callbacks.len() - 2..],
+        [json!("on_log"), json!("on_done")]
+    );
     assert_eq!(end["response.code"]["value"], 200);
     assert_eq!(end["upstream.request_attempt_count"]["value"], 1);
     assert_eq!(end["request.duration"]["value"], 20_000_000);
@@ -100,7 +103,8 @@ fn probe_document_reports_envoy_semantics() {
 #[test]
 fn local_reply_has_envoys_shape_and_passes_the_senders_response_path() {
     let mut run = ProbeRun::default();
-    run.headers.push(("x-probe-local-reply".into(), "429".into()));
+    run.headers
+        .push(("x-probe-local-reply".into(), "429".into()));
     let o = harness_observations(&run).unwrap()["observations"].clone();
     // The filter sees its own local reply in on_http_response_headers.
     assert_eq!(
@@ -116,7 +120,11 @@ fn local_reply_has_envoys_shape_and_passes_the_senders_response_path() {
     assert_eq!(o["response.upstream_body"], "probe local reply");
     // The request body never reaches the filter after it answered.
     let callbacks = o["callbacks"].as_array().unwrap();
-    assert!(!callbacks.iter().any(|c| c.as_str().unwrap().starts_with("on_http_request_body")));
+    assert!(
+        !callbacks
+            .iter()
+            .any(|c| c.as_str().unwrap().starts_with("on_http_request_body"))
+    );
     assert_eq!(o["response_headers.property.response.code"]["value"], 429);
 }
 

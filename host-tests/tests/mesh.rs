@@ -12,19 +12,35 @@ use sluice_host_tests::{Cluster, Endpoint, EndpointBehavior, FaultKind, PluginCo
 const S: Duration = Duration::from_secs(1);
 
 fn scenario(seed: u64) -> Scenario {
-    let llm = || EndpointBehavior::llm(Duration::from_millis(80), Duration::from_millis(10), 8).with_jitter(0.2).with_error_rate(0.02);
+    let llm = || {
+        EndpointBehavior::llm(Duration::from_millis(80), Duration::from_millis(10), 8)
+            .with_jitter(0.2)
+            .with_error_rate(0.02)
+    };
     let backend = Cluster::new(
         "backend",
         vec![
             Endpoint::new("10.0.0.1:8000", "zone-a", llm()),
-            Endpoint::new("10.0.0.2:8000", "zone-a", llm().with_fault(20 * S, 30 * S, FaultKind::Storm429)),
-            Endpoint::new("10.0.0.3:8000", "zone-b", llm().with_fault(40 * S, 50 * S, FaultKind::Down)),
+            Endpoint::new(
+                "10.0.0.2:8000",
+                "zone-a",
+                llm().with_fault(20 * S, 30 * S, FaultKind::Storm429),
+            ),
+            Endpoint::new(
+                "10.0.0.3:8000",
+                "zone-b",
+                llm().with_fault(40 * S, 50 * S, FaultKind::Down),
+            ),
             Endpoint::new(
                 "10.0.0.4:8000",
                 "zone-b",
                 llm()
                     .with_fault(10 * S, 60 * S, FaultKind::Slow(5.0))
-                    .with_fault(70 * S, 75 * S, FaultKind::ResetMidStream { after_chunks: 4 }),
+                    .with_fault(
+                        70 * S,
+                        75 * S,
+                        FaultKind::ResetMidStream { after_chunks: 4 },
+                    ),
             ),
         ],
     );
@@ -38,7 +54,14 @@ fn scenario(seed: u64) -> Scenario {
     scenario.request = Box::new(|index, _rng| {
         let request = Request::post_json("/v1/chat/completions", r#"{"model":"m","stream":true}"#);
         // A fifth of the requests pin an endpoint list, as an endpoint picker would.
-        if index % 5 == 0 { request.header("x-gateway-destination-endpoint", "10.0.0.3:8000,10.0.0.1:8000") } else { request }
+        if index % 5 == 0 {
+            request.header(
+                "x-gateway-destination-endpoint",
+                "10.0.0.3:8000,10.0.0.1:8000",
+            )
+        } else {
+            request
+        }
     });
     scenario
 }
@@ -66,11 +89,24 @@ fn ten_thousand_requests_seeded_and_reproducible() {
     // Retries hide most faults: 2 % errors, a 429 storm and an endpoint down
     // still leave ≥ 97 % successes; the reset window shows as truncated streams.
     assert!(report.share("200") > 0.97, "{:?}", report.outcomes);
-    assert!(report.outcomes.get("200 reset").copied().unwrap_or(0) > 20, "{:?}", report.outcomes);
+    assert!(
+        report.outcomes.get("200 reset").copied().unwrap_or(0) > 20,
+        "{:?}",
+        report.outcomes
+    );
     assert!(report.share("200 reset") < 0.02);
-    let retried: usize = report.attempts.iter().filter(|(a, _)| **a > 1).map(|(_, n)| n).sum();
+    let retried: usize = report
+        .attempts
+        .iter()
+        .filter(|(a, _)| **a > 1)
+        .map(|(_, n)| n)
+        .sum();
     assert!(retried > 200, "retries: {:?}", report.attempts);
-    assert!(report.attempts.keys().all(|a| (1..=3).contains(a)), "max_retries 2: {:?}", report.attempts);
+    assert!(
+        report.attempts.keys().all(|a| (1..=3).contains(a)),
+        "max_retries 2: {:?}",
+        report.attempts
+    );
     // Every endpoint served traffic; the pinned list favours 10.0.0.3.
     assert_eq!(report.by_upstream.len(), 4, "{:?}", report.by_upstream);
     assert!(report.by_upstream["10.0.0.3:8000"] > report.by_upstream["10.0.0.2:8000"]);
@@ -78,7 +114,10 @@ fn ten_thousand_requests_seeded_and_reproducible() {
     for line in &report.trace {
         let start = Duration::from_micros(line.start_us);
         if line.upstream.as_deref() == Some("10.0.0.3:8000") && line.attempts == 1 {
-            assert!(!(start >= 40 * S && start < 50 * S) || line.status != 200, "{line}");
+            assert!(
+                !(start >= 40 * S && start < 50 * S) || line.status != 200,
+                "{line}"
+            );
         }
     }
     // The slow window shows in the latency tail.

@@ -237,7 +237,9 @@ impl RootContext for ProbeRoot {
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         if let Some(passthrough) = VM.with_borrow(|vm| vm.passthrough.clone()) {
-            return Some(Box::new(PassthroughStream { config: passthrough }));
+            return Some(Box::new(PassthroughStream {
+                config: passthrough,
+            }));
         }
         Some(Box::new(ProbeStream::new(context_id)))
     }
@@ -307,10 +309,19 @@ impl ProbeStream {
         self.observe("shared_data.set_fresh_cas", status_json(second));
         self.observe("shared_data.set_stale_cas", status_json(stale));
         self.observe("shared_data.set_cas0_overwrites", status_json(overwrite));
-        self.observe("shared_data.get_after_overwrite", bytes_text(value4.as_deref()));
-        self.observe("shared_data.cas_changed", json!(cas1 != cas4 && cas4.is_some()));
+        self.observe(
+            "shared_data.get_after_overwrite",
+            bytes_text(value4.as_deref()),
+        );
+        self.observe(
+            "shared_data.cas_changed",
+            json!(cas1 != cas4 && cas4.is_some()),
+        );
         self.observe("shared_data.set_none_value", status_json(empty));
-        self.observe("shared_data.get_after_none", bytes_text(value_empty.as_deref()));
+        self.observe(
+            "shared_data.get_after_none",
+            bytes_text(value_empty.as_deref()),
+        );
     }
 
     /// Metric rules (Envoy: a counter rejects a non-positive increment, a
@@ -345,7 +356,10 @@ impl ProbeStream {
                 "metrics.gauge_after_set10_minus3",
                 json!(get_metric(gauge).map_err(|s| format!("{s:?}")).ok()),
             );
-            self.observe("metrics.histogram_record", status_json(record_metric(histogram, 42)));
+            self.observe(
+                "metrics.histogram_record",
+                status_json(record_metric(histogram, 42)),
+            );
             self.observe(
                 "metrics.histogram_get",
                 json!(match get_metric(histogram) {
@@ -370,7 +384,10 @@ impl ProbeStream {
             vec![],
             timeout,
         );
-        self.observe("http_call.unknown_cluster", status_json(unknown.map(|_| ())));
+        self.observe(
+            "http_call.unknown_cluster",
+            status_json(unknown.map(|_| ())),
+        );
         let cluster = self.get_http_request_header("x-probe-callout");
         if let Some(cluster) = cluster {
             let no_path = self.dispatch_http_call(
@@ -453,7 +470,10 @@ impl HttpContext for ProbeStream {
         self.observe_http_call_checks();
         let previous = VM.with_borrow(|vm| vm.last_stream_end.clone());
         self.observe("previous_stream_end", previous.unwrap_or(Value::Null));
-        self.observe("vm.tick_period_ms", json!(VM.with_borrow(|vm| vm.tick_period_ms)));
+        self.observe(
+            "vm.tick_period_ms",
+            json!(VM.with_borrow(|vm| vm.tick_period_ms)),
+        );
         let ticks = VM.with_borrow(|vm| vm.ticks_ns.clone());
         self.observe("vm.ticks_ns", json!(ticks));
         self.observe(

@@ -39,9 +39,17 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let mut run = ProbeRun { method: args.method, path: args.path, upstream_status: args.upstream_status, warmup_requests: args.warmup_requests, ..ProbeRun::default() };
+    let mut run = ProbeRun {
+        method: args.method,
+        path: args.path,
+        upstream_status: args.upstream_status,
+        warmup_requests: args.warmup_requests,
+        ..ProbeRun::default()
+    };
     for header in &args.headers {
-        let (k, v) = header.split_once(':').ok_or_else(|| anyhow::anyhow!("--header wants name:value, got {header}"))?;
+        let (k, v) = header
+            .split_once(':')
+            .ok_or_else(|| anyhow::anyhow!("--header wants name:value, got {header}"))?;
         run.headers.push((k.trim().to_owned(), v.trim().to_owned()));
     }
     if let Some(body) = args.body {
@@ -64,7 +72,9 @@ fn main() -> anyhow::Result<()> {
         match d {
             Difference::OnlyLeft(k) => println!("only in harness: {k}"),
             Difference::OnlyRight(k) => println!("only in envoy:   {k}"),
-            Difference::Value { key, left, right } => println!("differs: {key}\n  harness: {left}\n  envoy:   {right}"),
+            Difference::Value { key, left, right } => {
+                println!("differs: {key}\n  harness: {left}\n  envoy:   {right}")
+            }
         }
     }
     println!("{} difference(s)", differences.len());

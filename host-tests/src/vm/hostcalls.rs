@@ -9,8 +9,8 @@ use std::collections::HashSet;
 use wasmtime::{Caller, Linker};
 
 use super::{
-    CallResponse, ConfigPhase, LocalReply, OutgoingCall, StreamAction, VmState, copy_out, read_bytes, status_of,
-    write_u32, write_u64,
+    CallResponse, ConfigPhase, LocalReply, OutgoingCall, StreamAction, VmState, copy_out,
+    read_bytes, status_of, write_u32, write_u64,
 };
 use crate::abi::{BufferType, LogLevel, MapType, MetricType, Status, StreamType};
 use crate::headers::{HeaderMap, deserialize_pairs, pairs_to_strings};
@@ -41,7 +41,10 @@ pub(super) fn define(
         let message = String::from_utf8_lossy(&read_bytes(&mut caller, ptr, len)?).into_owned();
         let state = caller.data();
         let name = state.identity.name.clone();
-        state.world.borrow_mut().log(level, &name, state.worker, message);
+        state
+            .world
+            .borrow_mut()
+            .log(level, &name, state.worker, message);
         Ok(())
     });
     host!("proxy_get_log_level", |caller, ret: u32| {
@@ -52,138 +55,233 @@ pub(super) fn define(
         let now = caller.data().world.borrow().now_ns;
         write_u64(&mut caller, ret, now)
     });
-    host!("proxy_set_tick_period_milliseconds", |caller, period: u32| {
-        caller.data_mut().tick_period_ms = Some(period);
-        Ok(())
-    });
-    host!("proxy_get_buffer_bytes", |caller, kind: u32, start: u32, max: u32, ret_ptr: u32, ret_size: u32| {
-        let bytes = read_buffer(&caller, kind)?;
-        let start = start as usize;
-        if start > bytes.len() {
-            return Err(Status::BadArgument);
+    host!(
+        "proxy_set_tick_period_milliseconds",
+        |caller, period: u32| {
+            caller.data_mut().tick_period_ms = Some(period);
+            Ok(())
         }
-        let end = start.saturating_add(max as usize).min(bytes.len());
-        let slice = bytes[start..end].to_vec();
-        copy_out(&mut caller, &slice, ret_ptr, ret_size)
-    });
-    host!("proxy_set_buffer_bytes", |caller, kind: u32, start: u32, size: u32, ptr: u32, len: u32| {
-        let data = read_bytes(&mut caller, ptr, len)?;
-        write_buffer(&mut caller, kind, start as usize, size as usize, data)
-    });
-    host!("proxy_get_header_map_pairs", |caller, map: u32, ret_ptr: u32, ret_size: u32| {
-        let map = MapType::from_raw(map).ok_or(Status::BadArgument)?;
-        // An inaccessible map reads as empty, as in Envoy.
-        let bytes = with_map(&caller, map, false, |m| m.serialize()).unwrap_or_default();
-        let bytes = if bytes.len() <= 4 { Vec::new() } else { bytes };
-        copy_out(&mut caller, &bytes, ret_ptr, ret_size)
-    });
-    host!("proxy_set_header_map_pairs", |caller, map: u32, ptr: u32, len: u32| {
-        let map = MapType::from_raw(map).ok_or(Status::BadArgument)?;
-        let pairs = pairs_to_strings(deserialize_pairs(&read_bytes(&mut caller, ptr, len)?).ok_or(Status::BadArgument)?);
-        with_map_mut(&caller, map, |m| *m = HeaderMap::from_pairs(pairs))
-    });
-    host!("proxy_get_header_map_value", |caller, map: u32, key_ptr: u32, key_len: u32, ret_ptr: u32, ret_size: u32| {
-        let map = MapType::from_raw(map).ok_or(Status::BadArgument)?;
-        let key = String::from_utf8_lossy(&read_bytes(&mut caller, key_ptr, key_len)?).into_owned();
-        let value = with_map(&caller, map, true, |m| m.get(&key).map(str::to_owned)).ok_or(Status::BadArgument)?;
-        let value = value.ok_or(Status::NotFound)?;
-        copy_out(&mut caller, value.as_bytes(), ret_ptr, ret_size)
-    });
-    host!("proxy_remove_header_map_value", |caller, map: u32, key_ptr: u32, key_len: u32| {
-        let map = MapType::from_raw(map).ok_or(Status::BadArgument)?;
-        let key = String::from_utf8_lossy(&read_bytes(&mut caller, key_ptr, key_len)?).into_owned();
-        with_map_mut(&caller, map, |m| m.remove(&key))
-    });
-    host!("proxy_replace_header_map_value", |caller, map: u32, key_ptr: u32, key_len: u32, val_ptr: u32, val_len: u32| {
-        let map = MapType::from_raw(map).ok_or(Status::BadArgument)?;
-        let key = String::from_utf8_lossy(&read_bytes(&mut caller, key_ptr, key_len)?).into_owned();
-        let value = String::from_utf8_lossy(&read_bytes(&mut caller, val_ptr, val_len)?).into_owned();
-        with_map_mut(&caller, map, |m| m.replace(&key, &value))
-    });
-    host!("proxy_add_header_map_value", |caller, map: u32, key_ptr: u32, key_len: u32, val_ptr: u32, val_len: u32| {
-        let map = MapType::from_raw(map).ok_or(Status::BadArgument)?;
-        let key = String::from_utf8_lossy(&read_bytes(&mut caller, key_ptr, key_len)?).into_owned();
-        let value = String::from_utf8_lossy(&read_bytes(&mut caller, val_ptr, val_len)?).into_owned();
-        with_map_mut(&caller, map, |m| m.add(&key, &value))
-    });
-    host!("proxy_get_property", |caller, path_ptr: u32, path_len: u32, ret_ptr: u32, ret_size: u32| {
-        let path = read_bytes(&mut caller, path_ptr, path_len)?;
-        let value = {
-            let state = caller.data();
-            let world = state.world.borrow();
-            let stream_ctx = state.contexts.get(&state.effective());
-            let stream = stream_ctx.map(|c| c.stream.borrow());
-            let scope = PropertyScope {
-                plugin: &state.identity,
-                node: &world.node,
-                stream: stream.as_deref().zip(stream_ctx.map(|c| c.access)),
+    );
+    host!(
+        "proxy_get_buffer_bytes",
+        |caller, kind: u32, start: u32, max: u32, ret_ptr: u32, ret_size: u32| {
+            let bytes = read_buffer(&caller, kind)?;
+            let start = start as usize;
+            if start > bytes.len() {
+                return Err(Status::BadArgument);
+            }
+            let end = start.saturating_add(max as usize).min(bytes.len());
+            let slice = bytes[start..end].to_vec();
+            copy_out(&mut caller, &slice, ret_ptr, ret_size)
+        }
+    );
+    host!(
+        "proxy_set_buffer_bytes",
+        |caller, kind: u32, start: u32, size: u32, ptr: u32, len: u32| {
+            let data = read_bytes(&mut caller, ptr, len)?;
+            write_buffer(&mut caller, kind, start as usize, size as usize, data)
+        }
+    );
+    host!(
+        "proxy_get_header_map_pairs",
+        |caller, map: u32, ret_ptr: u32, ret_size: u32| {
+            let map = MapType::from_raw(map).ok_or(Status::BadArgument)?;
+            // An inaccessible map reads as empty, as in Envoy.
+            let bytes = with_map(&caller, map, false, |m| m.serialize()).unwrap_or_default();
+            let bytes = if bytes.len() <= 4 { Vec::new() } else { bytes };
+            copy_out(&mut caller, &bytes, ret_ptr, ret_size)
+        }
+    );
+    host!(
+        "proxy_set_header_map_pairs",
+        |caller, map: u32, ptr: u32, len: u32| {
+            let map = MapType::from_raw(map).ok_or(Status::BadArgument)?;
+            let pairs = pairs_to_strings(
+                deserialize_pairs(&read_bytes(&mut caller, ptr, len)?)
+                    .ok_or(Status::BadArgument)?,
+            );
+            with_map_mut(&caller, map, |m| *m = HeaderMap::from_pairs(pairs))
+        }
+    );
+    host!(
+        "proxy_get_header_map_value",
+        |caller, map: u32, key_ptr: u32, key_len: u32, ret_ptr: u32, ret_size: u32| {
+            let map = MapType::from_raw(map).ok_or(Status::BadArgument)?;
+            let key =
+                String::from_utf8_lossy(&read_bytes(&mut caller, key_ptr, key_len)?).into_owned();
+            let value = with_map(&caller, map, true, |m| m.get(&key).map(str::to_owned))
+                .ok_or(Status::BadArgument)?;
+            let value = value.ok_or(Status::NotFound)?;
+            copy_out(&mut caller, value.as_bytes(), ret_ptr, ret_size)
+        }
+    );
+    host!(
+        "proxy_remove_header_map_value",
+        |caller, map: u32, key_ptr: u32, key_len: u32| {
+            let map = MapType::from_raw(map).ok_or(Status::BadArgument)?;
+            let key =
+                String::from_utf8_lossy(&read_bytes(&mut caller, key_ptr, key_len)?).into_owned();
+            with_map_mut(&caller, map, |m| m.remove(&key))
+        }
+    );
+    host!(
+        "proxy_replace_header_map_value",
+        |caller, map: u32, key_ptr: u32, key_len: u32, val_ptr: u32, val_len: u32| {
+            let map = MapType::from_raw(map).ok_or(Status::BadArgument)?;
+            let key =
+                String::from_utf8_lossy(&read_bytes(&mut caller, key_ptr, key_len)?).into_owned();
+            let value =
+                String::from_utf8_lossy(&read_bytes(&mut caller, val_ptr, val_len)?).into_owned();
+            with_map_mut(&caller, map, |m| m.replace(&key, &value))
+        }
+    );
+    host!(
+        "proxy_add_header_map_value",
+        |caller, map: u32, key_ptr: u32, key_len: u32, val_ptr: u32, val_len: u32| {
+            let map = MapType::from_raw(map).ok_or(Status::BadArgument)?;
+            let key =
+                String::from_utf8_lossy(&read_bytes(&mut caller, key_ptr, key_len)?).into_owned();
+            let value =
+                String::from_utf8_lossy(&read_bytes(&mut caller, val_ptr, val_len)?).into_owned();
+            with_map_mut(&caller, map, |m| m.add(&key, &value))
+        }
+    );
+    host!(
+        "proxy_get_property",
+        |caller, path_ptr: u32, path_len: u32, ret_ptr: u32, ret_size: u32| {
+            let path = read_bytes(&mut caller, path_ptr, path_len)?;
+            let value = {
+                let state = caller.data();
+                let world = state.world.borrow();
+                let stream_ctx = state.contexts.get(&state.effective());
+                let stream = stream_ctx.map(|c| c.stream.borrow());
+                let scope = PropertyScope {
+                    plugin: &state.identity,
+                    node: &world.node,
+                    stream: stream.as_deref().zip(stream_ctx.map(|c| c.access)),
+                };
+                get_property(&scope, &path)?
             };
-            get_property(&scope, &path)?
-        };
-        copy_out(&mut caller, &value, ret_ptr, ret_size)
-    });
-    host!("proxy_set_property", |caller, path_ptr: u32, path_len: u32, val_ptr: u32, val_len: u32| {
-        let path = read_bytes(&mut caller, path_ptr, path_len)?;
-        let value = read_bytes(&mut caller, val_ptr, val_len)?;
-        let state = caller.data();
-        let ctx = state.contexts.get(&state.effective()).ok_or(Status::NotFound)?;
-        let key = String::from_utf8_lossy(&path).replace('\0', ".");
-        ctx.stream.borrow_mut().info.filter_state.insert(key, value);
-        Ok(())
-    });
-    host!("proxy_get_shared_data", |caller, key_ptr: u32, key_len: u32, ret_ptr: u32, ret_size: u32, ret_cas: u32| {
-        let key = read_bytes(&mut caller, key_ptr, key_len)?;
-        let (value, cas) = {
-            let state = caller.data();
-            state.world.borrow().shared_data.get(&state.identity.vm_id, &key)?
-        };
-        copy_out(&mut caller, &value, ret_ptr, ret_size)?;
-        write_u32(&mut caller, ret_cas, cas)
-    });
-    host!("proxy_set_shared_data", |caller, key_ptr: u32, key_len: u32, val_ptr: u32, val_len: u32, cas: u32| {
-        let key = read_bytes(&mut caller, key_ptr, key_len)?;
-        let value = read_bytes(&mut caller, val_ptr, val_len)?;
-        let state = caller.data();
-        match state.world.borrow_mut().shared_data.set(&state.identity.vm_id, &key, &value, cas) {
-            Status::Ok => Ok(()),
-            status => Err(status),
+            copy_out(&mut caller, &value, ret_ptr, ret_size)
         }
-    });
-    host!("proxy_register_shared_queue", |caller, name_ptr: u32, name_len: u32, ret_id: u32| {
-        let name = String::from_utf8_lossy(&read_bytes(&mut caller, name_ptr, name_len)?).into_owned();
-        let id = {
+    );
+    host!(
+        "proxy_set_property",
+        |caller, path_ptr: u32, path_len: u32, val_ptr: u32, val_len: u32| {
+            let path = read_bytes(&mut caller, path_ptr, path_len)?;
+            let value = read_bytes(&mut caller, val_ptr, val_len)?;
             let state = caller.data();
-            let owner = QueueOwner { plugin: state.plugin, worker: state.worker, context_id: state.effective() };
-            state.world.borrow_mut().queues.register(&state.identity.vm_id, &name, owner)
-        };
-        write_u32(&mut caller, ret_id, id)
-    });
-    host!("proxy_resolve_shared_queue", |caller, vm_ptr: u32, vm_len: u32, name_ptr: u32, name_len: u32, ret_id: u32| {
-        let vm_id = String::from_utf8_lossy(&read_bytes(&mut caller, vm_ptr, vm_len)?).into_owned();
-        let name = String::from_utf8_lossy(&read_bytes(&mut caller, name_ptr, name_len)?).into_owned();
-        let id = {
-            let state = caller.data();
-            // An empty vm_id means this VM's own id.
-            let vm_id = if vm_id.is_empty() { state.identity.vm_id.clone() } else { vm_id };
-            state.world.borrow().queues.resolve(&vm_id, &name).ok_or(Status::NotFound)?
-        };
-        write_u32(&mut caller, ret_id, id)
-    });
-    host!("proxy_dequeue_shared_queue", |caller, id: u32, ret_ptr: u32, ret_size: u32| {
-        let value = caller.data().world.borrow_mut().queues.dequeue(id)?;
-        copy_out(&mut caller, &value, ret_ptr, ret_size)
-    });
-    host!("proxy_enqueue_shared_queue", |caller, id: u32, ptr: u32, len: u32| {
-        let value = read_bytes(&mut caller, ptr, len)?;
-        match caller.data().world.borrow_mut().queues.enqueue(id, value) {
-            Status::Ok => Ok(()),
-            status => Err(status),
+            let ctx = state
+                .contexts
+                .get(&state.effective())
+                .ok_or(Status::NotFound)?;
+            let key = String::from_utf8_lossy(&path).replace('\0', ".");
+            ctx.stream.borrow_mut().info.filter_state.insert(key, value);
+            Ok(())
         }
-    });
+    );
+    host!(
+        "proxy_get_shared_data",
+        |caller, key_ptr: u32, key_len: u32, ret_ptr: u32, ret_size: u32, ret_cas: u32| {
+            let key = read_bytes(&mut caller, key_ptr, key_len)?;
+            let (value, cas) = {
+                let state = caller.data();
+                state
+                    .world
+                    .borrow()
+                    .shared_data
+                    .get(&state.identity.vm_id, &key)?
+            };
+            copy_out(&mut caller, &value, ret_ptr, ret_size)?;
+            write_u32(&mut caller, ret_cas, cas)
+        }
+    );
+    host!(
+        "proxy_set_shared_data",
+        |caller, key_ptr: u32, key_len: u32, val_ptr: u32, val_len: u32, cas: u32| {
+            let key = read_bytes(&mut caller, key_ptr, key_len)?;
+            let value = read_bytes(&mut caller, val_ptr, val_len)?;
+            let state = caller.data();
+            match state
+                .world
+                .borrow_mut()
+                .shared_data
+                .set(&state.identity.vm_id, &key, &value, cas)
+            {
+                Status::Ok => Ok(()),
+                status => Err(status),
+            }
+        }
+    );
+    host!(
+        "proxy_register_shared_queue",
+        |caller, name_ptr: u32, name_len: u32, ret_id: u32| {
+            let name =
+                String::from_utf8_lossy(&read_bytes(&mut caller, name_ptr, name_len)?).into_owned();
+            let id = {
+                let state = caller.data();
+                let owner = QueueOwner {
+                    plugin: state.plugin,
+                    worker: state.worker,
+                    context_id: state.effective(),
+                };
+                state
+                    .world
+                    .borrow_mut()
+                    .queues
+                    .register(&state.identity.vm_id, &name, owner)
+            };
+            write_u32(&mut caller, ret_id, id)
+        }
+    );
+    host!(
+        "proxy_resolve_shared_queue",
+        |caller, vm_ptr: u32, vm_len: u32, name_ptr: u32, name_len: u32, ret_id: u32| {
+            let vm_id =
+                String::from_utf8_lossy(&read_bytes(&mut caller, vm_ptr, vm_len)?).into_owned();
+            let name =
+                String::from_utf8_lossy(&read_bytes(&mut caller, name_ptr, name_len)?).into_owned();
+            let id = {
+                let state = caller.data();
+                // An empty vm_id means this VM's own id.
+                let vm_id = if vm_id.is_empty() {
+                    state.identity.vm_id.clone()
+                } else {
+                    vm_id
+                };
+                state
+                    .world
+                    .borrow()
+                    .queues
+                    .resolve(&vm_id, &name)
+                    .ok_or(Status::NotFound)?
+            };
+            write_u32(&mut caller, ret_id, id)
+        }
+    );
+    host!(
+        "proxy_dequeue_shared_queue",
+        |caller, id: u32, ret_ptr: u32, ret_size: u32| {
+            let value = caller.data().world.borrow_mut().queues.dequeue(id)?;
+            copy_out(&mut caller, &value, ret_ptr, ret_size)
+        }
+    );
+    host!(
+        "proxy_enqueue_shared_queue",
+        |caller, id: u32, ptr: u32, len: u32| {
+            let value = read_bytes(&mut caller, ptr, len)?;
+            match caller.data().world.borrow_mut().queues.enqueue(id, value) {
+                Status::Ok => Ok(()),
+                status => Err(status),
+            }
+        }
+    );
     host!("proxy_continue_stream", |caller, kind: u32| {
         let kind = StreamType::from_raw(kind).ok_or(Status::BadArgument)?;
         match kind {
-            StreamType::HttpRequest | StreamType::HttpResponse => push_action(&mut caller, StreamAction::Continue(kind)),
+            StreamType::HttpRequest | StreamType::HttpResponse => {
+                push_action(&mut caller, StreamAction::Continue(kind))
+            }
             StreamType::Downstream => Ok(()),
             StreamType::Upstream => Err(Status::Unimplemented),
         }
@@ -191,57 +289,108 @@ pub(super) fn define(
     host!("proxy_close_stream", |caller, kind: u32| {
         let kind = StreamType::from_raw(kind).ok_or(Status::BadArgument)?;
         match kind {
-            StreamType::HttpRequest | StreamType::HttpResponse => push_action(&mut caller, StreamAction::Close(kind)),
+            StreamType::HttpRequest | StreamType::HttpResponse => {
+                push_action(&mut caller, StreamAction::Close(kind))
+            }
             StreamType::Downstream | StreamType::Upstream => Ok(()),
         }
     });
-    host!("proxy_send_local_response", |caller, status: u32, details_ptr: u32, details_len: u32, body_ptr: u32, body_len: u32, headers_ptr: u32, headers_len: u32, grpc_status: i32| {
-        let details = String::from_utf8_lossy(&read_bytes(&mut caller, details_ptr, details_len)?).replace(' ', "_");
-        let body = read_bytes(&mut caller, body_ptr, body_len)?;
-        let headers = pairs_to_strings(
-            deserialize_pairs(&read_bytes(&mut caller, headers_ptr, headers_len)?).ok_or(Status::BadArgument)?,
-        );
-        push_action(&mut caller, StreamAction::LocalReply(LocalReply { status, details, body, headers, grpc_status }))
-    });
-    host!("proxy_http_call", |caller, up_ptr: u32, up_len: u32, h_ptr: u32, h_len: u32, b_ptr: u32, b_len: u32, t_ptr: u32, t_len: u32, timeout: u32, ret_token: u32| {
-        let cluster = String::from_utf8_lossy(&read_bytes(&mut caller, up_ptr, up_len)?).into_owned();
-        let headers = pairs_to_strings(deserialize_pairs(&read_bytes(&mut caller, h_ptr, h_len)?).ok_or(Status::BadArgument)?);
-        let body = read_bytes(&mut caller, b_ptr, b_len)?;
-        let trailers = pairs_to_strings(deserialize_pairs(&read_bytes(&mut caller, t_ptr, t_len)?).ok_or(Status::BadArgument)?);
-        if (timeout as i32) < 0 {
-            return Err(Status::BadArgument);
+    host!(
+        "proxy_send_local_response",
+        |caller,
+         status: u32,
+         details_ptr: u32,
+         details_len: u32,
+         body_ptr: u32,
+         body_len: u32,
+         headers_ptr: u32,
+         headers_len: u32,
+         grpc_status: i32| {
+            let details =
+                String::from_utf8_lossy(&read_bytes(&mut caller, details_ptr, details_len)?)
+                    .replace(' ', "_");
+            let body = read_bytes(&mut caller, body_ptr, body_len)?;
+            let headers = pairs_to_strings(
+                deserialize_pairs(&read_bytes(&mut caller, headers_ptr, headers_len)?)
+                    .ok_or(Status::BadArgument)?,
+            );
+            push_action(
+                &mut caller,
+                StreamAction::LocalReply(LocalReply {
+                    status,
+                    details,
+                    body,
+                    headers,
+                    grpc_status,
+                }),
+            )
         }
-        let headers = HeaderMap::from_pairs(headers);
-        let token = {
-            let state = caller.data_mut();
-            if !state.world.borrow().cluster_names.contains(&cluster) {
+    );
+    host!(
+        "proxy_http_call",
+        |caller,
+         up_ptr: u32,
+         up_len: u32,
+         h_ptr: u32,
+         h_len: u32,
+         b_ptr: u32,
+         b_len: u32,
+         t_ptr: u32,
+         t_len: u32,
+         timeout: u32,
+         ret_token: u32| {
+            let cluster =
+                String::from_utf8_lossy(&read_bytes(&mut caller, up_ptr, up_len)?).into_owned();
+            let headers = pairs_to_strings(
+                deserialize_pairs(&read_bytes(&mut caller, h_ptr, h_len)?)
+                    .ok_or(Status::BadArgument)?,
+            );
+            let body = read_bytes(&mut caller, b_ptr, b_len)?;
+            let trailers = pairs_to_strings(
+                deserialize_pairs(&read_bytes(&mut caller, t_ptr, t_len)?)
+                    .ok_or(Status::BadArgument)?,
+            );
+            if (timeout as i32) < 0 {
                 return Err(Status::BadArgument);
             }
-            // Envoy requires these three to build the request.
-            if [":path", ":method", ":authority"].iter().any(|h| headers.get(h).is_none()) {
-                return Err(Status::BadArgument);
-            }
-            state.next_call_token += 1;
-            let token = state.next_call_token;
-            let context_id = state.effective();
-            state.pending_calls.insert(token, context_id);
-            state.outgoing_calls.push(OutgoingCall {
-                context_id,
-                token,
-                cluster,
-                headers,
-                body,
-                trailers: HeaderMap::from_pairs(trailers),
-                timeout_ms: timeout,
-            });
-            token
-        };
-        write_u32(&mut caller, ret_token, token)
-    });
-    host!("proxy_get_status", |caller, ret_code: u32, ret_ptr: u32, ret_size: u32| {
-        write_u32(&mut caller, ret_code, 0)?;
-        copy_out(&mut caller, b"", ret_ptr, ret_size)
-    });
+            let headers = HeaderMap::from_pairs(headers);
+            let token = {
+                let state = caller.data_mut();
+                if !state.world.borrow().cluster_names.contains(&cluster) {
+                    return Err(Status::BadArgument);
+                }
+                // Envoy requires these three to build the request.
+                if [":path", ":method", ":authority"]
+                    .iter()
+                    .any(|h| headers.get(h).is_none())
+                {
+                    return Err(Status::BadArgument);
+                }
+                state.next_call_token += 1;
+                let token = state.next_call_token;
+                let context_id = state.effective();
+                state.pending_calls.insert(token, context_id);
+                state.outgoing_calls.push(OutgoingCall {
+                    context_id,
+                    token,
+                    cluster,
+                    headers,
+                    body,
+                    trailers: HeaderMap::from_pairs(trailers),
+                    timeout_ms: timeout,
+                });
+                token
+            };
+            write_u32(&mut caller, ret_token, token)
+        }
+    );
+    host!(
+        "proxy_get_status",
+        |caller, ret_code: u32, ret_ptr: u32, ret_size: u32| {
+            write_u32(&mut caller, ret_code, 0)?;
+            copy_out(&mut caller, b"", ret_ptr, ret_size)
+        }
+    );
     host!("proxy_set_effective_context", |caller, context_id: u32| {
         let state = caller.data_mut();
         if context_id == state.root_context_id || state.contexts.contains_key(&context_id) {
@@ -251,40 +400,57 @@ pub(super) fn define(
             Err(Status::BadArgument)
         }
     });
-    host!("proxy_call_foreign_function", |caller, name_ptr: u32, name_len: u32, _args_ptr: u32, _args_len: u32, ret_ptr: u32, ret_size: u32| {
-        let name = String::from_utf8_lossy(&read_bytes(&mut caller, name_ptr, name_len)?).into_owned();
-        match name.as_str() {
-            // The router re-reads request headers at the end of the chain, so
-            // clearing the route cache has nothing more to do here.
-            "clear_route_cache" => copy_out(&mut caller, b"", ret_ptr, ret_size),
-            _ => {
-                caller.data_mut().unsupported_calls.push(format!("foreign function {name}"));
-                Err(Status::NotFound)
+    host!(
+        "proxy_call_foreign_function",
+        |caller,
+         name_ptr: u32,
+         name_len: u32,
+         _args_ptr: u32,
+         _args_len: u32,
+         ret_ptr: u32,
+         ret_size: u32| {
+            let name =
+                String::from_utf8_lossy(&read_bytes(&mut caller, name_ptr, name_len)?).into_owned();
+            match name.as_str() {
+                // The router re-reads request headers at the end of the chain, so
+                // clearing the route cache has nothing more to do here.
+                "clear_route_cache" => copy_out(&mut caller, b"", ret_ptr, ret_size),
+                _ => {
+                    caller
+                        .data_mut()
+                        .unsupported_calls
+                        .push(format!("foreign function {name}"));
+                    Err(Status::NotFound)
+                }
             }
         }
-    });
+    );
     host!("proxy_done", |caller| {
         let _ = &mut caller;
         Ok(())
     });
-    host!("proxy_define_metric", |caller, kind: u32, name_ptr: u32, name_len: u32, ret_id: u32| {
-        let kind = MetricType::from_raw(kind).ok_or(Status::BadArgument)?;
-        let name = String::from_utf8_lossy(&read_bytes(&mut caller, name_ptr, name_len)?).into_owned();
-        let id = {
-            let state = caller.data_mut();
-            state.next_metric_serial += 1;
-            let bits = match kind {
-                MetricType::Counter => 0,
-                MetricType::Gauge => 1,
-                MetricType::Histogram => 2,
+    host!(
+        "proxy_define_metric",
+        |caller, kind: u32, name_ptr: u32, name_len: u32, ret_id: u32| {
+            let kind = MetricType::from_raw(kind).ok_or(Status::BadArgument)?;
+            let name =
+                String::from_utf8_lossy(&read_bytes(&mut caller, name_ptr, name_len)?).into_owned();
+            let id = {
+                let state = caller.data_mut();
+                state.next_metric_serial += 1;
+                let bits = match kind {
+                    MetricType::Counter => 0,
+                    MetricType::Gauge => 1,
+                    MetricType::Histogram => 2,
+                };
+                let id = (state.next_metric_serial << 2) | bits;
+                state.world.borrow_mut().metrics.define(&name, kind);
+                state.metric_ids.insert(id, (name, kind));
+                id
             };
-            let id = (state.next_metric_serial << 2) | bits;
-            state.world.borrow_mut().metrics.define(&name, kind);
-            state.metric_ids.insert(id, (name, kind));
-            id
-        };
-        write_u32(&mut caller, ret_id, id)
-    });
+            write_u32(&mut caller, ret_id, id)
+        }
+    );
     host!("proxy_get_metric", |caller, id: u32, ret: u32| {
         let value = {
             let state = caller.data();
@@ -361,15 +527,25 @@ fn read_buffer(caller: &C<'_>, kind: u32) -> Result<Vec<u8>, Status> {
     match kind {
         BufferType::HttpRequestBody => {
             let ctx = ctx.ok_or(Status::NotFound)?;
-            Ok(if ctx.access.request_body { ctx.stream.borrow().request_body.clone() } else { Vec::new() })
+            Ok(if ctx.access.request_body {
+                ctx.stream.borrow().request_body.clone()
+            } else {
+                Vec::new()
+            })
         }
         BufferType::HttpResponseBody => {
             let ctx = ctx.ok_or(Status::NotFound)?;
-            Ok(if ctx.access.response_body { ctx.stream.borrow().response_body.clone() } else { Vec::new() })
+            Ok(if ctx.access.response_body {
+                ctx.stream.borrow().response_body.clone()
+            } else {
+                Vec::new()
+            })
         }
-        BufferType::HttpCallResponseBody => {
-            state.call_response.as_ref().map(|r| r.body.clone()).ok_or(Status::NotFound)
-        }
+        BufferType::HttpCallResponseBody => state
+            .call_response
+            .as_ref()
+            .map(|r| r.body.clone())
+            .ok_or(Status::NotFound),
         BufferType::VmConfiguration => Ok(state.vm_configuration.to_vec()),
         BufferType::PluginConfiguration => match state.config_phase {
             ConfigPhase::Configure => Ok(state.plugin_configuration.to_vec()),
@@ -384,7 +560,10 @@ fn read_buffer(caller: &C<'_>, kind: u32) -> Result<Vec<u8>, Status> {
 fn write_buffer(caller: &mut C<'_>, kind: u32, start: usize, size: usize, data: Vec<u8>) -> R {
     let kind = BufferType::from_raw(kind).ok_or(Status::BadArgument)?;
     let state = caller.data();
-    let ctx = state.contexts.get(&state.effective()).ok_or(Status::NotFound)?;
+    let ctx = state
+        .contexts
+        .get(&state.effective())
+        .ok_or(Status::NotFound)?;
     let mut stream = ctx.stream.borrow_mut();
     let buffer = match kind {
         BufferType::HttpRequestBody if ctx.access.request_body => &mut stream.request_body,
@@ -412,28 +591,46 @@ fn write_buffer(caller: &mut C<'_>, kind: u32, start: usize, size: usize, data: 
 
 /// Runs `f` on a readable map; `None` when the map is not available to the
 /// calling context (Envoy: null map).
-fn with_map<T>(caller: &C<'_>, map: MapType, _value_lookup: bool, f: impl FnOnce(&HeaderMap) -> T) -> Option<T> {
+fn with_map<T>(
+    caller: &C<'_>,
+    map: MapType,
+    _value_lookup: bool,
+    f: impl FnOnce(&HeaderMap) -> T,
+) -> Option<T> {
     let state = caller.data();
     match map {
-        MapType::HttpCallResponseHeaders => return state.call_response.as_ref().map(|r| f(&r.headers)),
-        MapType::HttpCallResponseTrailers => return state.call_response.as_ref().map(|r| f(&r.trailers)),
+        MapType::HttpCallResponseHeaders => {
+            return state.call_response.as_ref().map(|r| f(&r.headers));
+        }
+        MapType::HttpCallResponseTrailers => {
+            return state.call_response.as_ref().map(|r| f(&r.trailers));
+        }
         _ => {}
     }
     let ctx = state.contexts.get(&state.effective())?;
     let stream = ctx.stream.borrow();
     let a = ctx.access;
     match map {
-        MapType::RequestHeaders if a.request_headers || a.access_log => Some(f(&stream.request_headers)),
+        MapType::RequestHeaders if a.request_headers || a.access_log => {
+            Some(f(&stream.request_headers))
+        }
         MapType::RequestTrailers if a.request_trailers => Some(f(&stream.request_trailers)),
-        MapType::ResponseHeaders if a.response_headers || a.access_log => Some(f(&stream.response_headers)),
-        MapType::ResponseTrailers if a.response_trailers || a.access_log => Some(f(&stream.response_trailers)),
+        MapType::ResponseHeaders if a.response_headers || a.access_log => {
+            Some(f(&stream.response_headers))
+        }
+        MapType::ResponseTrailers if a.response_trailers || a.access_log => {
+            Some(f(&stream.response_trailers))
+        }
         _ => None,
     }
 }
 
 fn with_map_mut(caller: &C<'_>, map: MapType, f: impl FnOnce(&mut HeaderMap)) -> R {
     let state = caller.data();
-    let ctx = state.contexts.get(&state.effective()).ok_or(Status::BadArgument)?;
+    let ctx = state
+        .contexts
+        .get(&state.effective())
+        .ok_or(Status::BadArgument)?;
     let mut stream = ctx.stream.borrow_mut();
     let a = ctx.access;
     let target = match map {

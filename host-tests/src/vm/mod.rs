@@ -117,7 +117,9 @@ pub struct VmState {
 impl VmState {
     fn log_host(&self, level: crate::abi::LogLevel, message: String) {
         let name = self.identity.name.clone();
-        self.world.borrow_mut().log(level, &name, self.worker, message);
+        self.world
+            .borrow_mut()
+            .log(level, &name, self.worker, message);
     }
 
     /// The context host calls act on.
@@ -151,7 +153,8 @@ pub(crate) struct Exports {
 pub(crate) fn instance_pre(module: &FilterModule) -> anyhow::Result<InstancePre<VmState>> {
     let mut linker: Linker<VmState> = Linker::new(engine());
     let mut defined = std::collections::HashSet::new();
-    hostcalls::define(&mut linker, &mut defined).map_err(|e| anyhow!("defining host calls: {e}"))?;
+    hostcalls::define(&mut linker, &mut defined)
+        .map_err(|e| anyhow!("defining host calls: {e}"))?;
     wasi::define(&mut linker, &mut defined).map_err(|e| anyhow!("defining WASI: {e}"))?;
     // Any other import gets a stub that logs and answers Unimplemented
     // (ENOSYS for WASI): a filter that calls it sees an error status, never a
@@ -162,31 +165,49 @@ pub(crate) fn instance_pre(module: &FilterModule) -> anyhow::Result<InstancePre<
             continue;
         }
         let wasmtime::ExternType::Func(ty) = import.ty() else {
-            return Err(anyhow!("{}.{}: only function imports are supported", key.0, key.1));
+            return Err(anyhow!(
+                "{}.{}: only function imports are supported",
+                key.0,
+                key.1
+            ));
         };
         let is_wasi = key.0.starts_with("wasi");
         let label = format!("{}.{}", key.0, key.1);
         let stub_label = label.clone();
         linker
-            .func_new(&key.0, &key.1, ty.clone(), move |mut caller: Caller<'_, VmState>, _params, results| {
-                let status = if is_wasi { wasi::ENOSYS } else { Status::Unimplemented.code() };
-                for (slot, result_ty) in results.iter_mut().zip(ty.results()) {
-                    *slot = match result_ty {
-                        wasmtime::ValType::I32 => wasmtime::Val::I32(status as i32),
-                        wasmtime::ValType::I64 => wasmtime::Val::I64(0),
-                        wasmtime::ValType::F32 => wasmtime::Val::F32(0),
-                        wasmtime::ValType::F64 => wasmtime::Val::F64(0),
-                        _ => wasmtime::Val::null_extern_ref(),
+            .func_new(
+                &key.0,
+                &key.1,
+                ty.clone(),
+                move |mut caller: Caller<'_, VmState>, _params, results| {
+                    let status = if is_wasi {
+                        wasi::ENOSYS
+                    } else {
+                        Status::Unimplemented.code()
                     };
-                }
-                let state = caller.data_mut();
-                state.unsupported_calls.push(stub_label.clone());
-                state.log_host(crate::abi::LogLevel::Warn, format!("host: unimplemented import {stub_label} called"));
-                Ok(())
-            })
+                    for (slot, result_ty) in results.iter_mut().zip(ty.results()) {
+                        *slot = match result_ty {
+                            wasmtime::ValType::I32 => wasmtime::Val::I32(status as i32),
+                            wasmtime::ValType::I64 => wasmtime::Val::I64(0),
+                            wasmtime::ValType::F32 => wasmtime::Val::F32(0),
+                            wasmtime::ValType::F64 => wasmtime::Val::F64(0),
+                            _ => wasmtime::Val::null_extern_ref(),
+                        };
+                    }
+                    let state = caller.data_mut();
+                    state.unsupported_calls.push(stub_label.clone());
+                    state.log_host(
+                        crate::abi::LogLevel::Warn,
+                        format!("host: unimplemented import {stub_label} called"),
+                    );
+                    Ok(())
+                },
+            )
             .map_err(|e| anyhow!("stubbing {label}: {e}"))?;
     }
-    linker.instantiate_pre(&module.module).map_err(|e| anyhow!("linking {}: {e}", module.name))
+    linker
+        .instantiate_pre(&module.module)
+        .map_err(|e| anyhow!("linking {}: {e}", module.name))
 }
 
 /// One running instance of a filter module.
@@ -203,7 +224,9 @@ pub(crate) struct WorkerVm {
 impl WorkerVm {
     pub fn instantiate(pre: &InstancePre<VmState>, state: VmState) -> anyhow::Result<Self> {
         let mut store = Store::new(engine(), state);
-        let instance = pre.instantiate(&mut store).map_err(|e| anyhow!("instantiating: {e}"))?;
+        let instance = pre
+            .instantiate(&mut store)
+            .map_err(|e| anyhow!("instantiating: {e}"))?;
         let memory = instance.get_memory(&mut store, "memory");
         store.data_mut().memory = memory;
         let allocate = instance
@@ -234,53 +257,97 @@ impl WorkerVm {
             on_delete: export!("proxy_on_delete"),
         };
         if let Some(Extern::Func(init)) = instance.get_export(&mut store, "_initialize") {
-            let init = init.typed::<(), ()>(&store).map_err(|e| anyhow!("_initialize has an unexpected type: {e}"))?;
-            init.call(&mut store, ()).map_err(|e| anyhow!("_initialize trapped: {e:?}"))?;
+            let init = init
+                .typed::<(), ()>(&store)
+                .map_err(|e| anyhow!("_initialize has an unexpected type: {e}"))?;
+            init.call(&mut store, ())
+                .map_err(|e| anyhow!("_initialize trapped: {e:?}"))?;
         }
-        Ok(Self { store, exports, failed: None, next_context_id: 1, tick_generation: 0 })
+        Ok(Self {
+            store,
+            exports,
+            failed: None,
+            next_context_id: 1,
+            tick_generation: 0,
+        })
     }
 }
 
 // --- guest memory helpers shared by the host call modules ---
 
-pub(crate) fn read_bytes(caller: &mut Caller<'_, VmState>, ptr: u32, len: u32) -> Result<Vec<u8>, Status> {
+pub(crate) fn read_bytes(
+    caller: &mut Caller<'_, VmState>,
+    ptr: u32,
+    len: u32,
+) -> Result<Vec<u8>, Status> {
     if len == 0 {
         return Ok(Vec::new());
     }
     let memory = caller.data().memory.ok_or(Status::InvalidMemoryAccess)?;
     let data = memory.data(&*caller);
     let start = ptr as usize;
-    let end = start.checked_add(len as usize).ok_or(Status::InvalidMemoryAccess)?;
-    data.get(start..end).map(<[u8]>::to_vec).ok_or(Status::InvalidMemoryAccess)
+    let end = start
+        .checked_add(len as usize)
+        .ok_or(Status::InvalidMemoryAccess)?;
+    data.get(start..end)
+        .map(<[u8]>::to_vec)
+        .ok_or(Status::InvalidMemoryAccess)
 }
 
-pub(crate) fn write_bytes(caller: &mut Caller<'_, VmState>, ptr: u32, bytes: &[u8]) -> Result<(), Status> {
+pub(crate) fn write_bytes(
+    caller: &mut Caller<'_, VmState>,
+    ptr: u32,
+    bytes: &[u8],
+) -> Result<(), Status> {
     let memory = caller.data().memory.ok_or(Status::InvalidMemoryAccess)?;
     let data = memory.data_mut(&mut *caller);
     let start = ptr as usize;
-    let end = start.checked_add(bytes.len()).ok_or(Status::InvalidMemoryAccess)?;
-    data.get_mut(start..end).ok_or(Status::InvalidMemoryAccess)?.copy_from_slice(bytes);
+    let end = start
+        .checked_add(bytes.len())
+        .ok_or(Status::InvalidMemoryAccess)?;
+    data.get_mut(start..end)
+        .ok_or(Status::InvalidMemoryAccess)?
+        .copy_from_slice(bytes);
     Ok(())
 }
 
-pub(crate) fn write_u32(caller: &mut Caller<'_, VmState>, ptr: u32, value: u32) -> Result<(), Status> {
+pub(crate) fn write_u32(
+    caller: &mut Caller<'_, VmState>,
+    ptr: u32,
+    value: u32,
+) -> Result<(), Status> {
     write_bytes(caller, ptr, &value.to_le_bytes())
 }
 
-pub(crate) fn write_u64(caller: &mut Caller<'_, VmState>, ptr: u32, value: u64) -> Result<(), Status> {
+pub(crate) fn write_u64(
+    caller: &mut Caller<'_, VmState>,
+    ptr: u32,
+    value: u64,
+) -> Result<(), Status> {
     write_bytes(caller, ptr, &value.to_le_bytes())
 }
 
 /// Hands bytes to the guest: allocates with `proxy_on_memory_allocate`, copies,
 /// and writes the pointer and size. Empty data is returned as (0, 0), as
 /// Envoy does (the SDK then reads "no value" or an empty one).
-pub(crate) fn copy_out(caller: &mut Caller<'_, VmState>, bytes: &[u8], ptr_ptr: u32, size_ptr: u32) -> Result<(), Status> {
+pub(crate) fn copy_out(
+    caller: &mut Caller<'_, VmState>,
+    bytes: &[u8],
+    ptr_ptr: u32,
+    size_ptr: u32,
+) -> Result<(), Status> {
     if bytes.is_empty() {
         write_u32(caller, ptr_ptr, 0)?;
         return write_u32(caller, size_ptr, 0);
     }
-    let allocate = caller.data().allocate.clone().ok_or(Status::InvalidMemoryAccess)?;
-    let ptr = allocate.call(&mut *caller, bytes.len() as u32).map_err(|_| Status::InvalidMemoryAccess)?;
+    let allocate = caller
+        .data()
+        .allocate
+        .clone()
+        .ok_or(Status::InvalidMemoryAccess)?;
+    let ptr = allocate
+        .call(&mut *caller, bytes.len() as u32)
+        .map_err(|_| Status::InvalidMemoryAccess)?;
     if ptr == 0 {
         return Err(Status::InvalidMemoryAccess);
     }

@@ -13,19 +13,37 @@ pub fn probe() -> FilterModule {
 /// A host with `workers` workers, a `backend` cluster answering 200 after 20 ms,
 /// and the probe configured with `config`.
 pub fn probe_host(workers: usize, config: &str) -> Host {
-    let mut host = Host::new(HostOptions { workers, ..HostOptions::default() });
-    host.add_cluster(Cluster::fixed("backend", 200, r#"{"ok":true}"#, Duration::from_millis(20)));
-    host.add_filter(PluginConfig::new(probe()).name("sluice-probe").vm_id("sluice-probe").configuration(config)).unwrap();
+    let mut host = Host::new(HostOptions {
+        workers,
+        ..HostOptions::default()
+    });
+    host.add_cluster(Cluster::fixed(
+        "backend",
+        200,
+        r#"{"ok":true}"#,
+        Duration::from_millis(20),
+    ));
+    host.add_filter(
+        PluginConfig::new(probe())
+            .name("sluice-probe")
+            .vm_id("sluice-probe")
+            .configuration(config),
+    )
+    .unwrap();
     host
 }
 
 /// The probe's observations from a response (body, or header when the body is empty).
 pub fn observations(response: &Response) -> Value {
     let text = if response.body.is_empty() {
-        response.header("x-probe-observations").unwrap_or_default().to_owned()
+        response
+            .header("x-probe-observations")
+            .unwrap_or_default()
+            .to_owned()
     } else {
         response.body_text()
     };
-    let doc: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+    let doc: Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
     doc["observations"].clone()
 }
