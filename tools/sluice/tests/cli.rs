@@ -160,11 +160,52 @@ fn render_envoy_writes_a_bootstrap_with_the_policy_topology() {
     assert_eq!(primary[0]["locality"]["zone"].as_str(), Some("zone-a"));
     assert_eq!(primary[0]["lb_endpoints"].as_sequence().unwrap().len(), 2);
     assert_eq!(primary[1]["locality"]["zone"].as_str(), Some("zone-b"));
-    // Nothing is enforced yet, so no Wasm filter may appear, and stderr says so.
-    let filters = &yaml["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-        ["http_filters"];
-    assert_eq!(filters.as_sequence().unwrap().len(), 1);
-    assert!(text(&out.stderr).contains("[tokens] is NOT ENFORCED YET"));
+    // Each enforced capability the policy enables is a Wasm filter carrying
+    // the policy text, before the router; the others are named on stderr.
+    let filters =
+        yaml["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+            ["http_filters"]
+            .as_sequence()
+            .unwrap()
+            .clone();
+    let names: Vec<&str> = filters
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.last(), Some(&"envoy.filters.http.router"));
+    let policy_text = std::fs::read_to_string(repo().join("policies/lab.toml")).unwrap();
+    let policy = sluice_policy::parse_toml("lab.toml", &policy_text).unwrap();
+    for cap in sluice_policy::Capability::ALL {
+        let name = format!("sluice.{}", cap.section());
+        let rendered = filters
+            .iter()
+            .find(|f| f["name"].as_str() == Some(name.as_str()));
+        let enabled = cap.is_enabled_in(&policy);
+        if cap.is_enforced() && enabled {
+            let config =
+                &rendered.unwrap_or_else(|| panic!("{name} missing"))["typed_config"]["config"];
+            assert_eq!(
+                config["configuration"]["value"].as_str(),
+                Some(policy_text.as_str())
+            );
+            let wasm = format!("/nonexistent/{}.wasm", cap.filter());
+            assert_eq!(
+                config["vm_config"]["code"]["local"]["filename"].as_str(),
+                Some(wasm.as_str())
+            );
+            assert_eq!(config["failure_policy"].as_str(), Some("FAIL_OPEN"));
+        } else {
+            assert!(
+                rendered.is_none(),
+                "{name} rendered but not enforced or not enabled"
+            );
+        }
+        if enabled && !cap.is_enforced() {
+            let warning = format!("[{}] is NOT ENFORCED YET", cap.section());
+            assert!(text(&out.stderr).contains(&warning), "no `{warning}`");
+        }
+    }
+    assert!(names.contains(&"sluice.tokens"));
 }
 
 #[test]
