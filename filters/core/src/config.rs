@@ -53,6 +53,24 @@ impl Policy {
             .iter()
             .find(|b| b.models.iter().any(|p| p.matches(model)))
     }
+
+    /// The backend a request goes to, as the policy routes it: the first
+    /// explicit route whose match covers the request, else the backend whose
+    /// model list names `model`, else `default_backend`. Every filter that
+    /// must agree on where a request goes (the breaker's circuits, the
+    /// token limiter's quotas) resolves it here.
+    ///
+    /// `None` only for a policy that never passed validation (no backends,
+    /// or names that do not resolve).
+    pub fn route(&self, path: &str, authority: &str, model: &str, tenant: &str) -> Option<&Backend> {
+        self.routes
+            .iter()
+            .find(|r| r.matcher.matches(path, authority, model, tenant))
+            .and_then(|r| self.backend(&r.backend))
+            .or_else(|| self.backend_for_model(model))
+            .or_else(|| self.backend(&self.default_backend))
+            .or_else(|| self.backends.first())
+    }
 }
 
 /// How a request's tenant is identified.
@@ -599,4 +617,77 @@ fn serialize_key_names<S: serde::Serializer>(
     s: S,
 ) -> Result<S::Ok, S::Error> {
     s.collect_map(names.iter().map(|n| (n.hash.as_str(), n.tenant.as_str())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(name: &str, models: &[&str]) -> Backend {
+        Backend {
+            name: name.into(),
+            api: Api::Openai,
+            models: models.iter().map(|m| Pattern::new(*m)).collect(),
+            timeout: Duration::from_secs(60),
+            zones: Vec::new(),
+            outlier: None,
+            breaker: None,
+            retry: None,
+        }
+    }
+
+    fn policy() -> Policy {
+        Policy {
+            name: None,
+            tenant: TenantIdentity {
+                source: TenantSource::Header {
+                    header: "x-tenant-id".into(),
+                },
+                missing: "anonymous".into(),
+            },
+            model: ModelSource {
+                from: ModelFrom::Body,
+                header: "x-model".into(),
+                default: None,
+            },
+            default_backend: "primary".into(),
+            backends: vec![
+                backend("primary", &["gpt-4o", "gpt-4o-2024-*"]),
+                backend("fallback", &["gpt-4o-mini"]),
+                backend("batch", &[]),
+            ],
+            routes: vec![Route {
+                matcher: Match {
+                    tenants: vec![Pattern::new("batch-*")],
+                    ..Match::default()
+                },
+                backend: "batch".into(),
+            }],
+            outlier: None,
+            breaker: None,
+            tokens: None,
+            retry: None,
+            failover: None,
+        }
+    }
+
+    #[test]
+    fn routes_then_models_then_the_default() {
+        let p = policy();
+        let to = |model: &str, tenant: &str| {
+            p.route("/v1/chat/completions", "llm", model, tenant)
+                .map(|b| b.name.as_str())
+        };
+        assert_eq!(to("gpt-4o", "batch-nightly"), Some("batch"));
+        assert_eq!(to("gpt-4o-2024-08-06", "acme"), Some("primary"));
+        assert_eq!(to("gpt-4o-mini", "acme"), Some("fallback"));
+        assert_eq!(to("llama", "acme"), Some("primary"));
+        let mut broken = policy();
+        broken.default_backend = "gone".into();
+        broken.routes.clear();
+        assert_eq!(
+            broken.route("/", "", "llama", "").map(|b| b.name.as_str()),
+            Some("primary")
+        );
+    }
 }

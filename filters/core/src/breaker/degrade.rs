@@ -12,6 +12,10 @@
 //!   `message_start`, `content_block_start`, `content_block_delta`,
 //!   `content_block_stop`, `message_delta`, `message_stop`, each as
 //!   `event: <type>` + `data: {...}`.
+//!
+//! The wire formats themselves are written by [`crate::llm`] (error bodies,
+//! SSE framing, body rewriting), the one implementation every filter uses;
+//! this module only decides what to say.
 
 use std::time::Duration;
 
@@ -19,6 +23,7 @@ use serde_json::{Value, json};
 
 use super::RejectReason;
 use crate::config::{Api, DegradeAction, DegradeConfig};
+use crate::llm::{ErrorKind, error_body, write_event};
 use crate::time::Timestamp;
 
 /// Response header naming what sluice did instead of the normal call.
@@ -102,36 +107,26 @@ pub fn degrade(
 }
 
 /// A 503 with `retry-after` (whole seconds, rounded up) and an error body
-/// in the client's API shape.
+/// in the client's API shape ([`error_body`], shared with every sluice
+/// error answer).
 pub fn fail_fast(reason: RejectReason, retry_after: Duration, api: Api) -> LocalReply {
     let message = format!(
         "sluice: the upstream is unavailable ({}); retry later",
         reason.describe()
     );
-    let body = match api {
-        Api::Openai => json!({
-            "error": {
-                "message": message,
-                "type": "server_error",
-                "param": null,
-                "code": reason.as_str(),
-            }
-        }),
-        Api::Anthropic => json!({
-            "type": "error",
-            "error": { "type": "overloaded_error", "message": message }
-        }),
+    let kind = ErrorKind::Unavailable {
+        code: reason.as_str(),
     };
     let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
     LocalReply {
-        status: 503,
+        status: kind.status(),
         headers: vec![
             ("content-type", "application/json".to_string()),
             ("retry-after", secs.max(1).to_string()),
             (DEGRADED_HEADER, "fail-fast".to_string()),
             (REASON_HEADER, reason.as_str().to_string()),
         ],
-        body: body.to_string(),
+        body: error_body(api, kind, &message),
     }
 }
 
@@ -199,11 +194,9 @@ fn openai_stream(text: &str, model: &str, created: u64) -> String {
         chunk(json!({ "content": text }), Value::Null),
         chunk(json!({}), json!("stop")),
     ] {
-        out.push_str("data: ");
-        out.push_str(&event.to_string());
-        out.push_str("\n\n");
+        write_event(&mut out, None, &event.to_string());
     }
-    out.push_str("data: [DONE]\n\n");
+    write_event(&mut out, None, "[DONE]");
     out
 }
 
@@ -253,34 +246,8 @@ fn anthropic_stream(text: &str, model: &str, created: u64) -> String {
     ];
     let mut out = String::new();
     for event in events {
-        let name = event["type"].as_str().unwrap_or_default().to_string();
-        out.push_str("event: ");
-        out.push_str(&name);
-        out.push_str("\ndata: ");
-        out.push_str(&event.to_string());
-        out.push_str("\n\n");
+        let name = event["type"].as_str().unwrap_or_default();
+        write_event(&mut out, Some(name), &event.to_string());
     }
     out
-}
-
-/// Why a body's model could not be rewritten.
-#[derive(Debug, thiserror::Error)]
-pub enum RewriteError {
-    #[error("the request body is not JSON: {0}")]
-    NotJson(#[from] serde_json::Error),
-    #[error("the request body is not a JSON object")]
-    NotAnObject,
-}
-
-/// The request body with its top-level `"model"` set to `model` (added if
-/// absent). Everything else is kept as parsed: the body is read with a real
-/// JSON parser, so a `"model"` inside a message's text is never touched,
-/// and a body with duplicate `"model"` keys comes out with exactly one.
-/// Key order and number spelling may change (serde_json reorders keys and
-/// prints numbers canonically); the meaning does not.
-pub fn rewrite_model(body: &[u8], model: &str) -> Result<Vec<u8>, RewriteError> {
-    let mut value: Value = serde_json::from_slice(body)?;
-    let object = value.as_object_mut().ok_or(RewriteError::NotAnObject)?;
-    object.insert("model".to_string(), Value::String(model.to_string()));
-    Ok(serde_json::to_vec(&value)?)
 }

@@ -145,8 +145,9 @@ pub use circuit::{
 };
 pub use degrade::{
     BACKEND_HEADER, ClientRequest, DEGRADED_HEADER, Degradation, LocalReply, REASON_HEADER,
-    Reroute, RewriteError, degrade, fail_fast, rewrite_model, static_answer,
+    Reroute, degrade, fail_fast, static_answer,
 };
+pub use crate::llm::{RewriteError, rewrite_model};
 pub use outcome::{Outcome, ResponseFlags, classify};
 
 /// Why a request was turned away, for degradation and the rejection counters.

@@ -6,6 +6,9 @@
 //! `RateLimitError` from the status). Anthropic:
 //! `{"type":"error","error":{"type","message"}}` with `rate_limit_error`
 //! (429), `invalid_request_error` (400) and `request_too_large` (413).
+//! An upstream sluice protects (open circuit, full bulkhead) is answered 503:
+//! OpenAI `server_error` with sluice's reason as `code` (the SDKs retry 5xx
+//! after `retry-after`), Anthropic `overloaded_error`.
 
 use serde_json::json;
 
@@ -24,6 +27,9 @@ pub enum ErrorKind {
     InvalidRequest { param: Option<&'static str> },
     /// 413: the body is larger than sluice buffers.
     TooLarge,
+    /// 503: sluice turned the request away to protect an upstream (an open
+    /// circuit, a full bulkhead); `code` says why (`circuit-open`, ...).
+    Unavailable { code: &'static str },
 }
 
 impl ErrorKind {
@@ -35,6 +41,7 @@ impl ErrorKind {
             | ErrorKind::ConcurrentStreams => 429,
             ErrorKind::InvalidRequest { .. } => 400,
             ErrorKind::TooLarge => 413,
+            ErrorKind::Unavailable { .. } => 503,
         }
     }
 }
@@ -51,6 +58,7 @@ pub fn error_body(api: Api, kind: ErrorKind, message: &str) -> String {
                 }
                 ErrorKind::InvalidRequest { param } => ("invalid_request_error", None, param),
                 ErrorKind::TooLarge => ("invalid_request_error", Some("request_too_large"), None),
+                ErrorKind::Unavailable { code } => ("server_error", Some(code), None),
             };
             json!({"error": {"message": message, "type": ty, "param": param, "code": code}})
         }
@@ -61,6 +69,7 @@ pub fn error_body(api: Api, kind: ErrorKind, message: &str) -> String {
                 | ErrorKind::ConcurrentStreams => "rate_limit_error",
                 ErrorKind::InvalidRequest { .. } => "invalid_request_error",
                 ErrorKind::TooLarge => "request_too_large",
+                ErrorKind::Unavailable { .. } => "overloaded_error",
             };
             json!({"type": "error", "error": {"type": ty, "message": message}})
         }
@@ -118,5 +127,19 @@ mod tests {
         assert_eq!(body["error"]["type"], "request_too_large");
         assert_eq!(ErrorKind::TooLarge.status(), 413);
         assert_eq!(ErrorKind::RateLimitTokens.status(), 429);
+    }
+
+    #[test]
+    fn unavailable_shapes() {
+        let kind = ErrorKind::Unavailable {
+            code: "circuit-open",
+        };
+        assert_eq!(kind.status(), 503);
+        let body = parse(&error_body(Api::Openai, kind, "m"));
+        assert_eq!(body["error"]["type"], "server_error");
+        assert_eq!(body["error"]["code"], "circuit-open");
+        assert_eq!(body["error"]["param"], Value::Null);
+        let body = parse(&error_body(Api::Anthropic, kind, "m"));
+        assert_eq!(body["error"]["type"], "overloaded_error");
     }
 }

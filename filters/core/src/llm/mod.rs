@@ -17,13 +17,16 @@
 //!   the [`Cap`], so the filter can answer 400 or fall back, each case with a
 //!   documented rule (see [`Cap`] and [`BodyProblem`]).
 //! - [`rewrite_body`] adds `stream_options.include_usage` to OpenAI streams
-//!   (or the upstream never reports a stream's usage) and lowers a cap.
+//!   (or the upstream never reports a stream's usage) and lowers a cap;
+//!   [`rewrite_model`] sends a request to another model (the breaker's
+//!   fallback).
 //! - [`UsageParser`] reads the response incrementally, JSON or SSE, chunk by
 //!   chunk as the host hands them over, keeping at most one line of the
 //!   stream; when a stream ends without usage it estimates from the text it
 //!   saw. Usage an upstream reports out of range is clamped and flagged.
 //! - [`error_body`] writes sluice's own 400/413/429 answers in the client's
-//!   API shape, so SDKs raise their usual exceptions (`RateLimitError`).
+//!   API shape, so SDKs raise their usual exceptions (`RateLimitError`),
+//!   and [`write_event`] frames the SSE streams sluice answers itself.
 //!
 //! Tokens are estimated from characters (`chars_per_token`, 4 by default,
 //! OpenAI's rule of thumb for English): a tokenizer per model would be more
@@ -42,8 +45,8 @@ pub use error::{ErrorKind, error_body};
 pub use request::{
     BodyProblem, Cap, CapField, MAX_SANE_TOKENS, RequestInfo, chars_per_token_for, estimate_tokens,
 };
-pub use rewrite::{Rewrite, rewrite_body};
-pub use sse::SseLineReader;
+pub use rewrite::{Rewrite, RewriteError, rewrite_body, rewrite_model};
+pub use sse::{SseLineReader, write_event};
 pub use usage::{
     DEFAULT_MAX_JSON_BODY, DEFAULT_MAX_LINE, Framing, Usage, UsageFallback, UsageParser,
     UsageReport, UsageSource,

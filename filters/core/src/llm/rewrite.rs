@@ -37,8 +37,10 @@ pub fn rewrite_body(body: &[u8], edits: &Rewrite) -> Option<Vec<u8>> {
     if edits.clamp.is_none() && !contains(body, b"\"stream_options\"") {
         return splice_include_usage(body);
     }
-    let mut doc: Value = serde_json::from_slice(body).ok()?;
-    let obj = doc.as_object_mut()?;
+    edit_object(body, |obj| apply(obj, edits)).ok()
+}
+
+fn apply(obj: &mut Map<String, Value>, edits: &Rewrite) {
     if edits.include_usage {
         match obj.get_mut("stream_options") {
             Some(Value::Object(options)) => {
@@ -54,7 +56,38 @@ pub fn rewrite_body(body: &[u8], edits: &Rewrite) -> Option<Vec<u8>> {
     if let Some((field, tokens)) = edits.clamp {
         obj.insert(field.name().to_string(), Value::from(tokens));
     }
-    serde_json::to_vec(&doc).ok()
+}
+
+/// Why a body could not be edited.
+#[derive(Debug, thiserror::Error)]
+pub enum RewriteError {
+    #[error("the request body is not JSON: {0}")]
+    NotJson(#[from] serde_json::Error),
+    #[error("the request body is not a JSON object")]
+    NotAnObject,
+}
+
+/// The request body with its top-level `"model"` set to `model` (added if
+/// absent): what a fallback to another model sends upstream. The body is
+/// read with a real JSON parser, so a `"model"` inside a message's text is
+/// never touched, and a body with duplicate `"model"` keys comes out with
+/// exactly one. Key order and number spelling may change (serde_json
+/// reorders keys and prints numbers canonically); the meaning does not.
+pub fn rewrite_model(body: &[u8], model: &str) -> Result<Vec<u8>, RewriteError> {
+    edit_object(body, |obj| {
+        obj.insert("model".to_string(), Value::String(model.to_string()));
+    })
+}
+
+/// Parses `body` as a JSON object, lets `edit` change it, and serializes it
+/// again: the one place request bodies are re-written as documents.
+fn edit_object(
+    body: &[u8],
+    edit: impl FnOnce(&mut Map<String, Value>),
+) -> Result<Vec<u8>, RewriteError> {
+    let mut doc: Value = serde_json::from_slice(body)?;
+    edit(doc.as_object_mut().ok_or(RewriteError::NotAnObject)?);
+    Ok(serde_json::to_vec(&doc)?)
 }
 
 const INCLUDE_USAGE: &[u8] = br#""stream_options":{"include_usage":true}"#;

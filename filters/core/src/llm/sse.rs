@@ -11,6 +11,24 @@
 //! a line cut by a chunk boundary is copied, into one buffer that is reused
 //! and bounded by `max_line`.
 
+/// Appends one SSE event to `out`: an optional `event:` line, then `data`
+/// as `data:` lines (one per line of `data`, so a multi-line payload stays
+/// one event), then the blank line that ends the event. `data` is written
+/// as given; JSON from serde_json has no raw line breaks.
+pub fn write_event(out: &mut String, event: Option<&str>, data: &str) {
+    if let Some(name) = event {
+        out.push_str("event: ");
+        out.push_str(name);
+        out.push('\n');
+    }
+    for line in data.split('\n') {
+        out.push_str("data: ");
+        out.push_str(line.strip_suffix('\r').unwrap_or(line));
+        out.push('\n');
+    }
+    out.push('\n');
+}
+
 /// Shrink the carry buffer back after a line longer than this.
 const KEEP_CAPACITY: usize = 64 * 1024;
 
@@ -138,6 +156,19 @@ mod tests {
         assert_eq!(out, ["a", "b", "c", "", "d"]);
         let (out, _) = lines(&[b"a\r", b"\r"], 100);
         assert_eq!(out, ["a", ""]);
+    }
+
+    #[test]
+    fn written_events_read_back() {
+        let mut out = String::new();
+        write_event(&mut out, None, "{\"a\":1}");
+        write_event(&mut out, Some("ping"), "x\ny");
+        assert_eq!(out, "data: {\"a\":1}\n\nevent: ping\ndata: x\ndata: y\n\n");
+        let (lines, _) = lines(&[out.as_bytes()], 100);
+        assert_eq!(
+            lines,
+            ["data: {\"a\":1}", "", "event: ping", "data: x", "data: y", ""]
+        );
     }
 
     #[test]
