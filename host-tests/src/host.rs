@@ -870,7 +870,15 @@ impl Host {
     /// Sends a request body chunk on a stream started with [`Host::start_streaming`].
     pub fn send_request_data(&mut self, id: StreamId, bytes: &[u8], end_stream: bool) {
         if !self.stream_stopped(id) {
-            self.push(id, Dir::Request, 0, Frame::Data { bytes: bytes.to_vec(), eos: end_stream });
+            self.push(
+                id,
+                Dir::Request,
+                0,
+                Frame::Data {
+                    bytes: bytes.to_vec(),
+                    eos: end_stream,
+                },
+            );
         }
         self.run_pending();
     }
@@ -1103,10 +1111,10 @@ impl Host {
         if let Some(eos) = held.headers {
             self.push(id, dir, pos + 1, Frame::Headers { eos });
         }
-        if let Some((bytes, eos)) = held.body {
-            if !self.stream_stopped(id) {
-                self.push(id, dir, pos + 1, Frame::Data { bytes, eos });
-            }
+        if let Some((bytes, eos)) = held.body
+            && !self.stream_stopped(id)
+        {
+            self.push(id, dir, pos + 1, Frame::Data { bytes, eos });
         }
         if held.trailers && !self.stream_stopped(id) {
             self.push(id, dir, pos + 1, Frame::Trailers);
@@ -1798,15 +1806,8 @@ impl Host {
             if self.keep_finished {
                 self.finished.insert(id, s.response);
                 self.completion_order.push(id);
-            } else {
-                self.finished_hook(id, s.response);
             }
         }
-    }
-
-    fn finished_hook(&mut self, id: StreamId, response: Response) {
-        // Without keeping responses, keep a compact record for `completed()`.
-        let _ = (id, response);
     }
 
     // --- actions filters asked for ---
@@ -1860,10 +1861,10 @@ impl Host {
                         Dir::Request => self.streams[&id].request_held.as_ref().map(|h| h.at),
                         Dir::Response => self.streams[&id].response_held.as_ref().map(|h| h.at),
                     };
-                    if let (Some(pos), Some(at)) = (pos, held_at) {
-                        if pos == at {
-                            self.release(id, dir, pos);
-                        }
+                    if let (Some(pos), Some(at)) = (pos, held_at)
+                        && pos == at
+                    {
+                        self.release(id, dir, pos);
                     }
                 }
             }

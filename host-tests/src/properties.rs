@@ -391,12 +391,16 @@ mod tests {
             locality: Locality::zone("eu", "eu-1a"),
             ..NodeInfo::default()
         };
-        let mut stream = StreamData::default();
-        stream.request_headers =
-            HeaderMap::from_pairs([(":path", "/a?b=1#f"), ("x", "1"), ("x", "2")]);
-        stream.info.start_time_ns = 1_700_000_000_123_456_789;
-        stream.info.response_code = Some(503);
-        stream.info.attempt_count = 3;
+        let stream = StreamData {
+            request_headers: HeaderMap::from_pairs([(":path", "/a?b=1#f"), ("x", "1"), ("x", "2")]),
+            info: crate::stream_data::StreamInfo {
+                start_time_ns: 1_700_000_000_123_456_789,
+                response_code: Some(503),
+                attempt_count: 3,
+                ..Default::default()
+            },
+            ..StreamData::default()
+        };
         let scope = scope_with(&plugin, &node, &stream);
         let get = |p: &str| get_property(&scope, p.replace('.', "\0").as_bytes());
         assert_eq!(get("request.path").unwrap(), b"/a?b=1#f");

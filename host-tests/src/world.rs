@@ -285,4 +285,29 @@ mod tests {
         // Another vm_id does not see the key.
         assert_eq!(data.get("other", b"k"), Err(Status::NotFound));
     }
+
+    #[test]
+    fn queues_notify_the_registering_context() {
+        let mut queues = SharedQueues::default();
+        let owner = QueueOwner {
+            plugin: 0,
+            worker: 1,
+            context_id: 1,
+        };
+        let id = queues.register("vm", "jobs", owner);
+        assert_eq!(queues.resolve("vm", "jobs"), Some(id));
+        assert_eq!(queues.resolve("other-vm", "jobs"), None);
+        assert_eq!(queues.dequeue(id), Err(Status::Empty));
+        assert_eq!(queues.dequeue(id + 100), Err(Status::NotFound));
+        assert_eq!(queues.enqueue(id + 100, b"x".to_vec()), Status::NotFound);
+        assert_eq!(queues.enqueue(id, b"a".to_vec()), Status::Ok);
+        assert_eq!(queues.enqueue(id, b"b".to_vec()), Status::Ok);
+        assert_eq!(queues.ready, vec![(owner, id), (owner, id)]);
+        assert_eq!(queues.dequeue(id).unwrap(), b"a");
+        // Re-registering keeps the id and moves notifications to the new owner.
+        let new_owner = QueueOwner { worker: 0, ..owner };
+        assert_eq!(queues.register("vm", "jobs", new_owner), id);
+        queues.enqueue(id, b"c".to_vec());
+        assert_eq!(queues.ready.last(), Some(&(new_owner, id)));
+    }
 }

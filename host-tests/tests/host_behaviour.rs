@@ -474,15 +474,31 @@ fn same_seed_gives_same_request_ids() {
 #[test]
 fn streamed_request_body_and_trailers_reach_the_filter_and_router() {
     let mut host = probe_host(1, "{}");
-    let id = host.start_streaming(0, Request::new("POST", "/upload").header("x-probe-id", "s").chunk(b"ab"));
+    let id = host.start_streaming(
+        0,
+        Request::new("POST", "/upload")
+            .header("x-probe-id", "s")
+            .chunk(b"ab"),
+    );
     host.advance(Duration::from_millis(5));
-    assert!(host.response(id).unwrap().headers_at_ns.is_none(), "router waits for the end of the request");
+    assert!(
+        host.response(id).unwrap().headers_at_ns.is_none(),
+        "router waits for the end of the request"
+    );
     host.send_request_data(id, b"cd", false);
     host.send_request_trailers(id, &[("x-checksum", "42")]);
     let response = host.finish(id);
     let o = observations(&response);
-    assert_eq!(o["request.trailers"], serde_json::json!([["x-checksum", "42"]]));
-    let callbacks: Vec<&str> = o["callbacks"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+    assert_eq!(
+        o["request.trailers"],
+        serde_json::json!([["x-checksum", "42"]])
+    );
+    let callbacks: Vec<&str> = o["callbacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
     assert_eq!(
         &callbacks[..4],
         [

@@ -565,14 +565,14 @@ impl HttpContext for ProbeStream {
                 "probe/resumed/{}",
                 self.context_id
             ));
-            if let Ok((Some(bytes), _)) = resumed {
-                if let Ok(array) = <[u8; 8]>::try_from(bytes.as_slice()) {
-                    let resumed_at = u64::from_le_bytes(array);
-                    self.observe(
-                        "pause.resumed_after_ms",
-                        json!(resumed_at.saturating_sub(paused_at) / 1_000_000),
-                    );
-                }
+            if let Ok((Some(bytes), _)) = resumed
+                && let Ok(array) = <[u8; 8]>::try_from(bytes.as_slice())
+            {
+                let resumed_at = u64::from_le_bytes(array);
+                self.observe(
+                    "pause.resumed_after_ms",
+                    json!(resumed_at.saturating_sub(paused_at) / 1_000_000),
+                );
             }
         }
         self.observe("response.time_ns_at_headers", json!(now_ns(self)));
@@ -654,10 +654,10 @@ impl HttpContext for PassthroughStream {
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let status = self.get_http_response_header(":status");
-        if status.is_some_and(|s| s.starts_with('5')) {
-            if let Some(id) = self.config.errors_metric {
-                let _ = proxy_wasm::hostcalls::increment_metric(id, 1);
-            }
+        if status.is_some_and(|s| s.starts_with('5'))
+            && let Some(id) = self.config.errors_metric
+        {
+            let _ = proxy_wasm::hostcalls::increment_metric(id, 1);
         }
         self.add_http_response_header("x-probe-chain", &self.config.plugin_name);
         Action::Continue

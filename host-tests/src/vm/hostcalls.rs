@@ -30,6 +30,7 @@ pub(super) fn define(
             defined.insert(("env".to_owned(), $name.to_owned()));
             #[allow(unused_mut)]
             linker.func_wrap("env", $name, |mut $caller: C<'_>, $($arg: $ty),*| -> u32 {
+                #[allow(clippy::redundant_closure_call)]
                 let result: R = (|| $body)();
                 status_of(result)
             })?;

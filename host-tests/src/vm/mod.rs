@@ -128,6 +128,9 @@ impl VmState {
     }
 }
 
+/// `proxy_on_http_call_response(context, token, headers, body size, trailers)`.
+pub(crate) type HttpCallResponseFn = TypedFunc<(u32, u32, u32, u32, u32), ()>;
+
 /// The `proxy_on_*` exports the host calls; each is optional (a module that
 /// lacks one simply never gets that callback).
 #[derive(Clone)]
@@ -143,7 +146,7 @@ pub(crate) struct Exports {
     pub on_response_headers: Option<TypedFunc<(u32, u32, u32), u32>>,
     pub on_response_body: Option<TypedFunc<(u32, u32, u32), u32>>,
     pub on_response_trailers: Option<TypedFunc<(u32, u32), u32>>,
-    pub on_http_call_response: Option<TypedFunc<(u32, u32, u32, u32, u32), ()>>,
+    pub on_http_call_response: Option<HttpCallResponseFn>,
     pub on_done: Option<TypedFunc<u32, u32>>,
     pub on_log: Option<TypedFunc<u32, ()>>,
     pub on_delete: Option<TypedFunc<u32, ()>>,
