@@ -62,7 +62,13 @@ impl Policy {
     ///
     /// `None` only for a policy that never passed validation (no backends,
     /// or names that do not resolve).
-    pub fn route(&self, path: &str, authority: &str, model: &str, tenant: &str) -> Option<&Backend> {
+    pub fn route(
+        &self,
+        path: &str,
+        authority: &str,
+        model: &str,
+        tenant: &str,
+    ) -> Option<&Backend> {
         self.routes
             .iter()
             .find(|r| r.matcher.matches(path, authority, model, tenant))

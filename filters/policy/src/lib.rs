@@ -141,7 +141,7 @@ impl Capability {
     /// the section is accepted but `explain` and `render` say plainly that it
     /// is not enforced: nothing may look protected that is not.
     pub fn is_enforced(self) -> bool {
-        matches!(self, Capability::Tokens)
+        matches!(self, Capability::Tokens | Capability::Breaker)
     }
 
     /// Whether `policy` switches it on.

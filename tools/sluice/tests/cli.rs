@@ -194,6 +194,7 @@ fn render_envoy_writes_a_bootstrap_with_the_policy_topology() {
                 Some(wasm.as_str())
             );
             assert_eq!(config["failure_policy"].as_str(), Some("FAIL_OPEN"));
+            assert_eq!(config["allow_on_headers_stop_iteration"].as_bool(), Some(true));
         } else {
             assert!(
                 rendered.is_none(),
@@ -206,6 +207,9 @@ fn render_envoy_writes_a_bootstrap_with_the_policy_topology() {
         }
     }
     assert!(names.contains(&"sluice.tokens"));
+    // The breaker judges (and may reroute) before tokens are counted.
+    let breaker = names.iter().position(|n| *n == "sluice.breaker");
+    assert!(breaker.is_some_and(|b| names.get(b + 1) == Some(&"sluice.tokens")));
 }
 
 #[test]

@@ -136,6 +136,7 @@ mod degrade;
 mod outcome;
 pub mod window;
 
+pub use crate::llm::{RewriteError, rewrite_model};
 pub use bulkhead::{
     Acquire, Bulkhead, Poll, QueueTicket, SLOT_EPOCH, SlotLease, tenant_cap, tenant_key,
 };
@@ -147,7 +148,6 @@ pub use degrade::{
     BACKEND_HEADER, ClientRequest, DEGRADED_HEADER, Degradation, LocalReply, REASON_HEADER,
     Reroute, degrade, fail_fast, static_answer,
 };
-pub use crate::llm::{RewriteError, rewrite_model};
 pub use outcome::{Outcome, ResponseFlags, classify};
 
 /// Why a request was turned away, for degradation and the rejection counters.

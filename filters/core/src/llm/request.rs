@@ -119,6 +119,16 @@ impl RequestInfo {
     /// wrong is recorded in `problem` and `cap`). The body is parsed once,
     /// with serde_json's recursion limit guarding deep nesting.
     pub fn parse(path: &str, body: &[u8], cfg: &TokensConfig) -> Self {
+        let mut info = Self::read(path, body);
+        // Nothing read (not JSON, not an object) estimates to 0.
+        info.prompt_tokens = info.prompt_tokens_for(cfg, info.model.as_deref().unwrap_or(""));
+        info
+    }
+
+    /// Like [`RequestInfo::parse`] without the token estimate
+    /// (`prompt_tokens` stays 0): for filters that need the model, the
+    /// stream flag and the cap but no tokenizer settings (the breaker).
+    pub fn read(path: &str, body: &[u8]) -> Self {
         let api = ApiShape::from_path(path);
         let mut info = RequestInfo::empty(api);
         let doc: Value = match serde_json::from_slice(body) {
@@ -133,7 +143,6 @@ impl RequestInfo {
             return info;
         };
         info.read_object(obj);
-        info.prompt_tokens = info.prompt_tokens_for(cfg, info.model.as_deref().unwrap_or(""));
         info
     }
 

@@ -167,7 +167,14 @@ mod tests {
         let (lines, _) = lines(&[out.as_bytes()], 100);
         assert_eq!(
             lines,
-            ["data: {\"a\":1}", "", "event: ping", "data: x", "data: y", ""]
+            [
+                "data: {\"a\":1}",
+                "",
+                "event: ping",
+                "data: x",
+                "data: y",
+                ""
+            ]
         );
     }
 

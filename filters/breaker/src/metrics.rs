@@ -1,0 +1,85 @@
+//! The breaker's Envoy stats, one set per circuit (backend × model).
+//!
+//! Names carry their labels as dotted parts,
+//! `sluice_breaker.<backend>.<model>.<metric>`, where `<model>` is the
+//! policy's model pattern the request matched (or `other`): never a name a
+//! client sent, so the number of series is fixed by the policy (backends ×
+//! their model patterns + 1, times the metrics below). Every metric is
+//! defined in `on_configure`, so a request never defines one.
+
+use sluice_core::breaker::{CircuitState, RejectReason, Transition};
+use sluice_filter_common::{Counter, Gauge, Histogram};
+
+/// The stats of one circuit.
+pub struct CircuitMetrics {
+    /// 0 closed, 1 open, 2 half-open.
+    pub state: Gauge,
+    to_open: Counter,
+    to_half_open: Counter,
+    to_closed: Counter,
+    rejected: [Counter; 4],
+    /// Requests sent to the fallback model instead.
+    pub fallback: Counter,
+    /// Requests answered with the static answer.
+    pub static_answer: Counter,
+    /// Requests answered 503 by sluice.
+    pub fail_fast: Counter,
+    /// Requests waiting for a bulkhead slot (this worker's view of the
+    /// shared queue, refreshed as it changes).
+    pub queue_depth: Gauge,
+    /// Time spent queued by requests that got a slot, ms.
+    pub queue_wait_ms: Histogram,
+}
+
+impl CircuitMetrics {
+    pub fn define(backend: &str, model: &str) -> Self {
+        let prefix = format!("sluice_breaker.{}.{}", label(backend), label(model));
+        let counter = |name: &str| Counter::define(&format!("{prefix}.{name}"));
+        Self {
+            state: Gauge::define(&format!("{prefix}.state")),
+            to_open: counter("transition.open"),
+            to_half_open: counter("transition.half_open"),
+            to_closed: counter("transition.closed"),
+            rejected: RejectReason::ALL.map(|r| counter(&format!("rejected.{}", r.as_str()))),
+            fallback: counter("degraded.fallback_model"),
+            static_answer: counter("degraded.static"),
+            fail_fast: counter("degraded.fail_fast"),
+            queue_depth: Gauge::define(&format!("{prefix}.queue_depth")),
+            queue_wait_ms: Histogram::define(&format!("{prefix}.queue_wait_ms")),
+        }
+    }
+
+    pub fn transition(&self, t: Transition) {
+        match t.to {
+            CircuitState::Open => self.to_open.inc(),
+            CircuitState::HalfOpen => self.to_half_open.inc(),
+            CircuitState::Closed => self.to_closed.inc(),
+        }
+        self.state.set(u64::from(t.to.code()));
+    }
+
+    pub fn rejected(&self, reason: RejectReason) {
+        let index = RejectReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0);
+        if let Some(counter) = self.rejected.get(index) {
+            counter.inc();
+        }
+    }
+}
+
+/// A name part safe in a dotted stat name and in Prometheus: letters,
+/// digits, `-` and `_`; anything else (dots, `*`, spaces) becomes `_`.
+pub fn label(s: &str) -> String {
+    s.chars()
+        .take(64)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
