@@ -285,6 +285,11 @@ fn wasm_filter(cap: Capability, wasm_dir: &Path, policy_text: &str, failure_poli
                 "name": cap.filter(),
                 "root_id": cap.filter(),
                 "failure_policy": failure_policy,
+                // Filters hold a request's headers while they read its body
+                // (what a request costs, which model it names). Without this
+                // (Envoy >= 1.35) a paused header phase is turned into
+                // StopAllIteration and the body callbacks never run.
+                "allow_on_headers_stop_iteration": true,
                 "vm_config": {
                     "vm_id": cap.filter(),
                     "runtime": "envoy.wasm.runtime.v8",

@@ -194,7 +194,10 @@ fn render_envoy_writes_a_bootstrap_with_the_policy_topology() {
                 Some(wasm.as_str())
             );
             assert_eq!(config["failure_policy"].as_str(), Some("FAIL_OPEN"));
-            assert_eq!(config["allow_on_headers_stop_iteration"].as_bool(), Some(true));
+            assert_eq!(
+                config["allow_on_headers_stop_iteration"].as_bool(),
+                Some(true)
+            );
         } else {
             assert!(
                 rendered.is_none(),
