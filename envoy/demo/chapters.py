@@ -83,14 +83,56 @@ def normal_traffic(ctx: DemoContext) -> list[Check]:
     ]
 
 
+def token_quotas(ctx: DemoContext) -> list[Check]:
+    """acme asks for far more than its quota; globex goes on as before.
+
+    Each acme request reserves its prompt plus its max_tokens before Envoy
+    calls the upstream, so a burst of large asks finds acme's 20k tokens/min
+    bucket taken by the requests already in flight and is turned away at
+    once: 429s with OpenAI's rate-limit headers, while globex, with its own
+    bucket, is untouched.
+    """
+    import httpx
+
+    specs = [TrafficSpec(tenant="acme", stream_every=2, max_tokens=(2000, 2500),
+                         pause=(0.0, 0.05), workers=10),
+             TrafficSpec(tenant="globex", stream_every=3)]
+    ctx.recorder.mark("acme bursts past its quota")
+    t0 = ctx.recorder.now()
+    ctx.traffic(specs, ctx.seconds(20))
+    seen = ctx.recorder.between(t0, ctx.recorder.now() + 1)
+    acme = summarize([o for o in seen if o.tenant == "acme"])
+    globex = summarize([o for o in seen if o.tenant == "globex"])
+    # One more ask, to show what a rejected client reads.
+    probe = httpx.post(f"{ctx.lab.base_url}/v1/chat/completions", timeout=15.0, trust_env=False,
+                       headers={"x-tenant-id": "acme"},
+                       json={"model": "sim-large", "max_tokens": 25000,
+                             "messages": [{"role": "user", "content": "and one more"}]})
+    headers = {k: v for k, v in probe.headers.items()
+               if k.startswith("x-ratelimit") or k == "retry-after"}
+    return [
+        Check("acme was turned away with 429s", acme["429"] > 0,
+              f"acme: ok {acme['ok']}, 429 {acme['429']}"),
+        Check("acme still got answers within its quota", acme["ok"] > 0,
+              f"{acme['tokens'].get('acme', 0):,} tokens billed to acme"),
+        Check("globex was never limited", globex["429"] == 0 and globex["ok"] > 0,
+              f"globex: ok {globex['ok']}, 429 {globex['429']}, errors {globex['error']}"),
+        Check("a rejected client reads OpenAI's rate-limit headers",
+              probe.status_code == 429 and "x-ratelimit-remaining-tokens" in headers,
+              f"HTTP {probe.status_code} " + ", ".join(f"{k}: {v}" for k, v in sorted(headers.items()))),
+    ]
+
+
 CHAPTERS: list[Chapter] = [
     Chapter("normal-traffic", "Normal traffic",
             "Two tenants (acme, globex) send chat completions through Envoy, streaming "
             "and not; the primary backend's two zones answer everything.",
             normal_traffic),
     Chapter("token-quotas", "Token quotas",
-            "acme exceeds its 20k tokens/min quota and gets 429s with retry-after; "
-            "globex keeps flowing."),
+            "acme bursts with large asks past its 20k tokens/min quota: each request's "
+            "prompt and max_tokens are reserved before the upstream is called, so acme "
+            "gets 429s with OpenAI's rate-limit headers while globex keeps flowing.",
+            token_quotas),
     Chapter("circuit-breaker", "Circuit breaker and degradation",
             "The primary backend starts failing; the breaker opens after 5 failures and "
             "requests degrade to sim-small on the fallback backend, then recover."),
