@@ -40,19 +40,18 @@ impl HeaderMap {
 
     /// First value of `name` (case-insensitive).
     pub fn get(&self, name: &str) -> Option<&str> {
-        let name = name.to_ascii_lowercase();
+        // Stored names are lowercase: compare without allocating.
         self.entries
             .iter()
-            .find(|(k, _)| *k == name)
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
     }
 
     /// Every value of `name`, in order.
     pub fn get_all(&self, name: &str) -> Vec<&str> {
-        let name = name.to_ascii_lowercase();
         self.entries
             .iter()
-            .filter(|(k, _)| *k == name)
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
             .collect()
     }
@@ -80,8 +79,7 @@ impl HeaderMap {
 
     /// Removes every entry of `name`.
     pub fn remove(&mut self, name: &str) {
-        let name = name.to_ascii_lowercase();
-        self.entries.retain(|(k, _)| *k != name);
+        self.entries.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {

@@ -323,7 +323,7 @@ struct RouterState {
     attempt: u64,
     /// Bumped per attempt and when the stream stops: stale events are dropped.
     generation: u64,
-    plan: Option<ResponsePlan>,
+    plan: Option<Rc<ResponsePlan>>,
 }
 
 struct Stream {
@@ -1391,9 +1391,9 @@ impl Host {
             return;
         }
         s.router.started = true;
-        let headers = s.data.borrow().request_headers.clone();
-        s.response.upstream_request_headers = Some(headers.clone());
+        s.response.upstream_request_headers = Some(s.data.borrow().request_headers.clone());
         s.response.upstream_request_body = s.router.body.clone();
+        let headers = s.response.upstream_request_headers.as_ref().expect("just set");
         let cluster = route
             .cluster_header
             .as_ref()
@@ -1481,7 +1481,7 @@ impl Host {
             }
             AttemptPlan::Respond(plan) => {
                 let at = plan.first_byte_ns;
-                s.router.plan = Some(plan);
+                s.router.plan = Some(Rc::new(plan));
                 self.schedule_in(
                     at,
                     Event::AttemptHeaders {
@@ -1999,8 +1999,8 @@ impl Host {
             state.effective_context = ctx;
         }
         self.guest_calls += 1;
-        let exports = vm.exports.clone();
-        let outcome = f(&exports, &mut vm.store);
+        let WorkerVm { store, exports, .. } = vm;
+        let outcome = f(exports, store);
         let called = match outcome {
             None => Called::Missing,
             Some(Ok(r)) => Called::Returned(r),
