@@ -275,6 +275,16 @@ fn dispatch(data: &mut Vec<u8>, acc: &mut Accumulator) {
     }
     if data.trim_ascii() == b"[DONE]" {
         acc.done = true;
+    } else if !mentions_usage(data) {
+        // Most of a stream is one event per token, none of which carries
+        // usage: parsing each as JSON cost more than the rest of the filter
+        // together, so only the text is measured, by a scan (see
+        // `scan_text_chars`).
+        let (chars, well_formed) = scan_text_chars(data);
+        acc.text_chars = acc.text_chars.saturating_add(chars);
+        if !well_formed {
+            acc.framing_errors = acc.framing_errors.saturating_add(1);
+        }
     } else {
         match serde_json::from_slice::<Event>(data) {
             Ok(ev) => acc.apply(ev),
@@ -282,6 +292,121 @@ fn dispatch(data: &mut Vec<u8>, acc: &mut Accumulator) {
         }
     }
     data.clear();
+}
+
+/// Whether an event may carry usage (`"usage"` appears in it, as a key of
+/// OpenAI's last chunk, Anthropic's `message_start`/`message_delta` or the
+/// responses API's final response).
+fn mentions_usage(data: &[u8]) -> bool {
+    data.windows(7).any(|w| w == b"\"usage\"")
+}
+
+/// Characters of generated text in a JSON event, without building it, and
+/// whether the event was well formed. It counts what [`Event`]'s parse
+/// counts: strings under the top-level `choices`, `delta`, `content` or
+/// `output`, reached through [`TEXT_KEYS`] and arrays. One pass, no
+/// allocation; nesting deeper than 64 levels is not counted.
+fn scan_text_chars(data: &[u8]) -> (u64, bool) {
+    const TOP_KEYS: [&str; 4] = ["choices", "delta", "content", "output"];
+    const MAX_DEPTH: usize = 64;
+    // Per open container: whether it is an object, and whether its values count.
+    let mut objects = 0u64;
+    let mut counting = 0u64;
+    let mut depth = 0usize;
+    let mut pending = false; // the next value in the current object counts
+    let mut closed_root = false;
+    let bit = |d: usize| 1u64 << (d.min(MAX_DEPTH) - 1);
+    let value_counts = |depth: usize, pending: bool, objects: u64, counting: u64| {
+        if depth == 0 || depth > MAX_DEPTH {
+            false
+        } else if objects & bit(depth) != 0 {
+            pending
+        } else {
+            counting & bit(depth) != 0
+        }
+    };
+    let mut total = 0u64;
+    let mut i = 0;
+    while i < data.len() {
+        match data[i] {
+            b'"' => {
+                let (chars, end, terminated) = scan_string(data, i + 1);
+                if !terminated {
+                    return (total, false);
+                }
+                let mut j = end;
+                while j < data.len() && data[j].is_ascii_whitespace() {
+                    j += 1;
+                }
+                let in_object = depth > 0 && depth <= MAX_DEPTH && objects & bit(depth) != 0;
+                if in_object && data.get(j) == Some(&b':') {
+                    let key = &data[i + 1..end - 1];
+                    let keys: &[&str] = if depth == 1 { &TOP_KEYS } else { &TEXT_KEYS };
+                    pending =
+                        counting & bit(depth) != 0 && keys.iter().any(|k| k.as_bytes() == key);
+                    i = j + 1;
+                    continue;
+                }
+                if value_counts(depth, pending, objects, counting) {
+                    total = total.saturating_add(chars);
+                }
+                pending = false;
+                i = end;
+                continue;
+            }
+            open @ (b'{' | b'[') => {
+                let counts = depth == 0 || value_counts(depth, pending, objects, counting);
+                depth += 1;
+                if depth <= MAX_DEPTH {
+                    let b = bit(depth);
+                    objects = if open == b'{' {
+                        objects | b
+                    } else {
+                        objects & !b
+                    };
+                    counting = if counts { counting | b } else { counting & !b };
+                }
+                pending = false;
+            }
+            b'}' | b']' => {
+                if depth == 0 {
+                    return (total, false);
+                }
+                depth -= 1;
+                closed_root |= depth == 0;
+                pending = false;
+            }
+            b if b.is_ascii_whitespace() || b == b':' => {}
+            _ => pending = false,
+        }
+        i += 1;
+    }
+    (total, depth == 0 && closed_root)
+}
+
+/// Reads a JSON string whose content starts at `start`: its characters
+/// (an escape counts as one), the index after the closing quote, and whether
+/// there was one.
+fn scan_string(data: &[u8], start: usize) -> (u64, usize, bool) {
+    let mut chars = 0u64;
+    let mut i = start;
+    while i < data.len() {
+        match data[i] {
+            b'"' => return (chars, i + 1, true),
+            b'\\' => {
+                chars += 1;
+                i += if data.get(i + 1) == Some(&b'u') { 6 } else { 2 };
+            }
+            b => {
+                // Count characters, not bytes: skip UTF-8 continuation bytes.
+                if b & 0xC0 != 0x80 {
+                    chars += 1;
+                }
+                i += 1;
+            }
+        }
+    }
+    (chars, data.len(), false)
 }
 
 /// Usage gathered so far; each reported field keeps its latest value
@@ -693,5 +818,52 @@ mod tests {
         );
         assert_eq!(r.source, UsageSource::Reported);
         assert_eq!(r.usage.total_tokens, 7);
+    }
+}
+
+#[cfg(test)]
+mod scan_tests {
+    use super::*;
+
+    /// The scan and the full parse agree on the events APIs stream.
+    #[test]
+    fn scanning_counts_what_parsing_counts() {
+        let events: [&str; 8] = [
+            r#"{"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"role":"assistant","content":"Hé \"you\"\n"},"finish_reason":null}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"name":"f","arguments":"{\"a\":1}"}}]}}]}"#,
+            r#"{"choices":[{"text":" lorem","index":0}]}"#,
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"ipsum ✓"}}"#,
+            r#"{"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"{\"x\": "}}"#,
+            r#"{"type":"response.output_text.delta","delta":"dolor"}"#,
+            r#"{"type":"ping"}"#,
+            r#"{"type":"response.output_text.done","text":"not counted: an echo"}"#,
+        ];
+        for e in events {
+            let parsed: Event = serde_json::from_str(e).unwrap();
+            let mut acc = Accumulator::default();
+            acc.apply(parsed);
+            assert_eq!(scan_text_chars(e.as_bytes()), (acc.text_chars, true), "{e}");
+        }
+    }
+
+    #[test]
+    fn scanning_broken_json_never_panics() {
+        for e in [
+            &b"{\"content\":\"abc"[..],
+            b"\"",
+            b"{\"content\":\"\\",
+            b"{\"content\":\"\\u12",
+            b"\xff\xfe\"text\":\"\xc3",
+            b"]]}}",
+            b"{\"a\":[[[[1]",
+        ] {
+            assert!(
+                !scan_text_chars(e).1,
+                "{:?} is not well formed",
+                String::from_utf8_lossy(e)
+            );
+        }
+        let deep = format!("{{\"delta\":{}\"x\"{}}}", "[".repeat(100), "]".repeat(100));
+        assert_eq!(scan_text_chars(deep.as_bytes()).1, true);
     }
 }
