@@ -1393,7 +1393,11 @@ impl Host {
         s.router.started = true;
         s.response.upstream_request_headers = Some(s.data.borrow().request_headers.clone());
         s.response.upstream_request_body = s.router.body.clone();
-        let headers = s.response.upstream_request_headers.as_ref().expect("just set");
+        let headers = s
+            .response
+            .upstream_request_headers
+            .as_ref()
+            .expect("just set");
         let cluster = route
             .cluster_header
             .as_ref()
