@@ -123,6 +123,72 @@ def token_quotas(ctx: DemoContext) -> list[Check]:
     ]
 
 
+def _breaker_stats(lab: Lab) -> dict[str, int]:
+    """The primary circuit's stats from Envoy, by short name (``state``, ...)."""
+    prefix = "sluice_breaker.primary.sim-large."
+    return {name.split(prefix, 1)[1]: value
+            for name, value in lab.envoy.stats("sluice_breaker").items() if prefix in name}
+
+
+def circuit_breaker(ctx: DemoContext) -> list[Check]:
+    """Both primary zones fail, then recover; globex keeps asking throughout.
+
+    Three failures in a row open the primary's circuit (policies/lab.toml);
+    while it is open the breaker rewrites each request to sim-small and
+    routes it to the fallback backend, so clients get answers instead of
+    errors. After the open time, two probes find the primary healthy again
+    and the circuit closes.
+    """
+    specs = [TrafficSpec(tenant="globex", stream_every=2, workers=3)]
+    primaries = [ctx.lab.sim("primary", zone) for zone in ("zone-a", "zone-b")]
+    before = _breaker_stats(ctx.lab)
+    ctx.traffic(specs, ctx.seconds(4))
+
+    ctx.recorder.mark("primary fails (HTTP 500)")
+    for sim in primaries:
+        sim.set_faults(fixed_status=500)
+    t_fail = ctx.recorder.now()
+    ctx.traffic(specs, ctx.seconds(12))
+    failing = summarize(ctx.recorder.between(t_fail, ctx.recorder.now()))
+    opened = _breaker_stats(ctx.lab)
+
+    ctx.recorder.mark("primary recovers")
+    for sim in primaries:
+        sim.set_faults()
+    t_back = ctx.recorder.now()
+    ctx.traffic(specs, ctx.seconds(14))
+    # The circuit may still be open for up to max_open_for (8 s) after a
+    # failed probe: keep the traffic going (bounded) until it has closed.
+    for _ in range(10):
+        if _breaker_stats(ctx.lab).get("state") == 0:
+            break
+        ctx.traffic(specs, 2.0)
+    ctx.traffic(specs, 3.0)
+    end = ctx.recorder.now()
+    recovered = ctx.recorder.between(t_back, end + 1)
+    tail = [o for o in recovered if o.t >= end - 3]
+    after = _breaker_stats(ctx.lab)
+
+    def grew(stats: dict[str, int], key: str) -> int:
+        return stats.get(key, 0) - before.get(key, 0)
+
+    return [
+        Check("the breaker opened when the primary failed",
+              grew(opened, "transition.open") >= 1,
+              f"{grew(opened, 'transition.open')} trips, state gauge {opened.get('state')}"),
+        Check("the fallback model answered while the primary was down",
+              failing["fallback"] > failing["error"] and failing["fallback"] > 0,
+              f"fallback {failing['fallback']}, errors {failing['error']} "
+              f"(the calls that tripped the circuit and failed probes)"),
+        Check("the breaker closed once the primary recovered",
+              grew(after, "transition.closed") >= 1 and after.get("state") == 0,
+              f"{grew(after, 'transition.closed')} closes, state gauge {after.get('state')}"),
+        Check("the primary serves everything again at the end",
+              bool(tail) and all(o.outcome == "ok" for o in tail),
+              f"last 3 s: {summarize(tail)['ok']} ok of {len(tail)}"),
+    ]
+
+
 CHAPTERS: list[Chapter] = [
     Chapter("normal-traffic", "Normal traffic",
             "Two tenants (acme, globex) send chat completions through Envoy, streaming "
@@ -134,8 +200,10 @@ CHAPTERS: list[Chapter] = [
             "gets 429s with OpenAI's rate-limit headers while globex keeps flowing.",
             token_quotas),
     Chapter("circuit-breaker", "Circuit breaker and degradation",
-            "The primary backend starts failing; the breaker opens after 5 failures and "
-            "requests degrade to sim-small on the fallback backend, then recover."),
+            "Both primary zones start answering 500; after 3 failures in a row the breaker "
+            "opens and requests are rewritten to sim-small on the fallback backend; when "
+            "the primary recovers, two probes succeed and the breaker closes.",
+            circuit_breaker),
     Chapter("outlier-detection", "Outlier detection",
             "One endpoint turns slow; it is ejected and traffic moves to the healthy one."),
     Chapter("retry-budget", "Retry budgets",

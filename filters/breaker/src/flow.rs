@@ -174,8 +174,12 @@ impl Flow {
         let backend_name = backend.name.clone();
         // Pin the route to the backend judged here, so Envoy sends the
         // request where its circuit says (model routes need the body, which
-        // Envoy's route table cannot read).
-        host::set_request_header(sluice_core::breaker::BACKEND_HEADER, Some(&backend_name));
+        // Envoy's route table cannot read). Envoy's own default route goes
+        // to the default backend already: setting a header there would only
+        // make it select the same route again.
+        if self.plan.needs_pin(&backend_name) {
+            host::set_request_header(sluice_core::breaker::BACKEND_HEADER, Some(&backend_name));
+        }
         let Some(target) = self.plan.target(&backend_name, &self.model) else {
             self.phase = Phase::Passthrough;
             return Next::Continue;

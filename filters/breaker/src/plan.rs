@@ -74,6 +74,15 @@ impl Plan {
         }
     }
 
+    /// Whether a request judged for `backend` must name it in
+    /// `x-sluice-backend` for Envoy to route it there. Without the header
+    /// Envoy's table (as `sluice render` writes it) tries the policy's
+    /// explicit routes, then the default backend; only when there are no
+    /// explicit routes and the backend is the default is the header moot.
+    pub fn needs_pin(&self, backend: &str) -> bool {
+        !self.policy.routes.is_empty() || backend != self.policy.default_backend
+    }
+
     /// Whether any backend has a breaker.
     pub fn any_guarded(&self) -> bool {
         self.guarded.iter().any(Option::is_some)
