@@ -98,21 +98,29 @@ pub fn lab_env(ws: &Workspace, venv: &Venv, cmd: &mut Command) {
 }
 
 /// Native helpers of the lab tests beyond `build`: the test host's
-/// `probe-observations` (dev profile, shared with `cargo test`), which diffs
-/// its conformance document with Envoy's.
+/// `probe-observations`, which diffs its conformance document with Envoy's.
+///
+/// Built the way `cargo test --workspace` builds it (as the binary of a
+/// package with integration tests, features unified over the workspace and
+/// its dev-dependencies), so that after the cargo test stage this is a no-op;
+/// a plain `cargo build -p sluice-host-tests` would resolve other features
+/// and compile wasmtime a second time.
 pub fn build_lab_helpers(ws: &Workspace) -> Result<()> {
     let bin = ws.root.join("host-tests/src/bin/probe_observations.rs");
     if !ws.has_member("sluice-host-tests") || !bin.is_file() {
         println!("no probe-observations binary in host-tests: skipped");
         return Ok(());
     }
-    cmd::run(cmd::cargo().current_dir(&ws.root).args([
-        "build",
-        "-p",
-        "sluice-host-tests",
-        "--bin",
-        "probe-observations",
-    ]))
+    cmd::run(
+        cmd::cargo()
+            .current_dir(&ws.root)
+            .args(["test", "--workspace", "--no-run"]),
+    )?;
+    let built = ws.target_dir.join("debug/probe-observations");
+    if !built.is_file() {
+        bail!("{} was not built by `cargo test --no-run`", built.display());
+    }
+    Ok(())
 }
 
 /// Everything the lab needs, built and installed.
