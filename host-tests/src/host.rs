@@ -126,6 +126,15 @@ pub struct PluginConfig {
     pub configuration: Vec<u8>,
     /// Bytes `on_vm_start` reads.
     pub vm_configuration: Vec<u8>,
+    /// Envoy's `PluginConfig.allow_on_headers_stop_iteration` (default false).
+    ///
+    /// Without it Envoy turns a `Pause` from `on_http_request_headers` (or
+    /// `on_http_response_headers`) into `StopAllIterationAndWatermark`: the
+    /// filter's body and trailer callbacks are not called while it holds the
+    /// headers (the body is buffered), and it sees the buffered body only once
+    /// it resumes. With it the pause is a plain `StopIteration` and body
+    /// callbacks run while the headers are held (`sluice render envoy` sets it).
+    pub allow_on_headers_stop_iteration: bool,
 }
 
 impl PluginConfig {
@@ -138,6 +147,7 @@ impl PluginConfig {
             name,
             configuration: Vec::new(),
             vm_configuration: Vec::new(),
+            allow_on_headers_stop_iteration: false,
         }
     }
 
@@ -163,6 +173,12 @@ impl PluginConfig {
 
     pub fn vm_configuration(mut self, bytes: impl Into<Vec<u8>>) -> Self {
         self.vm_configuration = bytes.into();
+        self
+    }
+
+    /// Sets [`PluginConfig::allow_on_headers_stop_iteration`].
+    pub fn allow_on_headers_stop_iteration(mut self, allow: bool) -> Self {
+        self.allow_on_headers_stop_iteration = allow;
         self
     }
 }
@@ -308,6 +324,10 @@ struct Held {
     headers: Option<bool>,
     body: Option<(Vec<u8>, bool)>,
     trailers: bool,
+    /// The filter paused its headers without `allow_on_headers_stop_iteration`
+    /// (Envoy's `StopAllIterationAndWatermark`): later body and trailers are
+    /// buffered without calling it, and reach it only when it resumes.
+    stop_all: bool,
 }
 
 #[derive(Default)]
@@ -933,9 +953,20 @@ impl Host {
                 headers.add("x-request-id", &uuid);
             }
         }
+        // Envoy's connection manager resolves the route before the first
+        // filter's `decodeHeaders`, so `xds.cluster_name` (the route's
+        // cluster, when it exists) is readable at request headers. A filter
+        // that changes request headers clears the route cache, but the value
+        // stays until the route is resolved again (by the router: see
+        // [`Host::route`], which re-selects from the headers as the filters
+        // left them).
+        let cluster_name = self
+            .route_cluster(&headers)
+            .filter(|c| self.clusters.contains_key(c));
         let data = StreamData {
             request_headers: headers,
             info: crate::stream_data::StreamInfo {
+                cluster_name,
                 start_time_ns: now,
                 source_address: format!("10.0.1.{}:{}", 1 + worker, 40000 + (id.0 % 20000)),
                 destination_address: "10.0.0.10:8080".into(),
@@ -973,12 +1004,34 @@ impl Host {
                 eos: body_chunks == 0 && !has_trailers && !streaming,
             },
         );
-        for (i, chunk) in request.body.into_iter().enumerate() {
+        // Envoy's HTTP/1 codec hands each body chunk on as it arrives
+        // (end_stream false) and ends the message with an empty end_stream
+        // call, so the filters see the body in calls with eos=false, then
+        // `on_http_request_body(0, true)`.
+        for chunk in request.body {
             if self.stream_stopped(id) {
                 break;
             }
-            let eos = i + 1 == body_chunks && !has_trailers && !streaming;
-            self.push(id, Dir::Request, 0, Frame::Data { bytes: chunk, eos });
+            self.push(
+                id,
+                Dir::Request,
+                0,
+                Frame::Data {
+                    bytes: chunk,
+                    eos: false,
+                },
+            );
+        }
+        if body_chunks > 0 && !has_trailers && !streaming && !self.stream_stopped(id) {
+            self.push(
+                id,
+                Dir::Request,
+                0,
+                Frame::Data {
+                    bytes: Vec::new(),
+                    eos: true,
+                },
+            );
         }
         if let Some(trailers) = request.trailers {
             if let Some(s) = self.streams.get(&id) {
@@ -1043,6 +1096,22 @@ impl Host {
             }
             let slot = self.slot_at(id, dir, pos);
             let held_here = self.held_mut(id, dir).as_ref().is_some_and(|h| h.at == pos);
+            let stop_all = held_here && self.held_mut(id, dir).as_ref().is_some_and(|h| h.stop_all);
+            if stop_all {
+                // StopAllIteration: buffer without calling the filter.
+                if let Some(h) = self.held_mut(id, dir).as_mut() {
+                    match frame {
+                        Frame::Headers { .. } => {}
+                        Frame::Data { bytes, eos } => {
+                            let (mut buffered, _) = h.body.take().unwrap_or_default();
+                            buffered.extend_from_slice(&bytes);
+                            h.body = Some((buffered, eos));
+                        }
+                        Frame::Trailers => h.trailers = true,
+                    }
+                }
+                return;
+            }
             if held_here {
                 // The filter is stopped: it still sees the frame, and its verdict
                 // decides whether everything it holds moves on.
@@ -1086,13 +1155,19 @@ impl Host {
                 Frame::Trailers => self.call_trailers(id, dir, slot),
             };
             if action == Action::Pause {
+                let allow = self.plugins[self.streams[&id].slots[slot].0]
+                    .config
+                    .allow_on_headers_stop_iteration;
                 let held = self.held_mut(id, dir);
                 let mut h = Held {
                     at: pos,
                     ..Held::default()
                 };
                 match frame {
-                    Frame::Headers { eos } => h.headers = Some(eos),
+                    Frame::Headers { eos } => {
+                        h.headers = Some(eos);
+                        h.stop_all = !allow;
+                    }
                     Frame::Data { bytes, eos } => h.body = Some((bytes, eos)),
                     Frame::Trailers => h.trailers = true,
                 }
@@ -1111,13 +1186,16 @@ impl Host {
         if let Some(eos) = held.headers {
             self.push(id, dir, pos + 1, Frame::Headers { eos });
         }
+        // After StopAllIteration the filter has not seen the buffered body and
+        // trailers yet: Envoy delivers them starting from that filter.
+        let from = if held.stop_all { pos } else { pos + 1 };
         if let Some((bytes, eos)) = held.body
             && !self.stream_stopped(id)
         {
-            self.push(id, dir, pos + 1, Frame::Data { bytes, eos });
+            self.push(id, dir, from, Frame::Data { bytes, eos });
         }
         if held.trailers && !self.stream_stopped(id) {
-            self.push(id, dir, pos + 1, Frame::Trailers);
+            self.push(id, dir, from, Frame::Trailers);
         }
     }
 
@@ -1398,16 +1476,14 @@ impl Host {
             .upstream_request_headers
             .as_ref()
             .expect("just set");
-        let cluster = route
-            .cluster_header
-            .as_ref()
-            .and_then(|h| headers.get(h).map(str::to_owned))
-            .or(route.default_cluster.clone());
+        let cluster = Self::select_cluster(&route, headers);
         let Some(cluster) = cluster else {
             s.data.borrow_mut().info.response_flags |= response_flags::NO_ROUTE_FOUND;
             return self.router_reply(id, 404, "", "route_not_found");
         };
         if !self.clusters.contains_key(&cluster) {
+            // The route was resolved again: no cluster, no `xds.cluster_name`.
+            s.data.borrow_mut().info.cluster_name = None;
             s.data.borrow_mut().info.response_flags |= response_flags::NO_CLUSTER_FOUND;
             return self.router_reply(id, 503, "", "cluster_not_found");
         }
@@ -1439,6 +1515,19 @@ impl Host {
             s.router.retries_left = 0;
         }
         self.attempt(id);
+    }
+
+    /// The cluster the route picks for these request headers.
+    fn select_cluster(route: &RouteConfig, headers: &HeaderMap) -> Option<String> {
+        route
+            .cluster_header
+            .as_ref()
+            .and_then(|h| headers.get(h).map(str::to_owned))
+            .or(route.default_cluster.clone())
+    }
+
+    fn route_cluster(&self, headers: &HeaderMap) -> Option<String> {
+        Self::select_cluster(&self.options.route, headers)
     }
 
     fn attempt(&mut self, id: StreamId) {
@@ -1624,8 +1713,21 @@ impl Host {
             return;
         };
         let bytes = bytes.clone();
-        let eos = index + 1 == plan.chunks.len() && plan.trailers.is_none();
-        self.push(id, Dir::Response, 0, Frame::Data { bytes, eos });
+        let last = index + 1 == plan.chunks.len() && plan.trailers.is_none();
+        // As on the request side: each chunk with end_stream false, then an
+        // empty end_stream call when the upstream's message is complete.
+        self.push(id, Dir::Response, 0, Frame::Data { bytes, eos: false });
+        if last && !self.stream_stopped(id) {
+            self.push(
+                id,
+                Dir::Response,
+                0,
+                Frame::Data {
+                    bytes: Vec::new(),
+                    eos: true,
+                },
+            );
+        }
     }
 
     fn on_connect_failure(&mut self, id: StreamId, generation: u64) {

@@ -70,27 +70,29 @@ fn lookup(scope: &PropertyScope<'_>, first: &str, rest: &[&str]) -> Result<Vec<u
         "plugin_name" => only_leaf(rest, scope.plugin.name.as_bytes().to_vec()),
         "plugin_root_id" => only_leaf(rest, scope.plugin.root_id.as_bytes().to_vec()),
         "plugin_vm_id" => only_leaf(rest, scope.plugin.vm_id.as_bytes().to_vec()),
-        "node" => node(scope.node, rest),
+        "connection_id" => stream_leaf(scope, rest, |_, _| Some(u64_bytes(1))),
+        // Envoy 1.40 has no top-level `node`, `cluster_name`, `route_name` or
+        // `listener_direction` any more (older Envoys had them as wasm
+        // attributes): those names fall through to filter state below and read
+        // NotFound. The values live under `xds.` (CEL's XDSWrapper).
         "xds" => {
             let (key, rest) = rest.split_first().ok_or(Status::SerializationFailure)?;
             match *key {
                 "node" => node(scope.node, rest),
+                // The upstream cluster info: set when the route is resolved
+                // (before the first filter's request headers callback).
                 "cluster_name" => stream_leaf(scope, rest, |s, _| {
                     s.info.cluster_name.clone().map(String::into_bytes)
                 }),
                 "route_name" => stream_leaf(scope, rest, |s, _| {
                     s.info.route_name.clone().map(String::into_bytes)
                 }),
+                // The listener's `traffic_direction`: `sluice render envoy`
+                // writes a static listener without one (UNSPECIFIED = 0).
+                "listener_direction" => stream_leaf(scope, rest, |_, _| Some(i64_bytes(0))),
                 _ => Err(Status::NotFound),
             }
         }
-        "cluster_name" => stream_leaf(scope, rest, |s, _| {
-            s.info.cluster_name.clone().map(String::into_bytes)
-        }),
-        "route_name" => stream_leaf(scope, rest, |s, _| {
-            Some(s.info.route_name.clone().unwrap_or_default().into_bytes())
-        }),
-        "listener_direction" => only_leaf(rest, i64_bytes(1)), // OUTBOUND=2, INBOUND=1; sidecar inbound by default
         "request" => request(scope, rest),
         "response" => response(scope, rest),
         "upstream" => upstream(scope, rest),
@@ -416,8 +418,20 @@ mod tests {
             3u64.to_le_bytes()
         );
         assert_eq!(get("request.headers.x").unwrap(), b"1,2");
-        assert_eq!(get("node.locality.zone").unwrap(), b"eu-1a");
-        assert_eq!(get("node.locality").unwrap(), b"\x0a\x02eu\x12\x05eu-1a");
+        assert_eq!(get("xds.node.locality.zone").unwrap(), b"eu-1a");
+        assert_eq!(
+            get("xds.node.locality").unwrap(),
+            b"\x0a\x02eu\x12\x05eu-1a"
+        );
+        // Envoy 1.40: no top-level wasm attributes besides plugin_* and connection_id.
+        for gone in [
+            "node.id",
+            "cluster_name",
+            "route_name",
+            "listener_direction",
+        ] {
+            assert_eq!(get(gone), Err(Status::NotFound), "{gone}");
+        }
         assert_eq!(get("plugin_root_id").unwrap(), b"r");
         assert_eq!(get("upstream.address"), Err(Status::NotFound));
         assert_eq!(get("request"), Err(Status::SerializationFailure));

@@ -170,7 +170,10 @@ impl EndpointBehavior {
             let body = format!("{{\"error\":{status}}}").into_bytes();
             return AttemptPlan::Respond(ResponsePlan {
                 status,
-                headers: vec![("content-type".into(), "application/json".into())],
+                headers: vec![
+                    ("content-type".into(), "application/json".into()),
+                    ("content-length".into(), body.len().to_string()),
+                ],
                 first_byte_ns: ttft.min(5_000_000),
                 chunks: vec![(0, body)],
                 trailers: None,
@@ -197,9 +200,19 @@ impl EndpointBehavior {
             FaultKind::ResetMidStream { after_chunks } => Some(*after_chunks),
             _ => None,
         });
+        let mut headers = self.headers.clone();
+        // A whole body answered at once carries its length, as an HTTP/1
+        // server sends it (streams are chunked and have none).
+        if let BodySpec::Fixed(bytes) = &self.body
+            && !headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        {
+            headers.push(("content-length".into(), bytes.len().to_string()));
+        }
         AttemptPlan::Respond(ResponsePlan {
             status,
-            headers: self.headers.clone(),
+            headers,
             first_byte_ns: ttft,
             chunks: timed,
             trailers: None,

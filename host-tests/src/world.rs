@@ -187,12 +187,12 @@ impl Metrics {
     }
 }
 
-/// Node identity the `node.*` properties report.
+/// Node identity the `xds.node.*` properties report.
 #[derive(Clone, Debug, Default)]
 pub struct NodeInfo {
     pub id: String,
     pub cluster: String,
-    /// `node.metadata` (a protobuf Struct in Envoy); string values only here.
+    /// `xds.node.metadata` (a protobuf Struct in Envoy); string values only here.
     pub metadata: BTreeMap<String, String>,
     pub locality: Locality,
 }

@@ -85,8 +85,13 @@ fn host_with(
         "fallback",
         vec![Endpoint::new("10.0.1.1:8000", "zone-a", fallback)],
     ));
-    host.add_filter(PluginConfig::new(module()).configuration(policy(breaker)))
-        .unwrap();
+    // As `sluice render envoy` configures it.
+    host.add_filter(
+        PluginConfig::new(module())
+            .configuration(policy(breaker))
+            .allow_on_headers_stop_iteration(true),
+    )
+    .unwrap();
     host
 }
 
@@ -278,7 +283,11 @@ max_reject = "80%"
         ),
         Cluster::fixed("fallback", 200, "{}", Duration::from_millis(10)),
     ];
-    scenario.filters = vec![PluginConfig::new(module()).configuration(policy(breaker))];
+    scenario.filters = vec![
+        PluginConfig::new(module())
+            .configuration(policy(breaker))
+            .allow_on_headers_stop_iteration(true),
+    ];
     scenario.request = Box::new(|_, _| chat("big", false));
     scenario
 }

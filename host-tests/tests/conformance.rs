@@ -58,7 +58,19 @@ fn probe_document_reports_envoy_semantics() {
     assert_eq!(p("upstream.address")["status"], "NotFound");
     assert_eq!(p("response.code")["status"], "NotFound");
     assert_eq!(p("no_such_property")["status"], "NotFound");
-    assert_eq!(p("node.locality.zone")["value"], "zone-a");
+    // Envoy 1.40's top-level wasm attributes are only plugin_* and
+    // connection_id; node, route and cluster live under `xds.`.
+    for gone in [
+        "node.id",
+        "node.locality.zone",
+        "route_name",
+        "listener_direction",
+    ] {
+        assert_eq!(p(gone)["status"], "NotFound", "{gone}");
+    }
+    // The route is resolved before the filters see the request headers.
+    assert_eq!(p("xds.cluster_name")["value"], "primary");
+    assert_eq!(p("xds.route_name")["value"], "default");
     let r = |k: &str| &o[format!("response_headers.property.{k}")];
     assert_eq!(r("response.code")["value"], 200);
     assert_eq!(r("response.code")["hex"], "c800000000000000");
@@ -67,7 +79,8 @@ fn probe_document_reports_envoy_semantics() {
     assert_eq!(r("upstream.address")["value"], "10.0.0.1:8000");
     assert_eq!(r("upstream.port")["value"], 8000);
     assert_eq!(r("upstream.request_attempt_count")["value"], 1);
-    assert_eq!(r("xds.cluster_name")["value"], "backend");
+    assert_eq!(r("xds.cluster_name")["value"], "primary");
+    assert_eq!(r("cluster_name")["status"], "NotFound");
 
     // Envoy drops a filter's request headers once it continues.
     assert_eq!(o["response.request_header_status"]["status"], "BadArgument");
@@ -77,11 +90,15 @@ fn probe_document_reports_envoy_semantics() {
         o["callbacks"],
         json!([
             "on_http_request_headers(n=10,eos=false)",
-            "on_http_request_body(size=57,eos=true)",
-            "on_http_response_headers(n=3,eos=false)",
-            "on_http_response_body(size=23,eos=true)"
+            "on_http_request_body(size=57,eos=false)",
+            "on_http_request_body(size=0,eos=true)",
+            "on_http_response_headers(n=4,eos=false)",
+            "on_http_response_body(size=23,eos=false)",
+            "on_http_response_body(size=0,eos=true)"
         ])
     );
+    // The body went on with its eos=false call: nothing is buffered at eos.
+    assert_eq!(o["request.body"], serde_json::Value::Null);
     let end = &o["previous_stream_end"];
     let callbacks = end["callbacks"].as_array().unwrap();
     assert_eq!(

@@ -25,7 +25,9 @@ fn full_request_on_two_workers_sharing_data_under_virtual_time() {
     );
     assert_eq!(first.status, 200);
     let o = observations(&first);
-    assert_eq!(o["request.body"], r#"{"n":1}"#);
+    // Envoy (HTTP/1): the body comes with eos=false, then an empty eos=true
+    // call; the probe continued the first, so nothing is buffered at eos.
+    assert_eq!(o["request.body"], serde_json::Value::Null);
     assert_eq!(o["response.upstream_body"], r#"{"ok":true}"#);
     assert_eq!(o["shared_data.get_missing"], "none");
     // Virtual time: the response took exactly the upstream's 20 ms.
@@ -94,6 +96,110 @@ fn paused_request_is_resumed_from_on_tick() {
     assert_eq!(o["pause.resumed_after_ms"], 70);
     // Resumed at the tick (70 ms), then the upstream's 20 ms.
     assert_eq!(response.time_to_headers(), Some(Duration::from_millis(90)));
+}
+
+/// The probe pausing in `on_http_request_headers` (until its next tick) with
+/// a request body, under `allow_on_headers_stop_iteration` = `allow`.
+fn paused_post(allow: bool) -> (sluice_host_tests::Response, Vec<String>) {
+    let mut host = Host::new(HostOptions {
+        workers: 1,
+        ..HostOptions::default()
+    });
+    host.add_cluster(Cluster::fixed(
+        "backend",
+        200,
+        r#"{"ok":true}"#,
+        Duration::from_millis(20),
+    ));
+    host.add_filter(
+        PluginConfig::new(probe())
+            .configuration(r#"{"tick_ms":100}"#)
+            .allow_on_headers_stop_iteration(allow),
+    )
+    .unwrap();
+    host.advance(Duration::from_millis(30)); // next tick at +70 ms
+    let response = host.send(
+        Request::post_json("/v1/chat/completions", r#"{"n":1}"#)
+            .header("x-probe-pause", "tick")
+            .header("x-probe-id", "p"),
+    );
+    let o = observations(&response);
+    let callbacks = o["callbacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_owned())
+        .collect();
+    (response, callbacks)
+}
+
+#[test]
+fn paused_headers_hold_back_body_callbacks_unless_allowed() {
+    // Envoy's default: Pause becomes StopAllIterationAndWatermark. The body is
+    // buffered without calling the filter; it sees it whole once it resumes.
+    let (response, callbacks) = paused_post(false);
+    assert_eq!(
+        callbacks,
+        [
+            "on_http_request_headers(n=10,eos=false)",
+            "on_http_request_body(size=7,eos=true)",
+            "on_http_response_headers(n=4,eos=false)",
+            "on_http_response_body(size=11,eos=false)",
+            "on_http_response_body(size=0,eos=true)",
+        ]
+    );
+    assert_eq!(observations(&response)["request.body"], r#"{"n":1}"#);
+    assert_eq!(response.time_to_headers(), Some(Duration::from_millis(90)));
+    assert_eq!(response.upstream_request_body, br#"{"n":1}"#);
+
+    // allow_on_headers_stop_iteration: a plain StopIteration. The body
+    // callbacks run while the headers are held, and the probe's Continue from
+    // its body callback lets the held headers go on (as in Envoy).
+    let (response, callbacks) = paused_post(true);
+    assert_eq!(
+        callbacks[..3],
+        [
+            "on_http_request_headers(n=10,eos=false)",
+            "on_http_request_body(size=7,eos=false)",
+            "on_http_request_body(size=0,eos=true)",
+        ]
+    );
+    assert_eq!(response.time_to_headers(), Some(Duration::from_millis(20)));
+    assert_eq!(response.upstream_request_body, br#"{"n":1}"#);
+}
+
+#[test]
+fn route_is_resolved_before_the_request_headers_callback() {
+    let route = RouteConfig {
+        cluster_header: Some("x-sluice-cluster".into()),
+        default_cluster: None,
+        ..RouteConfig::default()
+    };
+    let mut host = Host::new(HostOptions {
+        workers: 1,
+        route,
+        ..HostOptions::default()
+    });
+    host.add_cluster(Cluster::fixed("gpu-b", 200, "b", Duration::from_millis(5)));
+    host.add_filter(PluginConfig::new(probe()).configuration("{}"))
+        .unwrap();
+    let routed = host.send(
+        Request::get("/")
+            .header("x-sluice-cluster", "gpu-b")
+            .header("x-probe-id", "r"),
+    );
+    let o = observations(&routed);
+    assert_eq!(
+        o["request_headers.property.xds.cluster_name"]["value"],
+        "gpu-b"
+    );
+    // A route to a cluster that does not exist has no cluster info.
+    let unknown = host.send(
+        Request::get("/")
+            .header("x-sluice-cluster", "nope")
+            .header("x-probe-id", "u"),
+    );
+    assert_eq!(unknown.status, 503);
 }
 
 #[test]

@@ -46,7 +46,9 @@ fn host(workers: usize, tokens: &str, behavior: EndpointBehavior) -> Host {
         PluginConfig::new(tokens_module())
             .name("sluice_tokens")
             .vm_id("sluice_tokens")
-            .configuration(policy(tokens)),
+            .configuration(policy(tokens))
+            // As `sluice render envoy` configures it.
+            .allow_on_headers_stop_iteration(true),
     )
     .unwrap();
     host
