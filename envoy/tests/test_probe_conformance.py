@@ -6,8 +6,9 @@ host-tests harness produces its document for a fixed scenario
 then the observed one; the upstream answers ``{"id":"x","choices":[]}`` with
 200 after 20 ms). This test plays the same scenario in Envoy 1.40 (the
 rendered lab policy, every endpoint pointed at a fixed-answer upstream, the
-probe first in the chain) and diffs the two documents with the harness's own
-``--compare``.
+probe alone in the chain as in the harness: sluice's filters would add
+response headers the harness's scenario has not) and diffs the two documents
+with the harness's own ``--compare``.
 
 Differences already seen are listed with their reason (or "untriaged") in
 ``probe_known_differences.txt``; any other difference fails the test, so the
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from lab import Envoy, paths, render_envoy
 from lab.render import policy_zones
@@ -46,7 +48,8 @@ class FixedUpstream(http.server.BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802 (http.server's naming)
         self.rfile.read(int(self.headers.get("content-length") or 0))
         time.sleep(0.02)
-        self.send_response(200)
+        # Without http.server's own `server` and `date` headers.
+        self.send_response_only(200)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(UPSTREAM_BODY)))
         self.end_headers()
@@ -58,6 +61,27 @@ class FixedUpstream(http.server.BaseHTTPRequestHandler):
 
 def harness_tool() -> Path:
     return paths.TARGET_DIR / "debug" / "probe-observations"
+
+
+def probe_only(bootstrap: str) -> str:
+    """The rendered bootstrap with its wasm filters removed (the router stays)."""
+    doc = yaml.safe_load(bootstrap)
+
+    def walk(node):
+        if isinstance(node, dict):
+            filters = node.get("http_filters")
+            if isinstance(filters, list):
+                node["http_filters"] = [
+                    f for f in filters
+                    if "wasm" not in str(f.get("typed_config", {}).get("@type", ""))]
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(doc)
+    return yaml.safe_dump(doc, sort_keys=False)
 
 
 def known_differences() -> dict[str, str]:
@@ -91,7 +115,7 @@ def test_envoy_and_the_test_host_show_the_probe_the_same_things(tmp_path):
     try:
         upstream = f"127.0.0.1:{server.server_address[1]}"
         endpoints = {(z.backend, z.zone): [upstream] for z in policy_zones(paths.LAB_POLICY)}
-        bootstrap = with_probe(render_envoy(paths.LAB_POLICY, endpoints=endpoints))
+        bootstrap = with_probe(probe_only(render_envoy(paths.LAB_POLICY, endpoints=endpoints)))
         # The harness's request exactly: its headers (and authority), none of httpx's.
         headers = {"host": "sluice.test", "content-type": "application/json",
                    "user-agent": "sluice-probe-client/1"}
