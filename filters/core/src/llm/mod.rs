@@ -20,6 +20,8 @@
 //!   (or the upstream never reports a stream's usage) and lowers a cap;
 //!   [`rewrite_model`] sends a request to another model (the breaker's
 //!   fallback).
+//! - [`RouteFields::read`] reads only `model` and `stream`, for the breaker,
+//!   which needs nothing else and runs on every request.
 //! - [`UsageParser`] reads the response incrementally, JSON or SSE, chunk by
 //!   chunk as the host hands them over, keeping at most one line of the
 //!   stream; when a stream ends without usage it estimates from the text it
@@ -37,6 +39,7 @@ mod api;
 mod error;
 mod request;
 mod rewrite;
+mod route_fields;
 mod sse;
 mod usage;
 
@@ -46,6 +49,7 @@ pub use request::{
     BodyProblem, Cap, CapField, MAX_SANE_TOKENS, RequestInfo, chars_per_token_for, estimate_tokens,
 };
 pub use rewrite::{Rewrite, RewriteError, rewrite_body, rewrite_model};
+pub use route_fields::RouteFields;
 pub use sse::{SseLineReader, write_event};
 pub use usage::{
     DEFAULT_MAX_JSON_BODY, DEFAULT_MAX_LINE, Framing, Usage, UsageFallback, UsageParser,
