@@ -12,12 +12,12 @@ use std::time::Duration;
 
 use log::warn;
 use sluice_core::breaker::{
-    Acquire, Admission, Bulkhead, Circuit, ClientRequest, DEGRADED_HEADER, Degradation, LocalReply,
-    Poll, ProbeTicket, QueueTicket, RejectReason, Reroute, ResponseFlags, SlotLease, classify,
-    degrade, fail_fast, rewrite_model,
+    Acquire, Admission, Bulkhead, Circuit, CircuitState, ClientRequest, DEGRADED_HEADER,
+    Degradation, LocalReply, Poll, ProbeTicket, QueueTicket, RejectReason, Reroute, ResponseFlags,
+    SlotLease, classify, degrade, fail_fast, rewrite_model,
 };
 use sluice_core::config::{Api, ModelFrom};
-use sluice_core::llm::{ApiShape, RequestInfo, SseLineReader};
+use sluice_core::llm::{ApiShape, RouteFields, SseLineReader};
 use sluice_core::time::Timestamp;
 
 use crate::plan::{CircuitSlot, Plan, Target};
@@ -159,9 +159,11 @@ impl Flow {
     /// Judges the request once its body is known (`body`), or without it
     /// (no body, or larger than the buffer cap: judged by headers alone).
     pub fn decide(&mut self, body: Option<&[u8]>, now: Timestamp, rand: f64) -> Next {
-        let info = body.map(|b| RequestInfo::read(&self.path, b));
-        self.stream = info.as_ref().is_some_and(|i| i.stream);
-        self.model = self.model_of(info.as_ref());
+        // Only `model` and `stream` matter here: a typed two-field read,
+        // not a `Value` tree of the whole body.
+        let fields = body.map(RouteFields::read);
+        self.stream = fields.as_ref().is_some_and(|f| f.stream);
+        self.model = self.model_of(fields);
         let Some(backend) =
             self.plan
                 .policy
@@ -199,9 +201,10 @@ impl Flow {
 
     /// The model: the body's (or the header's, when the policy reads the
     /// header), else the other, else the policy's default, else `unknown`.
-    fn model_of(&self, info: Option<&RequestInfo>) -> String {
+    fn model_of(&self, fields: Option<RouteFields>) -> String {
         let source = &self.plan.policy.model;
-        let from_body = || info.and_then(|i| i.model.clone());
+        let body_model = fields.and_then(|f| f.model);
+        let from_body = || body_model.clone();
         let from_header = || host::request_header(&source.header).filter(|m| !m.is_empty());
         let chosen = match source.from {
             ModelFrom::Body => from_body().or_else(from_header),
@@ -227,15 +230,28 @@ impl Flow {
         let mut refusal: Option<(RejectReason, Option<Duration>)> = None;
         let mut admitted = false;
         for (index, key) in slot.circuit_keys.iter().enumerate() {
+            let cache = slot.closed.get(index);
+            if guarded.cacheable && cache.is_some_and(|c| c.is_fresh(now)) {
+                // Read as closed within `CLOSED_FRESH_FOR`: a closed
+                // admission changes nothing (see `plan::ClosedCache`).
+                self.probe = None;
+                self.probe_renewed = now;
+                self.circuit_index = index;
+                admitted = true;
+                break;
+            }
             match shared::modify(key, |c: &mut Circuit| {
                 let admit = c.admit(cfg, now, rand);
                 (admit, c.state(now))
             }) {
                 Ok((admit, state)) => {
+                    if let Some(c) = cache {
+                        c.observe(state == CircuitState::Closed, now);
+                    }
                     if let Some(t) = admit.transition {
                         slot.metrics.transition(t);
                     } else if index == 0 {
-                        slot.metrics.state.set(u64::from(state.code()));
+                        slot.metrics.observe_state(state);
                     }
                     match admit.admission {
                         Admission::Allowed { probe } => {
@@ -526,7 +542,9 @@ impl Flow {
 
     // --- response ---
 
-    pub fn on_response_headers(&mut self, end_of_stream: bool, now: Timestamp) {
+    /// `now` is the host's clock, asked only when the time is needed (each
+    /// ask is a call out of the VM).
+    pub fn on_response_headers(&mut self, end_of_stream: bool, now: impl Fn() -> Timestamp) {
         if self.phase != Phase::Forwarded {
             return;
         }
@@ -535,7 +553,7 @@ impl Flow {
             host::set_response_header(name, value);
         }
         if end_of_stream {
-            self.first_byte.get_or_insert(now);
+            self.first_byte.get_or_insert_with(now);
         }
         let sse = host::response_header("content-type")
             .is_some_and(|t| t.trim_start().starts_with("text/event-stream"));
@@ -544,11 +562,13 @@ impl Flow {
         }
     }
 
-    pub fn on_response_body(&mut self, size: usize, now: Timestamp) {
+    /// `now` as in [`Flow::on_response_headers`]: a JSON answer's later
+    /// chunks need no time.
+    pub fn on_response_body(&mut self, size: usize, now: impl Fn() -> Timestamp) {
         if self.phase != Phase::Forwarded || size == 0 {
             return;
         }
-        self.first_byte.get_or_insert(now);
+        self.first_byte.get_or_insert_with(&now);
         let Some(reader) = self.sse.as_mut() else {
             return;
         };
@@ -564,6 +584,7 @@ impl Flow {
             }
         });
         if events > 0 {
+            let now = now();
             self.events = self.events.saturating_add(events);
             self.first_event.get_or_insert(now);
             self.last_event = Some(now);
@@ -630,12 +651,20 @@ impl Flow {
                             (None, c.state(now))
                         }
                     });
+                    if let Some(cache) = slot.closed.get(endpoint) {
+                        match &recorded {
+                            // A failure here: read shared data on the next
+                            // admission (whatever other workers add to it).
+                            _ if outcome.is_some_and(|o| o.is_failure()) => cache.forget(),
+                            // A fresh reading, made anyway to record.
+                            Ok((_, state)) => cache.observe(*state == CircuitState::Closed, now),
+                            Err(_) => cache.forget(),
+                        }
+                    }
                     if let Ok((transition, state)) = recorded {
                         match transition {
                             Some(t) => slot.metrics.transition(t),
-                            None if endpoint == 0 => {
-                                slot.metrics.state.set(u64::from(state.code()))
-                            }
+                            None if endpoint == 0 => slot.metrics.observe_state(state),
                             None => {}
                         }
                     }

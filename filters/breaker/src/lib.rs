@@ -152,7 +152,7 @@ impl BreakerRoot {
             for slot in &guarded.circuits {
                 if let Some(key) = slot.circuit_keys.first() {
                     let circuit: Circuit = shared::read(key);
-                    slot.metrics.state.set(u64::from(circuit.state(now).code()));
+                    slot.metrics.set_state(circuit.state(now));
                 }
                 let bulkhead: Bulkhead = shared::read(&slot.bulkhead_key);
                 slot.metrics
@@ -322,12 +322,12 @@ impl HttpContext for BreakerHttp {
     fn on_http_response_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
         self.flow
             .borrow_mut()
-            .on_response_headers(end_of_stream, now());
+            .on_response_headers(end_of_stream, now);
         Action::Continue
     }
 
     fn on_http_response_body(&mut self, body_size: usize, _end_of_stream: bool) -> Action {
-        self.flow.borrow_mut().on_response_body(body_size, now());
+        self.flow.borrow_mut().on_response_body(body_size, now);
         Action::Continue
     }
 

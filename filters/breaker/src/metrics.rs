@@ -7,6 +7,8 @@
 //! their model patterns + 1, times the metrics below). Every metric is
 //! defined in `on_configure`, so a request never defines one.
 
+use std::cell::Cell;
+
 use sluice_core::breaker::{CircuitState, RejectReason, Transition};
 use sluice_filter_common::{Counter, Gauge, Histogram};
 
@@ -14,6 +16,9 @@ use sluice_filter_common::{Counter, Gauge, Histogram};
 pub struct CircuitMetrics {
     /// 0 closed, 1 open, 2 half-open.
     pub state: Gauge,
+    /// The state this worker last saw (and set), so that a request that
+    /// finds the state unchanged makes no host call for the gauge.
+    seen_state: Cell<Option<u8>>,
     to_open: Counter,
     to_half_open: Counter,
     to_closed: Counter,
@@ -37,6 +42,7 @@ impl CircuitMetrics {
         let counter = |name: &str| Counter::define(&format!("{prefix}.{name}"));
         Self {
             state: Gauge::define(&format!("{prefix}.state")),
+            seen_state: Cell::new(None),
             to_open: counter("transition.open"),
             to_half_open: counter("transition.half_open"),
             to_closed: counter("transition.closed"),
@@ -55,7 +61,23 @@ impl CircuitMetrics {
             CircuitState::HalfOpen => self.to_half_open.inc(),
             CircuitState::Closed => self.to_closed.inc(),
         }
-        self.state.set(u64::from(t.to.code()));
+        self.set_state(t.to);
+    }
+
+    /// Sets the state gauge (the root's periodic refresh, a transition).
+    pub fn set_state(&self, state: CircuitState) {
+        self.seen_state.set(Some(state.code()));
+        self.state.set(u64::from(state.code()));
+    }
+
+    /// Sets the state gauge if this worker last saw another state. The
+    /// gauge is one for all workers; a change another worker made is set by
+    /// that worker (with its transition), and the root refreshes the gauge
+    /// from shared data about every second, which bounds any disagreement.
+    pub fn observe_state(&self, state: CircuitState) {
+        if self.seen_state.get() != Some(state.code()) {
+            self.set_state(state);
+        }
     }
 
     pub fn rejected(&self, reason: RejectReason) {

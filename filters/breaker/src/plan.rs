@@ -9,7 +9,11 @@
 //! circuit. Shared data has no delete, so the key set must be bounded by the
 //! policy, never by clients.
 
-use sluice_core::config::{Backend, BreakerConfig, BreakerScope, Policy};
+use std::cell::Cell;
+use std::time::Duration;
+
+use sluice_core::config::{Backend, BreakerConfig, BreakerMode, BreakerScope, Policy};
+use sluice_core::time::Timestamp;
 
 use crate::metrics::CircuitMetrics;
 
@@ -22,6 +26,11 @@ const PREFIX: &str = "sluice_breaker";
 
 /// The name of the catch-all circuit of a backend.
 pub const OTHER: &str = "other";
+
+/// How long a worker trusts its last reading of a circuit as closed: within
+/// this, an admission on that circuit reads no shared data (see
+/// [`ClosedCache`]).
+pub const CLOSED_FRESH_FOR: Duration = Duration::from_millis(20);
 
 /// The configuration every request of one policy shares.
 pub struct Plan {
@@ -38,6 +47,9 @@ pub struct Guarded {
     /// With `scope = "endpoint"`: the backend's static endpoints, then
     /// `other` for any endpoint the policy does not list (EDS, Istio).
     pub endpoints: Vec<String>,
+    /// Whether a closed circuit's admission leaves its state unchanged (not
+    /// `adaptive`, which counts requests), so [`ClosedCache`] may skip it.
+    pub cacheable: bool,
 }
 
 /// One backend × model: its circuit(s), bulkhead and metrics.
@@ -47,6 +59,54 @@ pub struct CircuitSlot {
     pub circuit_keys: Vec<String>,
     pub bulkhead_key: String,
     pub metrics: CircuitMetrics,
+    /// Aligned with `circuit_keys`: when this worker last read each circuit
+    /// as closed.
+    pub closed: Vec<ClosedCache>,
+}
+
+/// This worker's last reading of one circuit as closed, so that admissions
+/// on a healthy circuit skip the shared-data read and decode.
+///
+/// # Why the staleness is safe
+///
+/// In `consecutive` and `rate` mode a closed circuit's admission changes
+/// nothing: it only reads the state, to learn whether the circuit is still
+/// closed. The state a worker relies on is at most [`CLOSED_FRESH_FOR`]
+/// (20 ms) old, and is refreshed for free by every outcome the worker
+/// records (`on_log` reads and writes the shared circuit anyway). Opening is
+/// never cached: the worker that sees the failure that trips the circuit
+/// writes the open state to shared data at once, and is itself told by
+/// that write; every other worker reads it within 20 ms or at its next
+/// completion, whichever is first. So after a trip, at most 20 ms of
+/// admissions on other workers go through (the same order as the requests
+/// already in flight when it tripped, which the circuit never stopped
+/// either). A worker that records a failure forgets its reading, so its next
+/// admission reads shared data. Only `Closed` is cached: open and half-open
+/// admissions (probe slots, open-time ends) always go through shared data,
+/// and so does every admission in `adaptive` mode, which counts requests.
+#[derive(Default)]
+pub struct ClosedCache {
+    read_at: Cell<Option<Timestamp>>,
+}
+
+impl ClosedCache {
+    /// Whether the circuit was read as closed less than [`CLOSED_FRESH_FOR`]
+    /// ago (a clock that went back invalidates the reading).
+    pub fn is_fresh(&self, now: Timestamp) -> bool {
+        self.read_at
+            .get()
+            .is_some_and(|at| now >= at && now.since(at) < CLOSED_FRESH_FOR)
+    }
+
+    /// Records a shared-data reading: closed (at `now`) or not.
+    pub fn observe(&self, closed: bool, now: Timestamp) {
+        self.read_at.set(closed.then_some(now));
+    }
+
+    /// Forgets the reading: the next admission reads shared data.
+    pub fn forget(&self) {
+        self.read_at.set(None);
+    }
 }
 
 /// Where a request is judged: backend index × circuit index.
@@ -150,11 +210,16 @@ impl Guarded {
                 CircuitSlot {
                     metrics: CircuitMetrics::define(&backend.name, &model),
                     bulkhead_key: format!("{base}/bulkhead"),
+                    closed: circuit_keys
+                        .iter()
+                        .map(|_| ClosedCache::default())
+                        .collect(),
                     circuit_keys,
                 }
             })
             .collect();
         Self {
+            cacheable: !matches!(cfg.mode, BreakerMode::Adaptive { .. }),
             cfg,
             circuits,
             endpoints,
