@@ -30,7 +30,7 @@ use sluice_core::llm::{
 use sluice_core::tokens::{Decision, KeyId, Limiter, Plan, QuotaStatus, Ticket};
 use sluice_filter_common::{identity, load_policy, now};
 
-use metrics::Metrics;
+use metrics::{Labels, Metrics};
 use slots::{SlotError, Slots};
 
 const FILTER: &str = "sluice_tokens";
@@ -98,6 +98,8 @@ struct Admitted {
     status: QuotaStatus,
     model: String,
     prompt_tokens: u64,
+    /// The tenant × model counters, looked up once at admission.
+    labels: Labels,
 }
 
 struct TokensHttp {
@@ -207,6 +209,7 @@ impl TokensHttp {
                     status,
                     model,
                     prompt_tokens: reservation.prompt_tokens,
+                    labels,
                 });
                 true
             }
@@ -253,7 +256,7 @@ impl TokensHttp {
             Some(r) if succeeded || r.source != UsageSource::Estimated => r.usage.total_tokens,
             _ => 0,
         };
-        let labels = config.metrics.labels(&self.tenant, &admitted.model);
+        let labels = admitted.labels;
         if let Some(r) = &report {
             if r.clamped {
                 config.metrics.absurd_usage.inc();

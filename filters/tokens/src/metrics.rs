@@ -22,6 +22,9 @@ pub struct Labels {
     pub refunded: Counter,
 }
 
+/// (tenant, model) as indices into the policy's exact names; `None` is `other`.
+type LabelKey = (Option<usize>, Option<usize>);
+
 pub struct Metrics {
     pub invalid: Counter,
     pub too_large: Counter,
@@ -31,7 +34,10 @@ pub struct Metrics {
     pub framing_errors: Counter,
     tenants: Vec<String>,
     models: Vec<String>,
-    labelled: RefCell<HashMap<(String, String), Labels>>,
+    /// Defined counters by (tenant, model) index into `tenants`/`models`,
+    /// `None` for `other`: a lookup compares the names the policy lists and
+    /// allocates nothing (it runs on every request).
+    labelled: RefCell<HashMap<LabelKey, Labels>>,
 }
 
 impl Metrics {
@@ -69,18 +75,23 @@ impl Metrics {
 
     /// The counters of `tenant` × `model`, defined on first use.
     pub fn labels(&self, tenant: &str, model: &str) -> Labels {
-        let bound = |v: &str, known: &[String]| {
-            if known.iter().any(|k| k == v) {
-                sanitize(v)
-            } else {
-                "other".to_string()
-            }
-        };
-        let key = (bound(tenant, &self.tenants), bound(model, &self.models));
+        let key = (
+            self.tenants.iter().position(|k| k == tenant),
+            self.models.iter().position(|k| k == model),
+        );
         if let Some(labels) = self.labelled.borrow().get(&key) {
             return *labels;
         }
-        let prefix = format!("sluice_tokens.tenant.{}.model.{}", key.0, key.1);
+        let name = |index: Option<usize>, known: &[String]| {
+            index
+                .and_then(|i| known.get(i))
+                .map_or_else(|| "other".to_string(), |v| sanitize(v))
+        };
+        let prefix = format!(
+            "sluice_tokens.tenant.{}.model.{}",
+            name(key.0, &self.tenants),
+            name(key.1, &self.models)
+        );
         let c = |name: &str| Counter::define(&format!("{prefix}.{name}"));
         let labels = Labels {
             admitted: c("admitted"),
