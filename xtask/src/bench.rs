@@ -28,8 +28,10 @@ const BENCHES: &[Bench] = &[Bench {
 }];
 
 const LATER: &[&str] = &[
+    "whole Envoy under load, CPU per request of each filter against no filter, the \
+     do-nothing filter and local_ratelimit (after `cargo xtask build` and \
+     `cargo xtask lab-venv`): PYTHONPATH=envoy target/lab-venv/bin/python benches/envoy_cpu.py",
     "core algorithms (filters/core): criterion benches, not written yet",
-    "whole Envoy under load (envoy/ lab + h2load/oha): not written yet",
 ];
 
 /// Lists the benches; with `run`, runs those whose package exists.
