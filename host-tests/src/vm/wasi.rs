@@ -100,45 +100,29 @@ pub(super) fn define(
             }
         },
     )?;
-    // No environment and no arguments.
-    linker.func_wrap(
-        MODULE,
-        "environ_get",
-        |_: C<'_>, _environ: u32, _buf: u32| -> u32 { SUCCESS },
-    )?;
-    linker.func_wrap(
-        MODULE,
-        "environ_sizes_get",
-        |mut caller: C<'_>, count: u32, size: u32| -> u32 {
-            if write_u32(&mut caller, count, 0)
-                .and_then(|_| write_u32(&mut caller, size, 0))
-                .is_err()
-            {
-                EFAULT
-            } else {
-                SUCCESS
-            }
-        },
-    )?;
-    linker.func_wrap(
-        MODULE,
-        "args_get",
-        |_: C<'_>, _argv: u32, _buf: u32| -> u32 { SUCCESS },
-    )?;
-    linker.func_wrap(
-        MODULE,
-        "args_sizes_get",
-        |mut caller: C<'_>, count: u32, size: u32| -> u32 {
-            if write_u32(&mut caller, count, 0)
-                .and_then(|_| write_u32(&mut caller, size, 0))
-                .is_err()
-            {
-                EFAULT
-            } else {
-                SUCCESS
-            }
-        },
-    )?;
+    // No environment and no arguments: both lists are empty.
+    for (list, sizes) in [
+        ("environ_get", "environ_sizes_get"),
+        ("args_get", "args_sizes_get"),
+    ] {
+        linker.func_wrap(MODULE, list, |_: C<'_>, _ptrs: u32, _buf: u32| -> u32 {
+            SUCCESS
+        })?;
+        linker.func_wrap(
+            MODULE,
+            sizes,
+            |mut caller: C<'_>, count: u32, size: u32| -> u32 {
+                if write_u32(&mut caller, count, 0)
+                    .and_then(|_| write_u32(&mut caller, size, 0))
+                    .is_err()
+                {
+                    EFAULT
+                } else {
+                    SUCCESS
+                }
+            },
+        )?;
+    }
     // Both the realtime and the monotonic clock read the virtual clock.
     linker.func_wrap(
         MODULE,
