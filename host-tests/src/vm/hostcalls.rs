@@ -10,7 +10,7 @@ use wasmtime::{Caller, Linker};
 
 use super::{
     CallResponse, ConfigPhase, LocalReply, OutgoingCall, StreamAction, VmState, copy_out,
-    read_bytes, status_of, write_u32, write_u64,
+    read_bytes, read_string, status_of, write_u32, write_u64,
 };
 use crate::abi::{BufferType, LogLevel, MapType, MetricType, Status, StreamType};
 use crate::headers::{HeaderMap, deserialize_pairs, pairs_to_strings};
@@ -39,7 +39,7 @@ pub(super) fn define(
 
     host!("proxy_log", |caller, level: u32, ptr: u32, len: u32| {
         let level = LogLevel::from_raw(level).ok_or(Status::BadArgument)?;
-        let message = String::from_utf8_lossy(&read_bytes(&mut caller, ptr, len)?).into_owned();
+        let message = read_string(&mut caller, ptr, len)?;
         let state = caller.data();
         let name = state.identity.name.clone();
         state
@@ -108,8 +108,7 @@ pub(super) fn define(
         "proxy_get_header_map_value",
         |caller, map: u32, key_ptr: u32, key_len: u32, ret_ptr: u32, ret_size: u32| {
             let map = MapType::from_raw(map).ok_or(Status::BadArgument)?;
-            let key =
-                String::from_utf8_lossy(&read_bytes(&mut caller, key_ptr, key_len)?).into_owned();
+            let key = read_string(&mut caller, key_ptr, key_len)?;
             let value = with_map(&caller, map, true, |m| m.get(&key).map(str::to_owned))
                 .ok_or(Status::BadArgument)?;
             let value = value.ok_or(Status::NotFound)?;
@@ -120,8 +119,7 @@ pub(super) fn define(
         "proxy_remove_header_map_value",
         |caller, map: u32, key_ptr: u32, key_len: u32| {
             let map = MapType::from_raw(map).ok_or(Status::BadArgument)?;
-            let key =
-                String::from_utf8_lossy(&read_bytes(&mut caller, key_ptr, key_len)?).into_owned();
+            let key = read_string(&mut caller, key_ptr, key_len)?;
             with_map_mut(&caller, map, |m| m.remove(&key))
         }
     );
@@ -129,10 +127,8 @@ pub(super) fn define(
         "proxy_replace_header_map_value",
         |caller, map: u32, key_ptr: u32, key_len: u32, val_ptr: u32, val_len: u32| {
             let map = MapType::from_raw(map).ok_or(Status::BadArgument)?;
-            let key =
-                String::from_utf8_lossy(&read_bytes(&mut caller, key_ptr, key_len)?).into_owned();
-            let value =
-                String::from_utf8_lossy(&read_bytes(&mut caller, val_ptr, val_len)?).into_owned();
+            let key = read_string(&mut caller, key_ptr, key_len)?;
+            let value = read_string(&mut caller, val_ptr, val_len)?;
             with_map_mut(&caller, map, |m| m.replace(&key, &value))
         }
     );
@@ -140,10 +136,8 @@ pub(super) fn define(
         "proxy_add_header_map_value",
         |caller, map: u32, key_ptr: u32, key_len: u32, val_ptr: u32, val_len: u32| {
             let map = MapType::from_raw(map).ok_or(Status::BadArgument)?;
-            let key =
-                String::from_utf8_lossy(&read_bytes(&mut caller, key_ptr, key_len)?).into_owned();
-            let value =
-                String::from_utf8_lossy(&read_bytes(&mut caller, val_ptr, val_len)?).into_owned();
+            let key = read_string(&mut caller, key_ptr, key_len)?;
+            let value = read_string(&mut caller, val_ptr, val_len)?;
             with_map_mut(&caller, map, |m| m.add(&key, &value))
         }
     );
@@ -217,8 +211,7 @@ pub(super) fn define(
     host!(
         "proxy_register_shared_queue",
         |caller, name_ptr: u32, name_len: u32, ret_id: u32| {
-            let name =
-                String::from_utf8_lossy(&read_bytes(&mut caller, name_ptr, name_len)?).into_owned();
+            let name = read_string(&mut caller, name_ptr, name_len)?;
             let id = {
                 let state = caller.data();
                 let owner = QueueOwner {
@@ -238,10 +231,8 @@ pub(super) fn define(
     host!(
         "proxy_resolve_shared_queue",
         |caller, vm_ptr: u32, vm_len: u32, name_ptr: u32, name_len: u32, ret_id: u32| {
-            let vm_id =
-                String::from_utf8_lossy(&read_bytes(&mut caller, vm_ptr, vm_len)?).into_owned();
-            let name =
-                String::from_utf8_lossy(&read_bytes(&mut caller, name_ptr, name_len)?).into_owned();
+            let vm_id = read_string(&mut caller, vm_ptr, vm_len)?;
+            let name = read_string(&mut caller, name_ptr, name_len)?;
             let id = {
                 let state = caller.data();
                 // An empty vm_id means this VM's own id.
@@ -307,9 +298,7 @@ pub(super) fn define(
          headers_ptr: u32,
          headers_len: u32,
          grpc_status: i32| {
-            let details =
-                String::from_utf8_lossy(&read_bytes(&mut caller, details_ptr, details_len)?)
-                    .replace(' ', "_");
+            let details = read_string(&mut caller, details_ptr, details_len)?.replace(' ', "_");
             let body = read_bytes(&mut caller, body_ptr, body_len)?;
             let headers = pairs_to_strings(
                 deserialize_pairs(&read_bytes(&mut caller, headers_ptr, headers_len)?)
@@ -340,8 +329,7 @@ pub(super) fn define(
          t_len: u32,
          timeout: u32,
          ret_token: u32| {
-            let cluster =
-                String::from_utf8_lossy(&read_bytes(&mut caller, up_ptr, up_len)?).into_owned();
+            let cluster = read_string(&mut caller, up_ptr, up_len)?;
             let headers = pairs_to_strings(
                 deserialize_pairs(&read_bytes(&mut caller, h_ptr, h_len)?)
                     .ok_or(Status::BadArgument)?,
@@ -410,8 +398,7 @@ pub(super) fn define(
          _args_len: u32,
          ret_ptr: u32,
          ret_size: u32| {
-            let name =
-                String::from_utf8_lossy(&read_bytes(&mut caller, name_ptr, name_len)?).into_owned();
+            let name = read_string(&mut caller, name_ptr, name_len)?;
             match name.as_str() {
                 // The router re-reads request headers at the end of the chain, so
                 // clearing the route cache has nothing more to do here.
@@ -434,8 +421,7 @@ pub(super) fn define(
         "proxy_define_metric",
         |caller, kind: u32, name_ptr: u32, name_len: u32, ret_id: u32| {
             let kind = MetricType::from_raw(kind).ok_or(Status::BadArgument)?;
-            let name =
-                String::from_utf8_lossy(&read_bytes(&mut caller, name_ptr, name_len)?).into_owned();
+            let name = read_string(&mut caller, name_ptr, name_len)?;
             let id = {
                 let state = caller.data_mut();
                 state.next_metric_serial += 1;

@@ -278,6 +278,16 @@ impl WorkerVm {
 
 // --- guest memory helpers shared by the host call modules ---
 
+/// Reads guest memory as text, invalid UTF-8 replaced (header names and
+/// values, property paths, log lines).
+pub(crate) fn read_string(
+    caller: &mut Caller<'_, VmState>,
+    ptr: u32,
+    len: u32,
+) -> Result<String, Status> {
+    Ok(String::from_utf8_lossy(&read_bytes(caller, ptr, len)?).into_owned())
+}
+
 pub(crate) fn read_bytes(
     caller: &mut Caller<'_, VmState>,
     ptr: u32,
