@@ -70,7 +70,7 @@ def with_policy(listener: dict, policy_text: str) -> dict:
     """The listener with every sluice filter configured with ``policy_text``."""
     changed = yaml.safe_load(yaml.safe_dump(listener))
     hcm = changed["filter_chains"][0]["filters"][0]["typed_config"]
-    sluice_filters = [f for f in hcm["http_filters"] if f["name"].startswith("sluice.")]
+    sluice_filters = [f for f in hcm["http_filters"] if f["name"] == "sluice"]
     assert sluice_filters, "the rendered listener has no sluice filter"
     for f in sluice_filters:
         f["typed_config"]["config"]["configuration"]["value"] = policy_text

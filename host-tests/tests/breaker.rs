@@ -1,4 +1,4 @@
-//! The breaker filter (`sluice_breaker.wasm`) in the test host: each
+//! The breaker (`[breaker]` of `sluice.wasm`) in the test host: each
 //! circuit mode against simulated upstreams under virtual time, several
 //! workers sharing one circuit, bulkhead isolation and queueing, and the
 //! three degradations (fail fast, fallback model with streaming, static
@@ -16,8 +16,7 @@ use sluice_host_tests::{
 };
 
 fn module() -> FilterModule {
-    FilterModule::load("sluice-breaker")
-        .expect("breaker module (build it with `cargo xtask build`)")
+    FilterModule::load("sluice").expect("sluice.wasm (build it with `cargo xtask build`)")
 }
 
 /// Two backends: `primary` serves `big`, `fallback` serves `small` and
@@ -88,6 +87,8 @@ fn host_with(
     // As `sluice render envoy` configures it.
     host.add_filter(
         PluginConfig::new(module())
+            .name("sluice")
+            .vm_id("sluice")
             .configuration(policy(breaker))
             .allow_on_headers_stop_iteration(true),
     )
@@ -285,6 +286,8 @@ max_reject = "80%"
     ];
     scenario.filters = vec![
         PluginConfig::new(module())
+            .name("sluice")
+            .vm_id("sluice")
             .configuration(policy(breaker))
             .allow_on_headers_stop_iteration(true),
     ];

@@ -1,4 +1,4 @@
-//! The token filter (`sluice_tokens.wasm`) in the test host: quotas per
+//! The token limiter (`[tokens]` of `sluice.wasm`) in the test host: quotas per
 //! tenant and model, 429s in both APIs' shapes, reconciliation with the real
 //! usage (JSON and SSE, chunk by chunk), several workers under one bound, and
 //! a flood of tenants against a bounded key set.
@@ -12,7 +12,7 @@ use sluice_host_tests::{
 };
 
 fn tokens_module() -> FilterModule {
-    FilterModule::load("sluice-tokens").expect("sluice_tokens.wasm (run `cargo xtask build`)")
+    FilterModule::load("sluice").expect("sluice.wasm (run `cargo xtask build`)")
 }
 
 /// A policy with one backend and the given `[tokens]` section.
@@ -44,8 +44,8 @@ fn host(workers: usize, tokens: &str, behavior: EndpointBehavior) -> Host {
     ));
     host.add_filter(
         PluginConfig::new(tokens_module())
-            .name("sluice_tokens")
-            .vm_id("sluice_tokens")
+            .name("sluice")
+            .vm_id("sluice")
             .configuration(policy(tokens))
             // As `sluice render envoy` configures it.
             .allow_on_headers_stop_iteration(true),
@@ -332,7 +332,7 @@ max_keys = 50
         assert_eq!(r.status, 200, "tenant-{i}: {}", r.body_text());
     }
     // 50 slots and the index: shared data cannot delete, so this is the cap.
-    let keys = host.world().shared_data.key_count("sluice_tokens");
+    let keys = host.world().shared_data.key_count("sluice");
     assert!(keys <= 51, "{keys} shared-data keys");
     // Metrics do not grow with invented tenants either.
     let tenant_metrics = host
@@ -404,7 +404,7 @@ fn an_invalid_policy_is_rejected_at_configuration() {
     let err = host
         .add_filter(
             PluginConfig::new(tokens_module())
-                .name("sluice_tokens")
+                .name("sluice")
                 .configuration(policy("[tokens]\ndefault_max_tokens = \"many\"\n")),
         )
         .unwrap_err()

@@ -1,18 +1,24 @@
-//! proxy-wasm glue shared by sluice's filters.
+//! The engine every sluice capability runs in, and its access to the host.
 //!
 //! The algorithms live in `sluice-core` and know nothing of proxy-wasm; this
-//! crate is the thin layer that connects them to the host: the host clock,
-//! shared data as a [`sluice_core::shared::SharedStore`], metrics, reading
-//! the policy in `on_configure`, and a panic hook that logs before a VM dies.
-//! Every filter uses these, so they behave the same in each.
+//! crate connects them to Envoy:
+//!
+//! - [`engine`]: the one proxy-wasm filter — request context, admission,
+//!   the response observed once, settlement — into which capabilities plug;
+//! - [`host`]: every host call, none of which can panic;
+//! - [`state`]: the one handle on cross-worker shared data;
+//! - [`metrics`], [`config`] (the policy from `on_configure`) and [`panic`]
+//!   (the logger and a panic hook that logs before a VM dies).
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod config;
+pub mod engine;
 pub mod host;
-pub mod identity;
 pub mod metrics;
 pub mod panic;
+pub mod state;
 
 pub use config::load_policy;
 pub use host::{HostStore, now};
-pub use metrics::{Counter, Gauge, Histogram};
+pub use metrics::{Counter, Gauge, Histogram, label};
+pub use state::STATE;

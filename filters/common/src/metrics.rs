@@ -7,8 +7,7 @@
 //! parts. A failure to define or update a metric is never worth failing a
 //! request for: it is ignored.
 
-use proxy_wasm::hostcalls;
-use proxy_wasm::types::MetricType;
+use crate::host::{self, MetricKind};
 
 /// A monotonically increasing count.
 #[derive(Clone, Copy, Debug)]
@@ -24,12 +23,14 @@ pub struct Histogram(Option<u32>);
 
 impl Counter {
     pub fn define(name: &str) -> Self {
-        Self(hostcalls::define_metric(MetricType::Counter, name).ok())
+        Self(host::define_metric(MetricKind::Counter, name))
     }
 
     pub fn add(self, n: u64) {
-        if let Some(id) = self.0 {
-            let _ = hostcalls::increment_metric(id, i64::try_from(n).unwrap_or(i64::MAX));
+        if let Some(id) = self.0
+            && n > 0
+        {
+            host::increment_metric(id, i64::try_from(n).unwrap_or(i64::MAX));
         }
     }
 
@@ -40,30 +41,46 @@ impl Counter {
 
 impl Gauge {
     pub fn define(name: &str) -> Self {
-        Self(hostcalls::define_metric(MetricType::Gauge, name).ok())
+        Self(host::define_metric(MetricKind::Gauge, name))
     }
 
     pub fn set(self, value: u64) {
         if let Some(id) = self.0 {
-            let _ = hostcalls::record_metric(id, value);
+            host::record_metric(id, value);
         }
     }
 
     pub fn add(self, delta: i64) {
         if let Some(id) = self.0 {
-            let _ = hostcalls::increment_metric(id, delta);
+            host::increment_metric(id, delta);
         }
     }
 }
 
 impl Histogram {
     pub fn define(name: &str) -> Self {
-        Self(hostcalls::define_metric(MetricType::Histogram, name).ok())
+        Self(host::define_metric(MetricKind::Histogram, name))
     }
 
     pub fn record(self, value: u64) {
         if let Some(id) = self.0 {
-            let _ = hostcalls::record_metric(id, value);
+            host::record_metric(id, value);
         }
     }
+}
+
+/// A name part safe in a dotted stat name and in Prometheus: ASCII letters,
+/// digits, `-` and `_`, at most 64 characters; anything else (dots, `*`,
+/// spaces, bytes of other scripts) becomes `_`.
+pub fn label(s: &str) -> String {
+    s.chars()
+        .take(64)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }

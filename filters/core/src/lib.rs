@@ -9,8 +9,10 @@
 pub mod breaker;
 pub mod config;
 pub mod llm;
+pub mod outcome;
 pub mod shared;
 pub mod tenant;
 pub mod time;
 pub mod tokens;
 pub mod units;
+pub mod window;

@@ -88,7 +88,7 @@ pub fn summary(policy: &Policy) -> Vec<String> {
         let status = if cap.is_enforced() {
             String::new()
         } else {
-            " — NOT ENFORCED YET: no sluice filter implements this section, it is validated only"
+            " — NOT ENFORCED YET: sluice.wasm does not implement this section, it is validated only"
                 .to_string()
         };
         for line in section_lines(cap, policy) {

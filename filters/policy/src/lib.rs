@@ -96,6 +96,10 @@ pub fn parse_config_bytes(name: &str, bytes: &[u8]) -> Result<Policy, Diagnostic
     parse(Source::new(name, text.into_owned(), format))
 }
 
+/// The module that enforces every capability (`sluice.wasm`), and its
+/// name in Envoy's configuration (filter name, `root_id`, `vm_id`).
+pub const MODULE: &str = "sluice";
+
 /// The capabilities a policy can switch on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Capability {
@@ -126,18 +130,7 @@ impl Capability {
         }
     }
 
-    /// The filter module that enforces it (`<name>.wasm`).
-    pub fn filter(self) -> &'static str {
-        match self {
-            Capability::Outlier => "sluice_outlier",
-            Capability::Breaker => "sluice_breaker",
-            Capability::Tokens => "sluice_tokens",
-            Capability::Retry => "sluice_retry",
-            Capability::Failover => "sluice_failover",
-        }
-    }
-
-    /// Whether a filter enforcing this capability exists yet. Until it does,
+    /// Whether `sluice.wasm` enforces this capability yet. Until it does,
     /// the section is accepted but `explain` and `render` say plainly that it
     /// is not enforced: nothing may look protected that is not.
     pub fn is_enforced(self) -> bool {

@@ -1,9 +1,10 @@
 //! `sluice render envoy`: a complete Envoy bootstrap from a policy.
 //!
 //! The output is a static bootstrap a local Envoy runs as is: the admin
-//! interface, one listener whose HTTP connection manager carries sluice's Wasm
-//! filters (one per enforced capability, each given the policy text as its
-//! configuration) and the router, a route per backend, and one cluster per
+//! interface, one listener whose HTTP connection manager carries `sluice.wasm`
+//! (every enforced capability in one filter, given the policy text as its
+//! configuration; always present, since it also resolves model routes and
+//! strips internal headers a client sent) and the router, a route per backend, and one cluster per
 //! Envoy cluster the policy names, its endpoints grouped by zone and region
 //! into localities so Envoy's own locality handling sees the topology.
 
@@ -15,7 +16,7 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 use sluice_core::config::Policy;
-use sluice_policy::Capability;
+use sluice_policy::{Capability, MODULE};
 
 /// Request header naming the backend a request goes to; the route table
 /// matches it. Filters set it (fallback model, explicit routes).
@@ -64,7 +65,7 @@ pub fn envoy(args: &EnvoyArgs) -> anyhow::Result<ExitCode> {
         .collect();
     for cap in &not_enforced {
         eprintln!(
-            "warning: [{}] is NOT ENFORCED YET: no sluice filter implements it, so the rendered Envoy does not apply it",
+            "warning: [{}] is NOT ENFORCED YET: sluice.wasm does not implement it, so the rendered Envoy does not apply it",
             cap.section()
         );
     }
@@ -75,7 +76,7 @@ pub fn envoy(args: &EnvoyArgs) -> anyhow::Result<ExitCode> {
     );
     for cap in &not_enforced {
         out.push_str(&format!(
-            "# NOT ENFORCED YET: [{}] (no sluice filter implements it)\n",
+            "# NOT ENFORCED YET: [{}] (sluice.wasm does not implement it)\n",
             cap.section()
         ));
     }
@@ -135,11 +136,11 @@ fn socket_address(addr: &str) -> anyhow::Result<Value> {
 }
 
 fn bootstrap(policy: &Policy, policy_text: &str, args: &EnvoyArgs) -> anyhow::Result<Value> {
-    let mut http_filters: Vec<Value> = Capability::ALL
-        .into_iter()
-        .filter(|c| c.is_enabled_in(policy) && c.is_enforced())
-        .map(|c| wasm_filter(c, &args.wasm_dir, policy_text, &args.failure_policy))
-        .collect();
+    let mut http_filters = vec![wasm_filter(
+        &args.wasm_dir,
+        policy_text,
+        &args.failure_policy,
+    )];
     http_filters.push(json!({
         "name": "envoy.filters.http.router",
         "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" }
@@ -273,17 +274,17 @@ fn clusters(policy: &Policy) -> anyhow::Result<Vec<Value>> {
         .collect()
 }
 
-/// The Wasm filter of one capability, configured with the policy text so the
-/// filter validates exactly what `sluice validate` did.
-fn wasm_filter(cap: Capability, wasm_dir: &Path, policy_text: &str, failure_policy: &str) -> Value {
-    let filename = wasm_dir.join(format!("{}.wasm", cap.filter()));
+/// The `sluice.wasm` filter, configured with the policy text so the filter
+/// validates exactly what `sluice validate` did.
+fn wasm_filter(wasm_dir: &Path, policy_text: &str, failure_policy: &str) -> Value {
+    let filename = wasm_dir.join(format!("{MODULE}.wasm"));
     json!({
-        "name": format!("sluice.{}", cap.section()),
+        "name": MODULE,
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
             "config": {
-                "name": cap.filter(),
-                "root_id": cap.filter(),
+                "name": MODULE,
+                "root_id": MODULE,
                 "failure_policy": failure_policy,
                 // Filters hold a request's headers while they read its body
                 // (what a request costs, which model it names). Without this
@@ -291,7 +292,7 @@ fn wasm_filter(cap: Capability, wasm_dir: &Path, policy_text: &str, failure_poli
                 // StopAllIteration and the body callbacks never run.
                 "allow_on_headers_stop_iteration": true,
                 "vm_config": {
-                    "vm_id": cap.filter(),
+                    "vm_id": MODULE,
                     "runtime": "envoy.wasm.runtime.v8",
                     "code": { "local": { "filename": filename.display().to_string() } },
                 },

@@ -4,11 +4,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::outcome::Outcome;
-use super::window::{BucketRing, OutcomeWindow, TimeBuckets};
 use super::{RejectReason, unit_interval};
 use crate::config::{BreakerConfig, BreakerMode};
+use crate::outcome::Outcome;
 use crate::time::{Timestamp, duration_nanos};
+use crate::window::{BucketRing, OutcomeWindow, TimeBuckets};
 
 /// How long a half-open probe holds its slot without news. A probe whose
 /// request never reports back (stream never ends, worker died) frees its

@@ -44,13 +44,7 @@ pub struct ClientRequest<'a> {
     pub model: &'a str,
 }
 
-/// A reply sluice sends itself (`send_http_response`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LocalReply {
-    pub status: u16,
-    pub headers: Vec<(&'static str, String)>,
-    pub body: String,
-}
+pub use crate::llm::LocalReply;
 
 /// Send the request on to another model and backend.
 #[derive(Clone, Debug, PartialEq, Eq)]

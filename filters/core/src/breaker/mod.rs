@@ -133,10 +133,11 @@
 mod bulkhead;
 mod circuit;
 mod degrade;
-mod outcome;
-pub mod window;
+mod verdict;
 
 pub use crate::llm::{RewriteError, rewrite_model};
+pub use crate::outcome::{Judge, Outcome, ResponseFlags, classify};
+pub use crate::window;
 pub use bulkhead::{
     Acquire, Bulkhead, Poll, QueueTicket, SLOT_EPOCH, SlotLease, tenant_cap, tenant_key,
 };
@@ -148,7 +149,7 @@ pub use degrade::{
     BACKEND_HEADER, ClientRequest, DEGRADED_HEADER, Degradation, LocalReply, REASON_HEADER,
     Reroute, degrade, fail_fast, static_answer,
 };
-pub use outcome::{Outcome, ResponseFlags, classify};
+pub use verdict::{CLOSED_FRESH_FOR, ClosedCache, ProbeFate, Refusals, probe_fate};
 
 /// Why a request was turned away, for degradation and the rejection counters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -37,6 +37,7 @@
 
 mod api;
 mod error;
+mod reply;
 mod request;
 mod rewrite;
 mod route_fields;
@@ -45,6 +46,7 @@ mod usage;
 
 pub use api::ApiShape;
 pub use error::{ErrorKind, error_body};
+pub use reply::LocalReply;
 pub use request::{
     BodyProblem, Cap, CapField, MAX_SANE_TOKENS, RequestInfo, chars_per_token_for, estimate_tokens,
 };

@@ -188,6 +188,11 @@ impl UsageParser {
         }
     }
 
+    /// SSE events with data seen so far (`[DONE]` excepted); 0 for JSON.
+    pub fn events(&self) -> u32 {
+        self.acc.events
+    }
+
     /// Ends the body (end of stream, or the stream was cut) and reports the
     /// usage, reported or estimated with `fallback`.
     pub fn finish(mut self, fallback: &UsageFallback) -> UsageReport {
@@ -275,7 +280,11 @@ fn dispatch(data: &mut Vec<u8>, acc: &mut Accumulator) {
     }
     if data.trim_ascii() == b"[DONE]" {
         acc.done = true;
-    } else if !mentions_usage(data) {
+        data.clear();
+        return;
+    }
+    acc.events = acc.events.saturating_add(1);
+    if !mentions_usage(data) {
         // Most of a stream is one event per token, none of which carries
         // usage: parsing each as JSON cost more than the rest of the filter
         // together, so only the text is measured, by a scan (see
@@ -413,6 +422,9 @@ fn scan_string(data: &[u8], start: usize) -> (u64, usize, bool) {
 /// (Anthropic's `message_delta` counts are cumulative).
 #[derive(Debug, Default)]
 struct Accumulator {
+    /// SSE events with data, `[DONE]` excepted: about one per output token
+    /// (OpenAI sends a chunk per token or few, Anthropic a delta).
+    events: u32,
     input: Option<u64>,
     output: Option<u64>,
     cache_creation: Option<u64>,

@@ -9,17 +9,10 @@
 //! circuit. Shared data has no delete, so the key set must be bounded by the
 //! policy, never by clients.
 
-use std::cell::Cell;
-use std::time::Duration;
-
+use sluice_core::breaker::ClosedCache;
 use sluice_core::config::{Backend, BreakerConfig, BreakerMode, BreakerScope, Policy};
-use sluice_core::time::Timestamp;
 
-use crate::metrics::CircuitMetrics;
-
-/// Bodies are buffered up to this when the policy has no `[tokens] max_body`
-/// (the same 1 MiB default); a larger body is judged by its headers alone.
-pub const DEFAULT_MAX_BODY: u64 = 1024 * 1024;
+use super::metrics::CircuitMetrics;
 
 /// Shared-data key prefix; keys are scoped by vm_id already.
 const PREFIX: &str = "sluice_breaker";
@@ -27,17 +20,11 @@ const PREFIX: &str = "sluice_breaker";
 /// The name of the catch-all circuit of a backend.
 pub const OTHER: &str = "other";
 
-/// How long a worker trusts its last reading of a circuit as closed: within
-/// this, an admission on that circuit reads no shared data (see
-/// [`ClosedCache`]).
-pub const CLOSED_FRESH_FOR: Duration = Duration::from_millis(20);
-
 /// The configuration every request of one policy shares.
 pub struct Plan {
     pub policy: Policy,
     /// Aligned with `policy.backends`; `None` where the breaker is off.
     pub guarded: Vec<Option<Guarded>>,
-    pub max_body: u64,
 }
 
 /// A backend the breaker protects.
@@ -64,51 +51,6 @@ pub struct CircuitSlot {
     pub closed: Vec<ClosedCache>,
 }
 
-/// This worker's last reading of one circuit as closed, so that admissions
-/// on a healthy circuit skip the shared-data read and decode.
-///
-/// # Why the staleness is safe
-///
-/// In `consecutive` and `rate` mode a closed circuit's admission changes
-/// nothing: it only reads the state, to learn whether the circuit is still
-/// closed. The state a worker relies on is at most [`CLOSED_FRESH_FOR`]
-/// (20 ms) old, and is refreshed for free by every outcome the worker
-/// records (`on_log` reads and writes the shared circuit anyway). Opening is
-/// never cached: the worker that sees the failure that trips the circuit
-/// writes the open state to shared data at once, and is itself told by
-/// that write; every other worker reads it within 20 ms or at its next
-/// completion, whichever is first. So after a trip, at most 20 ms of
-/// admissions on other workers go through (the same order as the requests
-/// already in flight when it tripped, which the circuit never stopped
-/// either). A worker that records a failure forgets its reading, so its next
-/// admission reads shared data. Only `Closed` is cached: open and half-open
-/// admissions (probe slots, open-time ends) always go through shared data,
-/// and so does every admission in `adaptive` mode, which counts requests.
-#[derive(Default)]
-pub struct ClosedCache {
-    read_at: Cell<Option<Timestamp>>,
-}
-
-impl ClosedCache {
-    /// Whether the circuit was read as closed less than [`CLOSED_FRESH_FOR`]
-    /// ago (a clock that went back invalidates the reading).
-    pub fn is_fresh(&self, now: Timestamp) -> bool {
-        self.read_at
-            .get()
-            .is_some_and(|at| now >= at && now.since(at) < CLOSED_FRESH_FOR)
-    }
-
-    /// Records a shared-data reading: closed (at `now`) or not.
-    pub fn observe(&self, closed: bool, now: Timestamp) {
-        self.read_at.set(closed.then_some(now));
-    }
-
-    /// Forgets the reading: the next admission reads shared data.
-    pub fn forget(&self) {
-        self.read_at.set(None);
-    }
-}
-
 /// Where a request is judged: backend index × circuit index.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Target {
@@ -123,24 +65,7 @@ impl Plan {
             .iter()
             .map(|b| b.breaker.clone().map(|cfg| Guarded::new(b, cfg)))
             .collect();
-        let max_body = policy
-            .tokens
-            .as_ref()
-            .map_or(DEFAULT_MAX_BODY, |t| t.max_body.0);
-        Self {
-            policy,
-            guarded,
-            max_body,
-        }
-    }
-
-    /// Whether a request judged for `backend` must name it in
-    /// `x-sluice-backend` for Envoy to route it there. Without the header
-    /// Envoy's table (as `sluice render` writes it) tries the policy's
-    /// explicit routes, then the default backend; only when there are no
-    /// explicit routes and the backend is the default is the header moot.
-    pub fn needs_pin(&self, backend: &str) -> bool {
-        !self.policy.routes.is_empty() || backend != self.policy.default_backend
+        Self { policy, guarded }
     }
 
     /// Whether any backend has a breaker.

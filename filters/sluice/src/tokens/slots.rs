@@ -11,18 +11,12 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-use sluice_core::shared::{self, UpdateError};
+use sluice_core::shared::UpdateError;
 use sluice_core::time::Timestamp;
 use sluice_core::tokens::{Claim, KeyId, KeyIndex, KeyState, TOUCH_EVERY_SECS};
-use sluice_filter_common::HostStore;
+use sluice_filter_common::STATE;
 
 const INDEX_KEY: &str = "sluice_tokens.index";
-
-/// Compare-and-swap attempts before giving up on one update. Contention is
-/// per key, and a request's update is a few microseconds: eight attempts
-/// lose only to a storm, and then the request is let through (see the
-/// filter's `degraded`).
-const MAX_ATTEMPTS: u32 = 8;
 
 fn slot_key(slot: u32) -> String {
     format!("sluice_tokens.slot.{slot}")
@@ -60,22 +54,17 @@ impl Slots {
     ) -> Result<(u32, R), SlotError> {
         for _ in 0..2 {
             let (slot, fresh) = self.slot_for(key, now)?;
-            let outcome = shared::update(
-                &HostStore,
-                &slot_key(slot),
-                MAX_ATTEMPTS,
-                |state: &mut KeyState| {
-                    if fresh {
-                        // The index just gave us this slot: whatever is there
-                        // belonged to the evicted key.
-                        state.take_over(key);
-                    }
-                    match state.claim(key) {
-                        Claim::Owned | Claim::Fresh => Some(change(state)),
-                        Claim::Taken => None,
-                    }
-                },
-            )?;
+            let outcome = STATE.update(&slot_key(slot), |state: &mut KeyState| {
+                if fresh {
+                    // The index just gave us this slot: whatever is there
+                    // belonged to the evicted key.
+                    state.take_over(key);
+                }
+                match state.claim(key) {
+                    Claim::Owned | Claim::Fresh => Some(change(state)),
+                    Claim::Taken => None,
+                }
+            })?;
             match outcome {
                 Some(result) => return Ok((slot, result)),
                 // Another worker's index update gave the slot away: look again.
@@ -95,12 +84,9 @@ impl Slots {
         key: KeyId,
         mut change: impl FnMut(&mut KeyState) -> R,
     ) -> Result<Option<R>, SlotError> {
-        Ok(shared::update(
-            &HostStore,
-            &slot_key(slot),
-            MAX_ATTEMPTS,
-            |state: &mut KeyState| (state.owner() == Some(key)).then(|| change(state)),
-        )?)
+        Ok(STATE.update(&slot_key(slot), |state: &mut KeyState| {
+            (state.owner() == Some(key)).then(|| change(state))
+        })?)
     }
 
     /// The slot of `key` and whether it was just assigned.
@@ -112,12 +98,9 @@ impl Slots {
             return Ok((slot, false));
         }
         let max_keys = self.max_keys;
-        let assignment = shared::update(
-            &HostStore,
-            INDEX_KEY,
-            MAX_ATTEMPTS,
-            |index: &mut KeyIndex| index.assign(key, now, max_keys),
-        )?;
+        let assignment = STATE.update(INDEX_KEY, |index: &mut KeyIndex| {
+            index.assign(key, now, max_keys)
+        })?;
         let mut cache = self.cache.borrow_mut();
         // The cache holds at most what the index does (plus slack): keys
         // evicted from the index are forgotten here when it overflows.

@@ -1,8 +1,36 @@
-//! What a finished upstream call says about the backend's health.
+//! What a finished upstream call says about an upstream's health.
+//!
+//! Every capability that learns from outcomes judges a call the same way:
+//! the breaker (per backend × model), outlier detection (per endpoint) and
+//! retry budgets. So the verdict lives here, once, and each capability's
+//! configuration says only which failures it counts and what is slow
+//! ([`Judge`]).
 
 use std::time::Duration;
 
 use crate::config::{BreakerConfig, FailureKind};
+
+/// What a capability counts as a failure and as slow.
+pub trait Judge {
+    /// The failure kinds that count (`failure_on`).
+    fn failure_on(&self) -> &[FailureKind];
+    /// A time to first token above this is slow.
+    fn slow_ttft(&self) -> Duration;
+    /// A mean time per output token above this is slow.
+    fn slow_tpot(&self) -> Duration;
+}
+
+impl Judge for BreakerConfig {
+    fn failure_on(&self) -> &[FailureKind] {
+        &self.failure_on
+    }
+    fn slow_ttft(&self) -> Duration {
+        self.slow_ttft
+    }
+    fn slow_tpot(&self) -> Duration {
+        self.slow_tpot
+    }
+}
 
 /// The verdict on one call, as the breaker counts it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -42,7 +70,7 @@ impl Outcome {
     }
 }
 
-/// The parts of Envoy's response flags the breaker cares about.
+/// The parts of Envoy's response flags that judge an upstream.
 ///
 /// A filter reads the `response.flags` attribute (a bit set, see
 /// [`ResponseFlags::from_envoy_bits`]) once the response is complete.
@@ -94,7 +122,7 @@ impl ResponseFlags {
 /// - `tpot`: mean time per output token after the first, `None` if unknown
 ///   (non-streaming, fewer than two tokens).
 ///
-/// Only the kinds listed in `cfg.failure_on` count as failures; the first
+/// Only the kinds listed in `cfg.failure_on()` count as failures; the first
 /// listed kind that applies names the failure, checked in this order:
 /// connect failure, reset, timeout, 429, 5xx, gateway error (502/503/504).
 pub fn classify(
@@ -102,9 +130,9 @@ pub fn classify(
     flags: ResponseFlags,
     ttft: Option<Duration>,
     tpot: Option<Duration>,
-    cfg: &BreakerConfig,
+    cfg: &impl Judge,
 ) -> Option<Outcome> {
-    let listed = |kind: FailureKind| cfg.failure_on.contains(&kind);
+    let listed = |kind: FailureKind| cfg.failure_on().contains(&kind);
     let status_5xx = status.is_some_and(|s| (500..600).contains(&s));
     let gateway = matches!(status, Some(502..=504));
     let candidates = [
@@ -123,6 +151,7 @@ pub fn classify(
     if flags.downstream_disconnect && !upstream_trouble {
         return None;
     }
-    let slow = ttft.is_some_and(|t| t > cfg.slow_ttft) || tpot.is_some_and(|t| t > cfg.slow_tpot);
+    let slow =
+        ttft.is_some_and(|t| t > cfg.slow_ttft()) || tpot.is_some_and(|t| t > cfg.slow_tpot());
     Some(Outcome { failure, slow })
 }

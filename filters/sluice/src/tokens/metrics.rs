@@ -10,7 +10,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 
 use sluice_core::config::TokensConfig;
-use sluice_filter_common::Counter;
+use sluice_filter_common::{Counter, label};
 
 /// Counters of one tenant × model.
 #[derive(Clone, Copy)]
@@ -85,7 +85,7 @@ impl Metrics {
         let name = |index: Option<usize>, known: &[String]| {
             index
                 .and_then(|i| known.get(i))
-                .map_or_else(|| "other".to_string(), |v| sanitize(v))
+                .map_or_else(|| "other".to_string(), |v| label(v))
         };
         let prefix = format!(
             "sluice_tokens.tenant.{}.model.{}",
@@ -103,17 +103,4 @@ impl Metrics {
         self.labelled.borrow_mut().insert(key, labels);
         labels
     }
-}
-
-/// A stats-name-safe version of a label value (dots would split the name).
-fn sanitize(v: &str) -> String {
-    v.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
 }

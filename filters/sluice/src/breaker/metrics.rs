@@ -10,7 +10,7 @@
 use std::cell::Cell;
 
 use sluice_core::breaker::{CircuitState, RejectReason, Transition};
-use sluice_filter_common::{Counter, Gauge, Histogram};
+use sluice_filter_common::{Counter, Gauge, Histogram, label};
 
 /// The stats of one circuit.
 pub struct CircuitMetrics {
@@ -89,19 +89,4 @@ impl CircuitMetrics {
             counter.inc();
         }
     }
-}
-
-/// A name part safe in a dotted stat name and in Prometheus: letters,
-/// digits, `-` and `_`; anything else (dots, `*`, spaces) becomes `_`.
-pub fn label(s: &str) -> String {
-    s.chars()
-        .take(64)
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
 }

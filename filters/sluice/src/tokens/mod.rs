@@ -1,0 +1,274 @@
+//! Token-aware rate limiting (`[tokens]`): the engine's hooks over
+//! `sluice_core::tokens`, whose module docs explain the algorithm and its
+//! overshoot bound.
+//!
+//! - **admit**: the request's cost (estimated prompt + completion cap, from
+//!   the engine's one body parse) is reserved in the tenant × model buckets
+//!   of the first matching quota rule, in shared data; a request that does
+//!   not fit is answered 429 in the client's API shape before the upstream
+//!   is called, a malformed one 400, an oversized one 413 (or estimated
+//!   from its length). OpenAI streams get `stream_options.include_usage`.
+//! - **response headers**: the reservation's rate-limit headers;
+//! - **done** (also after resets, and after a later capability turned the
+//!   request away): the usage the engine read from the response is settled
+//!   against the reservation, and the stream slot freed.
+
+mod metrics;
+mod slots;
+
+use std::rc::Rc;
+
+use log::{debug, warn};
+use sluice_core::config::{LargeBody, Policy, TokensConfig};
+use sluice_core::llm::{
+    ErrorKind, LocalReply, RequestInfo, UsageFallback, UsageSource, chars_per_token_for,
+};
+use sluice_core::time::Timestamp;
+use sluice_core::tokens::{Decision, KeyId, Limiter, Plan, QuotaStatus, Ticket};
+use sluice_filter_common::engine::{
+    Admission, Admitted, BodyRead, Capability, Flow, Observation, Verdict,
+};
+
+use metrics::{Labels, Metrics};
+use slots::{SlotError, Slots};
+
+/// Response header saying sluice's token limiter answered.
+const LIMITED_HEADER: &str = "x-sluice-limited";
+
+/// The `[tokens]` capability of one policy.
+pub struct Tokens {
+    inner: Rc<Inner>,
+}
+
+/// What the capability and its flows share.
+struct Inner {
+    tokens: TokensConfig,
+    limiter: Limiter,
+    metrics: Metrics,
+    slots: Slots,
+}
+
+impl Tokens {
+    /// The capability, if the policy enables `[tokens]`.
+    pub fn from_policy(policy: &Policy) -> Option<Self> {
+        let tokens = policy.tokens.clone()?;
+        Some(Tokens {
+            inner: Rc::new(Inner {
+                limiter: Limiter::new(&tokens),
+                metrics: Metrics::define(&tokens),
+                slots: Slots::new(tokens.max_keys.get()),
+                tokens,
+            }),
+        })
+    }
+}
+
+impl Capability for Tokens {
+    fn name(&self) -> &'static str {
+        "tokens"
+    }
+
+    fn reads_usage(&self) -> bool {
+        true
+    }
+
+    fn reads_prompt(&self) -> bool {
+        true
+    }
+
+    fn admit(&self, admission: &mut Admission<'_>) -> Admitted {
+        let inner = &self.inner;
+        let request = admission.request;
+        let cfg = &inner.tokens;
+        let mut info = match &request.body {
+            BodyRead::Read { info, .. } => info.clone(),
+            BodyRead::TooLarge { length } => match cfg.on_large_body {
+                LargeBody::Reject => {
+                    inner.metrics.too_large.inc();
+                    let message = format!(
+                        "request body of {length} bytes is larger than the {} this gateway inspects",
+                        cfg.max_body
+                    );
+                    return reply(LocalReply::error(
+                        request.api,
+                        ErrorKind::TooLarge,
+                        &message,
+                        [(LIMITED_HEADER, "tokens".to_string())],
+                    ));
+                }
+                LargeBody::Estimate => RequestInfo::from_length(&request.path, *length, cfg),
+            },
+        };
+        if matches!(request.body, BodyRead::Read { .. }) {
+            info.prompt_tokens = info.prompt_tokens_for(cfg, &request.model);
+        }
+        let Some(quota) = inner.limiter.quota_for(
+            &request.path,
+            &request.authority,
+            &request.model,
+            &request.tenant,
+        ) else {
+            return Admitted::pass();
+        };
+        let (reservation, rewrite) = match inner.limiter.plan(quota, &info) {
+            Plan::Forward {
+                reservation,
+                rewrite,
+            } => (reservation, rewrite),
+            Plan::Reject { kind, message } => {
+                inner.metrics.invalid.inc();
+                return reply(LocalReply::error(
+                    request.api,
+                    kind,
+                    &message,
+                    [(LIMITED_HEADER, "tokens".to_string())],
+                ));
+            }
+        };
+        let now = admission.now;
+        let key = KeyId::new(quota, &request.tenant, &request.model);
+        let outcome = inner.slots.update(key, now, |state| {
+            inner.limiter.reserve(state, now, quota, &reservation)
+        });
+        let (slot, decision) = match outcome {
+            Ok(done) => done,
+            Err(e) => return degraded(&inner.metrics, &e),
+        };
+        let labels = inner.metrics.labels(&request.tenant, &request.model);
+        match decision {
+            Decision::Rejected(rejection) => {
+                labels.rejected.inc();
+                let mut headers = inner
+                    .limiter
+                    .headers(&rejection.status, rejection.retry_after);
+                headers.push((LIMITED_HEADER, "tokens".to_string()));
+                let message = rejection.message(&request.model);
+                reply(LocalReply::error(
+                    request.api,
+                    rejection.error_kind(),
+                    &message,
+                    headers,
+                ))
+            }
+            Decision::Admitted { ticket, status } => {
+                labels.admitted.inc();
+                labels.reserved.add(ticket.reserved);
+                if request.bytes().is_some() {
+                    admission.edits.rewrite = rewrite;
+                }
+                Admitted {
+                    verdict: Verdict::Go,
+                    flow: Some(Box::new(TokensFlow {
+                        inner: Rc::clone(&self.inner),
+                        slot,
+                        key,
+                        ticket,
+                        status,
+                        tenant: request.tenant.clone(),
+                        model: request.model.clone(),
+                        prompt_tokens: reservation.prompt_tokens,
+                        labels,
+                        settled: false,
+                    })),
+                }
+            }
+        }
+    }
+}
+
+fn reply(reply: LocalReply) -> Admitted {
+    Admitted {
+        verdict: Verdict::Reply(reply),
+        flow: None,
+    }
+}
+
+/// Shared data failed us (a host error, or other workers kept winning the
+/// compare-and-swap): the request goes on unlimited rather than failing,
+/// and a metric says so.
+fn degraded(metrics: &Metrics, e: &SlotError) -> Admitted {
+    warn!("sluice tokens: quota state unavailable ({e}); request forwarded unlimited");
+    metrics.state_errors.inc();
+    Admitted::pass()
+}
+
+/// A request admitted under a quota, until it is settled.
+struct TokensFlow {
+    inner: Rc<Inner>,
+    slot: u32,
+    key: KeyId,
+    ticket: Ticket,
+    status: QuotaStatus,
+    tenant: String,
+    model: String,
+    prompt_tokens: u64,
+    /// The tenant × model counters, looked up once at admission.
+    labels: Labels,
+    settled: bool,
+}
+
+impl Flow for TokensFlow {
+    fn response_headers(
+        &mut self,
+        _observation: &Observation,
+        add: &mut Vec<(&'static str, String)>,
+    ) {
+        add.extend(self.inner.limiter.headers(&self.status, None));
+    }
+
+    fn done(&mut self, observation: &mut Observation, now: Timestamp) {
+        if std::mem::replace(&mut self.settled, true) {
+            return;
+        }
+        let inner = Rc::clone(&self.inner);
+        let report = observation.take_usage().map(|parser| {
+            parser.finish(&UsageFallback {
+                prompt_tokens: self.prompt_tokens,
+                chars_per_token: chars_per_token_for(&inner.tokens, &self.model),
+            })
+        });
+        // An upstream that failed (or never answered) generated nothing that
+        // can be measured: charge what it reported, else nothing beyond the
+        // prompt it was sent.
+        let succeeded = observation.succeeded();
+        let actual = match &report {
+            Some(r) if succeeded || r.source != UsageSource::Estimated => r.usage.total_tokens,
+            _ => 0,
+        };
+        if let Some(r) = &report {
+            if r.clamped {
+                inner.metrics.absurd_usage.inc();
+            }
+            if r.source == UsageSource::Estimated && succeeded {
+                inner.metrics.estimated_usage.inc();
+            }
+            inner
+                .metrics
+                .framing_errors
+                .add(u64::from(r.framing_errors));
+        }
+        let ticket = self.ticket;
+        let result = inner.slots.update_owned(self.slot, self.key, |state| {
+            inner.limiter.finish(state, now, &ticket, Some(actual))
+        });
+        match result {
+            Ok(Some(Some(settled))) if settled.delta < 0 => {
+                self.labels.refunded.add(settled.delta.unsigned_abs())
+            }
+            Ok(Some(Some(settled))) => self.labels.charged.add(settled.delta.unsigned_abs()),
+            // Nothing to settle, or the key was evicted meanwhile (its
+            // buckets went with it).
+            Ok(_) => {}
+            Err(e) => {
+                warn!(
+                    "sluice tokens: could not settle a reservation ({e}); the bucket keeps the reservation"
+                );
+                inner.metrics.state_errors.inc();
+            }
+        }
+        debug!(
+            "sluice tokens: settled {} reserved {} used {actual}",
+            self.tenant, ticket.reserved
+        );
+    }
+}
