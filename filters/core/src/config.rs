@@ -473,8 +473,26 @@ pub struct TokensConfig {
     pub ietf_headers: bool,
     /// Tenant × model keys tracked at once; the idlest are evicted beyond it.
     pub max_keys: NonZeroU32,
+    /// What happens to a request when the shared quota state cannot be read
+    /// or written (a host error, or compare-and-swap races lost until the
+    /// retry bound).
+    pub on_state_error: StateErrorPolicy,
     #[serde(rename = "quota")]
     pub quotas: Vec<Quota>,
+}
+
+/// The token limiter's answer when its shared state is unavailable.
+///
+/// `Deny` by default: under a flood of writers to one key, admitting without
+/// limit would turn contention into exactly the overload a quota exists to
+/// stop. `Allow` prefers availability over the limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StateErrorPolicy {
+    /// Turn the request away, as if its quota were exhausted.
+    Deny,
+    /// Let the request through, unlimited.
+    Allow,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

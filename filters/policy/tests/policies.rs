@@ -171,3 +171,44 @@ ttl = "0s"
         ["10:7: `ttl` must be longer than 0s, found 0s"]
     );
 }
+
+/// A policy with one `[tokens]` section written by `tokens`.
+fn with_tokens(tokens: &str) -> String {
+    format!(
+        "[[backend]]\nname = \"llm\"\nmodels = [\"*\"]\n[[backend.zone]]\nname = \"local\"\n[tokens]\n{tokens}"
+    )
+}
+
+#[test]
+fn on_state_error_defaults_to_deny() {
+    use sluice_core::config::StateErrorPolicy;
+    use sluice_policy::Policy;
+    let on_state_error = |p: &Policy| p.tokens.as_ref().unwrap().on_state_error;
+    let quota = "[[tokens.quota]]\ntokens = \"60k/min\"\n";
+    let default = parse_toml("p.toml", &with_tokens(quota)).unwrap();
+    assert_eq!(on_state_error(&default), StateErrorPolicy::Deny);
+    let allow = with_tokens(&format!("on_state_error = \"allow\"\n{quota}"));
+    let allow = parse_toml("p.toml", &allow).unwrap();
+    assert_eq!(on_state_error(&allow), StateErrorPolicy::Allow);
+    let json = r#"{"backend": [{"name": "llm", "models": "*", "zone": [{"name": "local"}]}],
+        "tokens": {"on_state_error": "deny", "quota": [{"tokens": "60k/min"}]}}"#;
+    assert_eq!(
+        on_state_error(&parse_json("plugin", json).unwrap()),
+        StateErrorPolicy::Deny
+    );
+}
+
+#[test]
+fn a_misspelled_on_state_error_suggests_the_spelling() {
+    let text =
+        with_tokens("on_state_error = \"fail-open\"\n[[tokens.quota]]\ntokens = \"60k/min\"\n");
+    let d = parse_toml("p.toml", &text).unwrap_err();
+    assert_eq!(actual_errors(&d), ["7:18: unknown value `fail-open`"]);
+    assert_eq!(
+        d.items[0].hint.as_deref(),
+        Some("expected `deny` or `allow`")
+    );
+    let text = with_tokens("on_state_error = \"alow\"\n[[tokens.quota]]\ntokens = \"60k/min\"\n");
+    let d = parse_toml("p.toml", &text).unwrap_err();
+    assert_eq!(d.items[0].hint.as_deref(), Some("did you mean `allow`?"));
+}

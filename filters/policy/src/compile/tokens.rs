@@ -70,6 +70,10 @@ impl Compiler {
             include_usage: or(&raw.include_usage, true),
             ietf_headers: or(&raw.ietf_headers, false),
             max_keys: self.nonzero(&raw.max_keys, "max_keys", dflt::MAX_KEYS, l),
+            on_state_error: match or(&raw.on_state_error, dflt::ON_STATE_ERROR) {
+                raw::OnStateError::Deny => cfg::StateErrorPolicy::Deny,
+                raw::OnStateError::Allow => cfg::StateErrorPolicy::Allow,
+            },
             quotas,
         }
     }
