@@ -122,8 +122,13 @@ fn section_lines(cap: Capability, policy: &Policy) -> Vec<String> {
                 if let Some(c) = q.concurrent_streams {
                     limits.push(format!("{c} concurrent streams"));
                 }
+                let rule = q
+                    .name
+                    .as_ref()
+                    .map(|name| format!("rule {name}: "))
+                    .unwrap_or_default();
                 let mut line = format!(
-                    "each tenant × model {} may use {}",
+                    "{rule}each tenant × model {} may use {}",
                     describe_match(&q.matcher),
                     limits.join(", ")
                 );
@@ -136,6 +141,11 @@ fn section_lines(cap: Capability, policy: &Policy) -> Vec<String> {
                 }
                 if let Some(b) = q.burst {
                     let _ = write!(line, "; burst {}", Count(b));
+                }
+                if q.name.is_none() {
+                    line.push_str(
+                        "; unnamed, so a change to its match or limits starts its state afresh",
+                    );
                 }
                 lines.push(line);
             }

@@ -203,6 +203,7 @@ raw_table! {
 raw_table! {
     /// `[[tokens.quota]]`: limits per tenant × model.
     pub struct Quota {
+        name: String,
         matcher = "match": Match,
         tokens: Vec<Spanned<Rate>>,
         requests: Rate,

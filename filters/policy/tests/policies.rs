@@ -212,3 +212,55 @@ fn a_misspelled_on_state_error_suggests_the_spelling() {
     let d = parse_toml("p.toml", &text).unwrap_err();
     assert_eq!(d.items[0].hint.as_deref(), Some("did you mean `allow`?"));
 }
+
+/// State is keyed by a rule's identity: a reload that reorders the rules
+/// must find every rule's state again.
+#[test]
+fn quota_identities_survive_reordering() {
+    let named =
+        "[[tokens.quota]]\nname = \"acme\"\nmatch = { tenants = \"acme\" }\ntokens = \"60k/min\"\n";
+    let unnamed = "[[tokens.quota]]\nmatch = { models = \"gpt-4o\" }\ntokens = \"30k/min\"\nrequests = \"60/min\"\n";
+    let catch_all = "[[tokens.quota]]\ntokens = \"10k/min\"\n";
+    let identities = |rules: &[&str]| -> Vec<(String, u64)> {
+        let policy = parse_toml("p.toml", &with_tokens(&rules.concat())).unwrap();
+        let mut ids: Vec<(String, u64)> = policy
+            .tokens
+            .unwrap()
+            .quotas
+            .iter()
+            .map(|q| (format!("{:?}", q.matcher), q.identity()))
+            .collect();
+        ids.sort();
+        ids
+    };
+    let before = identities(&[named, unnamed, catch_all]);
+    assert_eq!(before, identities(&[unnamed, catch_all, named]));
+    assert_eq!(before, identities(&[catch_all, named, unnamed]));
+    // Three rules, three states.
+    let mut distinct: Vec<u64> = before.iter().map(|(_, id)| *id).collect();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 3);
+}
+
+#[test]
+fn a_name_keeps_a_rule_identity_across_limit_changes() {
+    let identity = |rule: &str| {
+        let policy = parse_toml("p.toml", &with_tokens(rule)).unwrap();
+        policy.tokens.unwrap().quotas[0].identity()
+    };
+    let named = |limit: &str| {
+        identity(&format!(
+            "[[tokens.quota]]\nname = \"acme\"\nmatch = {{ tenants = \"acme\" }}\ntokens = \"{limit}\"\n"
+        ))
+    };
+    let unnamed = |limit: &str| {
+        identity(&format!(
+            "[[tokens.quota]]\nmatch = {{ tenants = \"acme\" }}\ntokens = \"{limit}\"\n"
+        ))
+    };
+    assert_eq!(named("60k/min"), named("120k/min"));
+    assert_ne!(unnamed("60k/min"), unnamed("120k/min"));
+    assert_eq!(unnamed("60k/min"), unnamed("60k/min"));
+    assert_ne!(named("60k/min"), unnamed("60k/min"));
+}

@@ -18,6 +18,7 @@ pub fn rate(amount: u64, secs: u64) -> Rate {
 
 pub fn quota(tokens: Vec<Rate>) -> Quota {
     Quota {
+        name: None,
         matcher: Match::default(),
         tokens,
         requests: None,

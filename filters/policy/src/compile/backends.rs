@@ -93,13 +93,24 @@ impl Compiler {
         Some(name)
     }
 
-    fn check_name(&mut self, what: &'static str, name: &str, loc: &Loc) {
+    /// A name the policy declares (backend, zone, quota rule): lowercase
+    /// letters, digits, `-`, `_` and `.`.
+    pub(super) fn check_name(&mut self, what: &'static str, name: &str, loc: &Loc) {
         let valid = !name.is_empty()
             && name.bytes().all(|b| {
                 b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_' || b == b'.'
             });
         if !valid {
-            self.invalid(loc, format!("{what} name `{name}` is not valid"), Some("use lowercase letters, digits, `-`, `_` and `.`: it becomes part of Envoy cluster and metric names"));
+            let hint = if what == "quota" {
+                "use lowercase letters, digits, `-`, `_` and `.`, as in backend names"
+            } else {
+                "use lowercase letters, digits, `-`, `_` and `.`: it becomes part of Envoy cluster and metric names"
+            };
+            self.invalid(
+                loc,
+                format!("{what} name `{name}` is not valid"),
+                Some(hint),
+            );
         }
     }
 

@@ -4,6 +4,9 @@
 //! must hold the largest completion a request may reserve, which needs the
 //! section's `default_max_tokens`, so that check runs once the whole
 //! section is compiled.
+//!
+//! A rule's optional `name` is its identity in shared state (see
+//! `Quota::identity`), so each name may be used once.
 
 use std::time::Duration;
 
@@ -53,11 +56,11 @@ impl Compiler {
                 &loc_of(&raw.max_body, l),
             );
         }
-        let quotas = raw
-            .quota
-            .as_ref()
-            .map(|q| q.value.iter().map(|q| self.quota(q)).collect())
-            .unwrap_or_default();
+        let mut quotas: Vec<Quota> = Vec::new();
+        for q in raw.quota.iter().flat_map(|q| &q.value) {
+            let quota = self.quota(q, &quotas);
+            quotas.push(quota);
+        }
         TokensConfig {
             chars_per_token,
             model_chars_per_token,
@@ -86,8 +89,20 @@ impl Compiler {
         value
     }
 
-    fn quota(&mut self, raw: &raw::Quota) -> Quota {
+    /// One rule; `before` are the rules above it, whose names it may not reuse.
+    fn quota(&mut self, raw: &raw::Quota, before: &[Quota]) -> Quota {
         let l = &raw.loc;
+        let name = raw.name.as_ref().map(|n| {
+            self.check_name("quota", &n.value, &n.loc);
+            if before.iter().any(|q| q.name.as_ref() == Some(&n.value)) {
+                self.push(CompileError::Duplicate {
+                    what: "quota",
+                    name: n.value.clone(),
+                    loc: n.loc.clone(),
+                });
+            }
+            n.value.clone()
+        });
         let tokens: Vec<Rate> = raw
             .tokens
             .as_ref()
@@ -123,6 +138,7 @@ impl Compiler {
             );
         }
         Quota {
+            name,
             matcher: self.matcher(raw.matcher.as_ref().map(|m| &m.value)),
             tokens,
             requests: raw.requests.as_ref().map(|r| r.value),
