@@ -10,6 +10,7 @@ use std::num::NonZeroU32;
 use std::time::Duration;
 
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 
 use crate::units::{ByteSize, Rate, Ratio, serialize_duration};
 
@@ -473,8 +474,26 @@ pub struct TokensConfig {
     pub ietf_headers: bool,
     /// Tenant × model keys tracked at once; the idlest are evicted beyond it.
     pub max_keys: NonZeroU32,
+    /// What happens to a request when the shared quota state cannot be read
+    /// or written (a host error, or compare-and-swap races lost until the
+    /// retry bound).
+    pub on_state_error: StateErrorPolicy,
     #[serde(rename = "quota")]
     pub quotas: Vec<Quota>,
+}
+
+/// The token limiter's answer when its shared state is unavailable.
+///
+/// `Deny` by default: under a flood of writers to one key, admitting without
+/// limit would turn contention into exactly the overload a quota exists to
+/// stop. `Allow` prefers availability over the limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StateErrorPolicy {
+    /// Turn the request away, as if its quota were exhausted.
+    Deny,
+    /// Let the request through, unlimited.
+    Allow,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -490,6 +509,11 @@ pub enum LargeBody {
 /// rule in file order applies).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Quota {
+    /// Optional name of the rule, unique among the rules. It is the rule's
+    /// identity (see [`Quota::identity`]): with a name, the rule keeps its
+    /// state when its match or limits change.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     #[serde(rename = "match")]
     pub matcher: Match,
     /// Token limits, each over its own period.
@@ -515,6 +539,92 @@ pub struct Quota {
 pub enum OverCap {
     Reject,
     Clamp,
+}
+
+impl Quota {
+    /// A stable 64-bit identity of the rule, for keying its shared state:
+    /// the first 8 bytes of a SHA-256 of the rule's `name` when it has one,
+    /// else of its match and its limits. It never depends on the rule's
+    /// position, so a reload that reorders the rules keeps every rule's
+    /// state.
+    ///
+    /// Without a name, changing the rule's match or any of its limits
+    /// (`tokens`, `requests`, `concurrent_streams`, `burst`,
+    /// `max_completion_tokens`, `over_cap`) makes it a new rule with fresh
+    /// state; give it a `name` to keep its state across such changes.
+    pub fn identity(&self) -> u64 {
+        let mut h = Sha256::new();
+        match &self.name {
+            Some(name) => {
+                // Domain tags keep a name apart from any rule's encoding.
+                h.update(b"sluice.quota.name\0");
+                hash_str(&mut h, name);
+            }
+            None => {
+                h.update(b"sluice.quota.rule\0");
+                let m = &self.matcher;
+                hash_list(&mut h, m.tenants.iter().map(Pattern::as_str));
+                hash_list(&mut h, m.models.iter().map(Pattern::as_str));
+                hash_list(&mut h, m.path_prefix.iter().map(String::as_str));
+                hash_list(&mut h, m.authority.iter().map(String::as_str));
+                hash_len(&mut h, self.tokens.len());
+                for rate in &self.tokens {
+                    hash_rate(&mut h, rate);
+                }
+                hash_option(&mut h, self.requests.as_ref(), hash_rate);
+                hash_option(&mut h, self.concurrent_streams, |h, n| {
+                    h.update(n.get().to_le_bytes())
+                });
+                hash_option(&mut h, self.burst, |h, n| h.update(n.to_le_bytes()));
+                hash_option(&mut h, self.max_completion_tokens, |h, n| {
+                    h.update(n.get().to_le_bytes())
+                });
+                h.update([match self.over_cap {
+                    OverCap::Reject => 0u8,
+                    OverCap::Clamp => 1,
+                }]);
+            }
+        }
+        let digest = h.finalize();
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest[..8]);
+        u64::from_le_bytes(first)
+    }
+}
+
+// The canonical encoding behind `Quota::identity`: every variable-length
+// item is length-prefixed and every optional one tagged, so that no two
+// different rules encode alike (("ab", "c") is not ("a", "bc")).
+
+fn hash_len(h: &mut Sha256, len: usize) {
+    h.update(u64::try_from(len).unwrap_or(u64::MAX).to_le_bytes());
+}
+
+fn hash_str(h: &mut Sha256, s: &str) {
+    hash_len(h, s.len());
+    h.update(s.as_bytes());
+}
+
+fn hash_list<'a>(h: &mut Sha256, items: impl ExactSizeIterator<Item = &'a str>) {
+    hash_len(h, items.len());
+    for item in items {
+        hash_str(h, item);
+    }
+}
+
+fn hash_rate(h: &mut Sha256, rate: &Rate) {
+    h.update(rate.amount.to_le_bytes());
+    h.update(rate.period.as_nanos().to_le_bytes());
+}
+
+fn hash_option<T>(h: &mut Sha256, value: Option<T>, hash: impl FnOnce(&mut Sha256, T)) {
+    match value {
+        Some(v) => {
+            h.update([1u8]);
+            hash(h, v);
+        }
+        None => h.update([0u8]),
+    }
 }
 
 /// Retry budgets: retries are allowed while they stay a small share of traffic.
@@ -675,6 +785,110 @@ mod tests {
             retry: None,
             failover: None,
         }
+    }
+
+    fn rate(amount: u64, secs: u64) -> Rate {
+        Rate {
+            amount,
+            period: Duration::from_secs(secs),
+        }
+    }
+
+    fn quota(name: Option<&str>, tenants: &[&str], tokens: u64) -> Quota {
+        Quota {
+            name: name.map(Into::into),
+            matcher: Match {
+                tenants: tenants.iter().map(|t| Pattern::new(*t)).collect(),
+                ..Match::default()
+            },
+            tokens: vec![rate(tokens, 60)],
+            requests: None,
+            concurrent_streams: None,
+            max_completion_tokens: None,
+            over_cap: OverCap::Reject,
+            burst: None,
+        }
+    }
+
+    #[test]
+    fn a_named_rule_is_identified_by_its_name_alone() {
+        let a = quota(Some("acme"), &["acme"], 60_000);
+        // `printf 'sluice.quota.name\0\x04\0\0\0\0\0\0\0acme' | sha256sum`,
+        // first 8 bytes little-endian: the encoding is part of the state's
+        // key, so a change to it must be deliberate.
+        assert_eq!(a.identity(), 7_229_214_935_087_146_002);
+        let mut changed = quota(Some("acme"), &["acme", "acme-*"], 120_000);
+        changed.burst = Some(200_000);
+        changed.over_cap = OverCap::Clamp;
+        assert_eq!(changed.identity(), a.identity());
+        assert_ne!(
+            quota(Some("acme2"), &["acme"], 60_000).identity(),
+            a.identity()
+        );
+    }
+
+    #[test]
+    fn an_unnamed_rule_is_identified_by_its_match_and_limits() {
+        let base = quota(None, &["acme"], 60_000);
+        assert_eq!(base.identity(), quota(None, &["acme"], 60_000).identity());
+        let mut variants = vec![
+            quota(None, &["acme"], 60_001),
+            quota(None, &["acme", "beta"], 60_000),
+            quota(None, &[], 60_000),
+            quota(Some("acme"), &["acme"], 60_000),
+        ];
+        let mut v = base.clone();
+        v.matcher = Match {
+            models: vec![Pattern::new("acme")],
+            ..Match::default()
+        };
+        variants.push(v);
+        let mut v = base.clone();
+        v.tokens.push(rate(1_000_000, 86_400));
+        variants.push(v);
+        let mut v = base.clone();
+        v.tokens = vec![rate(60_000, 3_600)];
+        variants.push(v);
+        let mut v = base.clone();
+        v.requests = Some(rate(100, 60));
+        variants.push(v);
+        let mut v = base.clone();
+        v.concurrent_streams = NonZeroU32::new(8);
+        variants.push(v);
+        let mut v = base.clone();
+        v.max_completion_tokens = NonZeroU32::new(8);
+        variants.push(v);
+        let mut v = base.clone();
+        v.burst = Some(8);
+        variants.push(v);
+        let mut v = base.clone();
+        v.over_cap = OverCap::Clamp;
+        variants.push(v);
+        let mut ids: Vec<u64> = variants.iter().map(Quota::identity).collect();
+        ids.push(base.identity());
+        let n = ids.len();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), n, "two different rules share an identity");
+    }
+
+    #[test]
+    fn list_boundaries_are_part_of_an_identity() {
+        let ab_c = quota(None, &["ab", "c"], 60_000);
+        let a_bc = quota(None, &["a", "bc"], 60_000);
+        assert_ne!(ab_c.identity(), a_bc.identity());
+        // The same spelling in another list is another rule.
+        let mut model = quota(None, &[], 60_000);
+        model.matcher.models = vec![Pattern::new("ab")];
+        let mut tenant = quota(None, &[], 60_000);
+        tenant.matcher.tenants = vec![Pattern::new("ab")];
+        assert_ne!(model.identity(), tenant.identity());
+        // A burst of 8 is not a completion cap of 8.
+        let mut burst = quota(None, &[], 60_000);
+        burst.burst = Some(8);
+        let mut cap = quota(None, &[], 60_000);
+        cap.max_completion_tokens = NonZeroU32::new(8);
+        assert_ne!(burst.identity(), cap.identity());
     }
 
     #[test]

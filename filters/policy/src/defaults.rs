@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use sluice_core::units::Ratio;
 
-use crate::raw::FailureKind;
+use crate::raw::{FailureKind, OnStateError};
 
 const fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
@@ -104,6 +104,9 @@ pub const DEFAULT_MAX_TOKENS: u32 = 1024;
 pub const MAX_BODY: u64 = 1 << 20;
 /// sluice: tenant × model keys tracked at once.
 pub const MAX_KEYS: u32 = 10_000;
+/// sluice: a request the limiter cannot account for is turned away, so that
+/// a host error or contention on shared state never admits without limit.
+pub const ON_STATE_ERROR: OnStateError = OnStateError::Deny;
 
 /// Linkerd / Finagle retry budget `retryRatio` / `percentCanRetry`.
 pub const RETRY_BUDGET: Ratio = Ratio::percent(20);

@@ -8,8 +8,8 @@
 use std::fmt::Write as _;
 
 use sluice_core::config::{
-    BreakerConfig, BreakerMode, DegradeAction, FailureKind, LocalZone, Match, Policy, TenantSource,
-    Window,
+    BreakerConfig, BreakerMode, DegradeAction, FailureKind, LocalZone, Match, Policy,
+    StateErrorPolicy, TenantSource, Window,
 };
 use sluice_core::units::{Count, HumanDuration};
 
@@ -109,6 +109,10 @@ fn section_lines(cap: Capability, policy: &Policy) -> Vec<String> {
                 "prompts estimated at {} characters per token; {} completion tokens reserved when the client sets no cap; bodies buffered up to {}",
                 t.chars_per_token, t.default_max_tokens, t.max_body
             ));
+            lines.push(match t.on_state_error {
+                StateErrorPolicy::Deny => "when the shared quota state cannot be read or written (host error, persistent contention), requests are turned away (on_state_error = \"deny\")".to_string(),
+                StateErrorPolicy::Allow => "when the shared quota state cannot be read or written (host error, persistent contention), requests go on unlimited (on_state_error = \"allow\")".to_string(),
+            });
             for q in &t.quotas {
                 let mut limits: Vec<String> =
                     q.tokens.iter().map(|r| format!("{} tokens", r)).collect();
@@ -118,8 +122,13 @@ fn section_lines(cap: Capability, policy: &Policy) -> Vec<String> {
                 if let Some(c) = q.concurrent_streams {
                     limits.push(format!("{c} concurrent streams"));
                 }
+                let rule = q
+                    .name
+                    .as_ref()
+                    .map(|name| format!("rule {name}: "))
+                    .unwrap_or_default();
                 let mut line = format!(
-                    "each tenant × model {} may use {}",
+                    "{rule}each tenant × model {} may use {}",
                     describe_match(&q.matcher),
                     limits.join(", ")
                 );
@@ -132,6 +141,11 @@ fn section_lines(cap: Capability, policy: &Policy) -> Vec<String> {
                 }
                 if let Some(b) = q.burst {
                     let _ = write!(line, "; burst {}", Count(b));
+                }
+                if q.name.is_none() {
+                    line.push_str(
+                        "; unnamed, so a change to its match or limits starts its state afresh",
+                    );
                 }
                 lines.push(line);
             }

@@ -180,6 +180,7 @@ raw_table! {
 
 keywords!(LargeBody { "reject" => Reject, "estimate" => Estimate });
 keywords!(OverCap { "reject" => Reject, "clamp" => Clamp });
+keywords!(OnStateError { "deny" => Deny, "allow" => Allow });
 
 raw_table! {
     /// `[tokens]`: token-aware rate limiting.
@@ -194,6 +195,7 @@ raw_table! {
         include_usage: bool,
         ietf_headers: bool,
         max_keys: u32,
+        on_state_error: OnStateError,
         quota: Vec<Quota>,
     }
 }
@@ -201,6 +203,7 @@ raw_table! {
 raw_table! {
     /// `[[tokens.quota]]`: limits per tenant × model.
     pub struct Quota {
+        name: String,
         matcher = "match": Match,
         tokens: Vec<Spanned<Rate>>,
         requests: Rate,

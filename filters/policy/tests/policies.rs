@@ -171,3 +171,96 @@ ttl = "0s"
         ["10:7: `ttl` must be longer than 0s, found 0s"]
     );
 }
+
+/// A policy with one `[tokens]` section written by `tokens`.
+fn with_tokens(tokens: &str) -> String {
+    format!(
+        "[[backend]]\nname = \"llm\"\nmodels = [\"*\"]\n[[backend.zone]]\nname = \"local\"\n[tokens]\n{tokens}"
+    )
+}
+
+#[test]
+fn on_state_error_defaults_to_deny() {
+    use sluice_core::config::StateErrorPolicy;
+    use sluice_policy::Policy;
+    let on_state_error = |p: &Policy| p.tokens.as_ref().unwrap().on_state_error;
+    let quota = "[[tokens.quota]]\ntokens = \"60k/min\"\n";
+    let default = parse_toml("p.toml", &with_tokens(quota)).unwrap();
+    assert_eq!(on_state_error(&default), StateErrorPolicy::Deny);
+    let allow = with_tokens(&format!("on_state_error = \"allow\"\n{quota}"));
+    let allow = parse_toml("p.toml", &allow).unwrap();
+    assert_eq!(on_state_error(&allow), StateErrorPolicy::Allow);
+    let json = r#"{"backend": [{"name": "llm", "models": "*", "zone": [{"name": "local"}]}],
+        "tokens": {"on_state_error": "deny", "quota": [{"tokens": "60k/min"}]}}"#;
+    assert_eq!(
+        on_state_error(&parse_json("plugin", json).unwrap()),
+        StateErrorPolicy::Deny
+    );
+}
+
+#[test]
+fn a_misspelled_on_state_error_suggests_the_spelling() {
+    let text =
+        with_tokens("on_state_error = \"fail-open\"\n[[tokens.quota]]\ntokens = \"60k/min\"\n");
+    let d = parse_toml("p.toml", &text).unwrap_err();
+    assert_eq!(actual_errors(&d), ["7:18: unknown value `fail-open`"]);
+    assert_eq!(
+        d.items[0].hint.as_deref(),
+        Some("expected `deny` or `allow`")
+    );
+    let text = with_tokens("on_state_error = \"alow\"\n[[tokens.quota]]\ntokens = \"60k/min\"\n");
+    let d = parse_toml("p.toml", &text).unwrap_err();
+    assert_eq!(d.items[0].hint.as_deref(), Some("did you mean `allow`?"));
+}
+
+/// State is keyed by a rule's identity: a reload that reorders the rules
+/// must find every rule's state again.
+#[test]
+fn quota_identities_survive_reordering() {
+    let named =
+        "[[tokens.quota]]\nname = \"acme\"\nmatch = { tenants = \"acme\" }\ntokens = \"60k/min\"\n";
+    let unnamed = "[[tokens.quota]]\nmatch = { models = \"gpt-4o\" }\ntokens = \"30k/min\"\nrequests = \"60/min\"\n";
+    let catch_all = "[[tokens.quota]]\ntokens = \"10k/min\"\n";
+    let identities = |rules: &[&str]| -> Vec<(String, u64)> {
+        let policy = parse_toml("p.toml", &with_tokens(&rules.concat())).unwrap();
+        let mut ids: Vec<(String, u64)> = policy
+            .tokens
+            .unwrap()
+            .quotas
+            .iter()
+            .map(|q| (format!("{:?}", q.matcher), q.identity()))
+            .collect();
+        ids.sort();
+        ids
+    };
+    let before = identities(&[named, unnamed, catch_all]);
+    assert_eq!(before, identities(&[unnamed, catch_all, named]));
+    assert_eq!(before, identities(&[catch_all, named, unnamed]));
+    // Three rules, three states.
+    let mut distinct: Vec<u64> = before.iter().map(|(_, id)| *id).collect();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 3);
+}
+
+#[test]
+fn a_name_keeps_a_rule_identity_across_limit_changes() {
+    let identity = |rule: &str| {
+        let policy = parse_toml("p.toml", &with_tokens(rule)).unwrap();
+        policy.tokens.unwrap().quotas[0].identity()
+    };
+    let named = |limit: &str| {
+        identity(&format!(
+            "[[tokens.quota]]\nname = \"acme\"\nmatch = {{ tenants = \"acme\" }}\ntokens = \"{limit}\"\n"
+        ))
+    };
+    let unnamed = |limit: &str| {
+        identity(&format!(
+            "[[tokens.quota]]\nmatch = {{ tenants = \"acme\" }}\ntokens = \"{limit}\"\n"
+        ))
+    };
+    assert_eq!(named("60k/min"), named("120k/min"));
+    assert_ne!(unnamed("60k/min"), unnamed("120k/min"));
+    assert_eq!(unnamed("60k/min"), unnamed("60k/min"));
+    assert_ne!(named("60k/min"), unnamed("60k/min"));
+}

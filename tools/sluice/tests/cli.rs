@@ -134,6 +134,28 @@ fn explain_prints_every_effective_value_and_what_is_not_enforced() {
 }
 
 #[test]
+fn explain_describes_state_errors_and_quota_names() {
+    let out = sluice(&["explain", "policies/gateway.toml"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    for expected in [
+        // In words:
+        "[tokens] when the shared quota state cannot be read or written (host error, persistent contention), requests are turned away (on_state_error = \"deny\")",
+        "[tokens] rule acme-gpt-4o: each tenant × model of tenant acme",
+        "unnamed, so a change to its match or limits starts its state afresh",
+        // As effective values:
+        "on_state_error = \"deny\"",
+        "name = \"acme-gpt-4o\"",
+    ] {
+        assert!(stdout.contains(expected), "no `{expected}` in\n{stdout}");
+    }
+    // The default, for a file that does not set it.
+    let out = sluice(&["explain", "policies/lab.toml"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("on_state_error = \"deny\""));
+}
+
+#[test]
 fn render_envoy_writes_a_bootstrap_with_the_policy_topology() {
     let out = sluice(&[
         "render",

@@ -4,7 +4,9 @@
 use std::num::NonZeroU32;
 use std::time::Duration;
 
-use sluice_core::config::{LargeBody, Match, OverCap, Pattern, Quota, TokensConfig};
+use sluice_core::config::{
+    LargeBody, Match, OverCap, Pattern, Quota, StateErrorPolicy, TokensConfig,
+};
 use sluice_core::units::{ByteSize, Rate};
 
 pub fn rate(amount: u64, secs: u64) -> Rate {
@@ -16,6 +18,7 @@ pub fn rate(amount: u64, secs: u64) -> Rate {
 
 pub fn quota(tokens: Vec<Rate>) -> Quota {
     Quota {
+        name: None,
         matcher: Match::default(),
         tokens,
         requests: None,
@@ -36,6 +39,7 @@ pub fn config(quotas: Vec<Quota>) -> TokensConfig {
         include_usage: true,
         ietf_headers: true,
         max_keys: NonZeroU32::new(10_000).unwrap(),
+        on_state_error: StateErrorPolicy::Deny,
         quotas,
     }
 }
