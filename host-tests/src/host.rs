@@ -1132,9 +1132,15 @@ impl Host {
                         action
                     }
                     Frame::Trailers => {
-                        let action = self.call_trailers(id, dir, slot);
+                        // Envoy's `getBuffer` returns the decoding buffer
+                        // to a filter that buffered the body (its
+                        // `buffering_request_body_`), so the trailers
+                        // callback reads, and may rewrite, the whole body.
+                        let buffered = self.held_mut(id, dir).as_mut().and_then(|h| h.body.take());
+                        let (action, after) = self.call_trailers(id, dir, slot, buffered);
                         if let Some(h) = self.held_mut(id, dir).as_mut() {
                             h.trailers = true;
+                            h.body = after;
                         }
                         action
                     }
@@ -1152,7 +1158,7 @@ impl Host {
                     *bytes = after;
                     action
                 }
-                Frame::Trailers => self.call_trailers(id, dir, slot),
+                Frame::Trailers => self.call_trailers(id, dir, slot, None).0,
             };
             if action == Action::Pause {
                 let allow = self.plugins[self.streams[&id].slots[slot].0]
@@ -1366,12 +1372,31 @@ impl Host {
         (action, after)
     }
 
-    fn call_trailers(&mut self, id: StreamId, dir: Dir, slot: usize) -> Action {
+    /// Calls the trailers callback; `buffered` is the body the filter holds
+    /// (visible to it during the call, as in Envoy), returned as it left it.
+    fn call_trailers(
+        &mut self,
+        id: StreamId,
+        dir: Dir,
+        slot: usize,
+        buffered: Option<(Vec<u8>, bool)>,
+    ) -> (Action, Option<(Vec<u8>, bool)>) {
         let worker = self.streams[&id].worker;
         let Some((plugin, ctx)) = self.context_for(id, slot, false) else {
-            return Action::Continue;
+            return (Action::Continue, buffered);
         };
         let data = self.streams[&id].data.clone();
+        let body_eos = buffered.as_ref().map(|(_, eos)| *eos);
+        if let Some((bytes, _)) = buffered {
+            match dir {
+                Dir::Request => data.borrow_mut().request_body = bytes,
+                Dir::Response => data.borrow_mut().response_body = bytes,
+            }
+            self.set_access(plugin, worker, ctx, |a| match dir {
+                Dir::Request => a.request_body = true,
+                Dir::Response => a.response_body = true,
+            });
+        }
         let count = match dir {
             Dir::Request => data.borrow().request_trailers.len(),
             Dir::Response => data.borrow().response_trailers.len(),
@@ -1392,18 +1417,31 @@ impl Host {
                     .map(|f| f.call(s, (ctx, count)))
             }),
         };
+        let after = body_eos.map(|eos| {
+            let bytes = match dir {
+                Dir::Request => std::mem::take(&mut data.borrow_mut().request_body),
+                Dir::Response => std::mem::take(&mut data.borrow_mut().response_body),
+            };
+            (bytes, eos)
+        });
         let action = match called {
             Called::Returned(raw) => Action::from_raw(raw),
             Called::Missing => Action::Continue,
-            Called::Failed => return self.failed_verdict(plugin, worker, ctx),
+            Called::Failed => return (self.failed_verdict(plugin, worker, ctx), after),
         };
         if action == Action::Continue {
             self.set_access(plugin, worker, ctx, |a| match dir {
-                Dir::Request => a.request_trailers = false,
-                Dir::Response => a.response_trailers = false,
+                Dir::Request => {
+                    a.request_trailers = false;
+                    a.request_body = false;
+                }
+                Dir::Response => {
+                    a.response_trailers = false;
+                    a.response_body = false;
+                }
             });
         }
-        action
+        (action, after)
     }
 
     /// Where frames leave the chain: the router (request) or the client (response).

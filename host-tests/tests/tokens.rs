@@ -318,22 +318,54 @@ fn four_workers_interleaving_never_admit_more_than_the_limit() {
 }
 
 #[test]
-fn a_flood_of_tenants_keeps_the_key_set_bounded() {
+fn a_flood_of_tenants_neither_resets_anyone_nor_grows_the_key_set() {
     let tokens = r#"
 [tokens]
 default_max_tokens = 100
 max_keys = 50
   [[tokens.quota]]
+  match = { tenants = "vip" }
+  tokens = "1000/min"
+
+  [[tokens.quota]]
   tokens = "1000/min"
 "#;
     let mut host = host(2, tokens, openai_json(10, 90));
-    for i in 0..500 {
-        let r = host.send_on(i % 2, chat(&format!("tenant-{i}"), 90));
-        assert_eq!(r.status, 200, "tenant-{i}: {}", r.body_text());
+    // Two tenants use up their buckets: `acme` (unnamed) and `vip` (named).
+    for tenant in ["acme", "vip"] {
+        for _ in 0..10 {
+            assert_eq!(host.send(chat(tenant, 90)).status, 200);
+        }
+        assert_eq!(host.send(chat(tenant, 90)).status, 429, "{tenant}");
     }
-    // 50 slots and the index: shared data cannot delete, so this is the cap.
+    // A flood of 500 new identities, within a few virtual seconds.
+    let mut admitted = 0;
+    for i in 0..500 {
+        let r = host.send_on(i % 2, chat(&format!("flood-{i}"), 90));
+        match r.status {
+            200 => admitted += 1,
+            429 => {}
+            other => panic!("flood-{i}: {other} {}", r.body_text()),
+        }
+    }
+    // Nobody was reset: both locked tenants are still locked.
+    for tenant in ["acme", "vip"] {
+        let r = host.send(chat(tenant, 90));
+        assert_eq!(r.status, 429, "{tenant} was reset by the flood");
+    }
+    // The flood got the free slots (each key one bucket of 1000) and then
+    // shared its rule's overflow bucket: limited, never unlimited.
+    let overflowed = host.metric("sluice_tokens.overflowed");
+    assert!(overflowed > 0, "the table never filled");
+    assert!(
+        admitted <= 50 * 10 + 10 + 10,
+        "{admitted} admitted: more than the slots and the overflow hold"
+    );
+    assert!(admitted >= 40, "{admitted} admitted");
+    // Shared data cannot delete: the table, the overflow and the named
+    // region are the cap.
     let keys = host.world().shared_data.key_count("sluice");
-    assert!(keys <= 51, "{keys} shared-data keys");
+    assert!(keys <= 50 + 16 + 2, "{keys} shared-data keys");
     // Metrics do not grow with invented tenants either.
     let tenant_metrics = host
         .metrics()
@@ -341,12 +373,10 @@ max_keys = 50
         .keys()
         .filter(|k| k.starts_with("sluice_tokens.tenant."))
         .count();
-    assert_eq!(tenant_metrics, 5, "only the `other` tenant's five counters");
-    // A recent tenant still has its own bucket: ten more requests fit, the eleventh not.
-    for _ in 0..9 {
-        assert_eq!(host.send(chat("tenant-499", 90)).status, 200);
-    }
-    assert_eq!(host.send(chat("tenant-499", 90)).status, 429);
+    assert_eq!(
+        tenant_metrics, 10,
+        "the five counters of `vip` and of `other`"
+    );
 }
 
 #[test]

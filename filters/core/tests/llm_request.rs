@@ -341,3 +341,98 @@ proptest! {
         prop_assert_eq!(back.len(), members.len());
     }
 }
+
+fn completion_tokens(p: Plan) -> u64 {
+    match p {
+        Plan::Forward { reservation, .. } => reservation.completion_tokens,
+        Plan::Reject { kind, message } => panic!("rejected: {kind:?} {message}"),
+    }
+}
+
+#[test]
+fn every_completion_a_request_asks_for_is_reserved() {
+    let l = limiter(None, OverCap::Reject);
+    // n choices, each up to the cap.
+    let chat =
+        r#"{"model":"m","n":50,"max_tokens":500,"messages":[{"role":"user","content":"hi"}]}"#;
+    assert_eq!(
+        completion_tokens(plan(&l, "/v1/chat/completions", chat)),
+        25_000
+    );
+    // A batch of prompts, each with n choices; best_of is generated too.
+    let batch = format!(
+        r#"{{"model":"m","max_tokens":10,"n":2,"prompt":[{}]}}"#,
+        vec!["\"p\""; 50].join(",")
+    );
+    assert_eq!(
+        completion_tokens(plan(&l, "/v1/completions", &batch)),
+        1_000
+    );
+    let best_of = r#"{"model":"m","max_tokens":10,"n":1,"best_of":5,"prompt":"p"}"#;
+    assert_eq!(completion_tokens(plan(&l, "/v1/completions", best_of)), 50);
+    // Token ids are one prompt, not a batch.
+    let ids = r#"{"model":"m","max_tokens":10,"prompt":[1,2,3,4]}"#;
+    assert_eq!(completion_tokens(plan(&l, "/v1/completions", ids)), 10);
+    let id_batch = r#"{"model":"m","max_tokens":10,"prompt":[[1,2],[3,4],[5]]}"#;
+    assert_eq!(completion_tokens(plan(&l, "/v1/completions", id_batch)), 30);
+    // Shapes without choices reserve one.
+    let messages = r#"{"model":"m","n":9,"max_tokens":10,"messages":[]}"#;
+    assert_eq!(completion_tokens(plan(&l, "/v1/messages", messages)), 10);
+}
+
+#[test]
+fn absurd_completion_counts_are_refused() {
+    let l = limiter(None, OverCap::Reject);
+    for (path, body, field) in [
+        (
+            "/v1/chat/completions",
+            r#"{"model":"m","n":0,"messages":[]}"#,
+            "n",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"m","n":-3,"messages":[]}"#,
+            "n",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"m","n":2.5,"messages":[]}"#,
+            "n",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"m","n":"5","messages":[]}"#,
+            "n",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"m","n":1e9,"messages":[]}"#,
+            "n",
+        ),
+        (
+            "/v1/completions",
+            r#"{"model":"m","best_of":1000,"prompt":"p"}"#,
+            "best_of",
+        ),
+    ] {
+        let info = parse(path, body);
+        assert_eq!(
+            info.problem,
+            Some(BodyProblem::BadCount { field }),
+            "{body}"
+        );
+        assert!(
+            matches!(l.plan(QuotaId(0), &info), Plan::Reject { .. }),
+            "{body}"
+        );
+    }
+    // 129 prompts × 1 choice is over the bound too.
+    let batch = format!(
+        r#"{{"model":"m","prompt":[{}]}}"#,
+        vec!["\"p\""; 129].join(",")
+    );
+    assert_eq!(
+        parse("/v1/completions", &batch).problem,
+        Some(BodyProblem::BadCount { field: "prompt" })
+    );
+}

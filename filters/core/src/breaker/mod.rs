@@ -11,8 +11,9 @@
 //! Everything here is a value: [`Circuit`] and [`Bulkhead`] serialize small
 //! (MessagePack via rmp-serde) so a filter can keep one per key in
 //! proxy-wasm shared data and update it with compare-and-swap
-//! ([`crate::shared::update`]); all Envoy worker VMs then open and close
-//! circuits together. No method reads a clock or a random source: the
+//! ([`crate::shared::SharedState::modify`], which writes only what
+//! changed: most admissions only read a closed circuit); all Envoy worker
+//! VMs then open and close circuits together. No method reads a clock or a random source: the
 //! filter passes `now` and a uniform draw `rand ∈ [0, 1)`, so tests replay
 //! any schedule exactly.
 //!

@@ -48,7 +48,8 @@ pub use api::ApiShape;
 pub use error::{ErrorKind, error_body};
 pub use reply::LocalReply;
 pub use request::{
-    BodyProblem, Cap, CapField, MAX_SANE_TOKENS, RequestInfo, chars_per_token_for, estimate_tokens,
+    BodyProblem, Cap, CapField, MAX_COMPLETIONS, MAX_SANE_TOKENS, RequestInfo, chars_per_token_for,
+    estimate_tokens,
 };
 pub use rewrite::{Rewrite, RewriteError, rewrite_body, rewrite_model};
 pub use route_fields::RouteFields;

@@ -68,13 +68,20 @@ pub enum BodyProblem {
     /// `stream` not a boolean, `stream_options` not an object or its
     /// `include_usage` not a boolean.
     WrongType { field: &'static str },
+    /// A count of completions (`n`, `best_of`, prompts in a batch) that is
+    /// not a whole number from 1 to [`MAX_COMPLETIONS`].
+    BadCount { field: &'static str },
 }
+
+/// Most completions one request may ask for (`n`, `best_of`, and prompts
+/// in a batch), OpenAI's own bound for `n`.
+pub const MAX_COMPLETIONS: u64 = 128;
 
 impl BodyProblem {
     /// The offending field, for the error's `param`.
     pub fn param(self) -> Option<&'static str> {
         match self {
-            BodyProblem::WrongType { field } => Some(field),
+            BodyProblem::WrongType { field } | BodyProblem::BadCount { field } => Some(field),
             BodyProblem::NotJson | BodyProblem::NotObject => None,
         }
     }
@@ -85,6 +92,9 @@ impl BodyProblem {
             BodyProblem::NotJson => "The request body is not valid JSON.".to_string(),
             BodyProblem::NotObject => "The request body must be a JSON object.".to_string(),
             BodyProblem::WrongType { field } => format!("Invalid type for '{field}'."),
+            BodyProblem::BadCount { field } => {
+                format!("Invalid '{field}': expected an integer between 1 and {MAX_COMPLETIONS}.")
+            }
         }
     }
 }
@@ -110,6 +120,10 @@ pub struct RequestInfo {
     pub prompt_token_ids: u64,
     /// Estimated prompt tokens, with the model's characters-per-token ratio.
     pub prompt_tokens: u64,
+    /// Completions the upstream will generate, each up to the cap: `n` (or
+    /// legacy completions' `best_of`, when larger) times the prompts of a
+    /// batched legacy completions request. 1 for the other shapes.
+    pub completions: u64,
     /// Set when the body cannot be read as a request; see [`BodyProblem`].
     pub problem: Option<BodyProblem>,
 }
@@ -180,6 +194,7 @@ impl RequestInfo {
             prompt_chars: 0,
             prompt_token_ids: 0,
             prompt_tokens: 0,
+            completions: 1,
             problem: None,
         }
     }
@@ -213,6 +228,10 @@ impl RequestInfo {
                 })
             }
         }
+        match completions(self.api, obj) {
+            Ok(n) => self.completions = n,
+            Err(field) => problem = problem.or(Some(BodyProblem::BadCount { field })),
+        }
         self.problem = problem;
         self.cap = read_cap(self.api, obj);
         let mut count = TextCount::default();
@@ -230,6 +249,46 @@ impl RequestInfo {
         }
         self.prompt_chars = count.chars;
         self.prompt_token_ids = count.token_ids;
+    }
+}
+
+/// How many completions a request asks for, or the field that is invalid.
+///
+/// OpenAI chat and legacy completions take `n` (choices per prompt); legacy
+/// completions also `best_of` (generated server-side, billed, only the best
+/// `n` returned) and a batch of prompts (`prompt` as an array of strings, or
+/// of token arrays). Each completion may run to the cap.
+fn completions(api: ApiShape, obj: &Map<String, Value>) -> Result<u64, &'static str> {
+    let count = |field: &'static str| -> Result<u64, &'static str> {
+        match obj.get(field) {
+            None | Some(Value::Null) => Ok(1),
+            Some(v) => match token_count(v) {
+                Some(n) if (1..=MAX_COMPLETIONS).contains(&n) => Ok(n),
+                _ => Err(field),
+            },
+        }
+    };
+    match api {
+        ApiShape::ChatCompletions => count("n"),
+        ApiShape::Completions => {
+            let per_prompt = count("n")?.max(count("best_of")?);
+            let prompts = match obj.get("prompt") {
+                // A batch: strings, or token arrays. A flat array of
+                // integers is one prompt given as token ids.
+                Some(Value::Array(items))
+                    if !items.is_empty() && !items.iter().all(Value::is_number) =>
+                {
+                    u64::try_from(items.len()).unwrap_or(u64::MAX)
+                }
+                _ => 1,
+            };
+            let total = per_prompt.saturating_mul(prompts);
+            if total > MAX_COMPLETIONS {
+                return Err("prompt");
+            }
+            Ok(total)
+        }
+        ApiShape::Responses | ApiShape::Messages | ApiShape::Other => Ok(1),
     }
 }
 

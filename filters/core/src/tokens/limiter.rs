@@ -25,6 +25,9 @@ pub struct QuotaId(pub u32);
 /// A quota's limits, ready to compute with.
 #[derive(Clone, Debug)]
 struct Limits {
+    /// The rule's stable identity (`Quota::identity`): what its keys are
+    /// made of, so a reload that moves the rule keeps its buckets.
+    identity: u64,
     matcher: Match,
     tokens: Vec<Gcra>,
     requests: Option<Gcra>,
@@ -75,7 +78,8 @@ pub struct Ticket {
     pub quota: QuotaId,
     /// Tokens reserved in every token bucket of the quota.
     pub reserved: u64,
-    /// Whether a concurrent-stream slot was taken (to release at the end).
+    /// Whether it counts in the key's in-flight requests (to release at the
+    /// end): every admission against a rule does.
     pub holds_stream: bool,
 }
 
@@ -226,6 +230,7 @@ impl Limiter {
                     })
                     .collect();
                 Limits {
+                    identity: q.identity(),
                     matcher: q.matcher.clone(),
                     tokens,
                     requests: q.requests.map(|r| Gcra::new(r, r.amount)),
@@ -257,6 +262,12 @@ impl Limiter {
             .position(|q| q.matcher.matches(path, authority, model, tenant))
             .and_then(|i| u32::try_from(i).ok())
             .map(QuotaId)
+    }
+
+    /// The stable identity of `quota`'s rule (0 for an id from another
+    /// policy), to key its state with ([`super::KeyId::new`]).
+    pub fn identity(&self, quota: QuotaId) -> u64 {
+        self.limits(quota).map_or(0, |l| l.identity)
     }
 
     fn limits(&self, quota: QuotaId) -> Option<&Limits> {
@@ -341,7 +352,9 @@ impl Limiter {
         Plan::Forward {
             reservation: Reservation {
                 prompt_tokens: info.prompt_tokens,
-                completion_tokens,
+                // Each completion (`n`, `best_of`, each prompt of a batch)
+                // may run to the cap.
+                completion_tokens: completion_tokens.saturating_mul(info.completions.max(1)),
             },
             rewrite,
         }
@@ -441,10 +454,11 @@ impl Limiter {
             *tat = g.charge(*tat, t, cost);
         }
         state.requests = new_requests;
-        let holds_stream = limits.streams.is_some();
-        if holds_stream {
-            state.streams = state.streams.saturating_add(1);
-        }
+        // Every admitted request counts as in flight until it is settled,
+        // limited or not: a key with a request in flight is never at rest,
+        // so its slot cannot be taken before the settlement finds it.
+        let holds_stream = true;
+        state.streams = state.streams.saturating_add(1);
         state.touched = state.touched.max(t);
         Decision::Admitted {
             ticket: Ticket {

@@ -31,10 +31,10 @@
 //! quota here has several limits that must admit or refuse together.
 //!
 //! The state of one key ([`KeyState`]) is a plain serde struct: a few `u64`s
-//! per key (see `tests/tokens_state.rs` for the measured size). Every
-//! operation is a deterministic function of (state, now, request), so the
-//! filter's read → change → compare-and-swap loop simply re-applies it when
-//! another worker wrote first: there is nothing to merge, and nothing is
+//! per key (the `bytes_per_key` test in `tests/tokens_limiter.rs` measures
+//! it). Every operation is a deterministic function of (state, now,
+//! request), so the filter's read → change → compare-and-swap loop simply
+//! re-applies it when another worker wrote first: there is nothing to merge, and nothing is
 //! counted twice. A clock that goes backwards refills nothing; it never
 //! admits more.
 //!
@@ -63,13 +63,14 @@
 //! paid back. Proven by `tests/tokens_overshoot.rs` over arbitrary
 //! interleavings of reservations, settlements and time steps.
 //!
-//! # Bounded memory
+//! # Bounded memory, and floods of new keys
 //!
-//! Proxy-wasm shared data cannot delete a key. Keys are therefore slots:
-//! [`KeyIndex`] maps at most `max_keys` tenant × model keys ([`KeyId`], a
-//! digest) to slot numbers and evicts the idlest key when full; the slot's
-//! state records its owner, so a worker holding a stale slot number finds
-//! out ([`Claim::Taken`]) instead of spending someone else's quota.
+//! Proxy-wasm shared data cannot delete a key. Keys therefore live in a
+//! fixed table of slots ([`probe_slots`]), and a new key may take only the
+//! slot of a key at rest ([`KeyState::at_rest`]: its buckets full again, no
+//! stream in flight), which loses nothing. A key whose places are all busy
+//! shares its rule's overflow state ([`KeyId::overflow`]). The state module
+//! explains why this keeps a flood of identities from resetting anyone.
 
 mod bucket;
 mod headers;
@@ -81,4 +82,4 @@ pub use limiter::{
     Decision, Limited, Limiter, Plan, QuotaId, Reconciliation, Rejection, Reservation,
     STREAM_LEASE, Ticket,
 };
-pub use state::{Assignment, Claim, KeyId, KeyIndex, KeyState, TOUCH_EVERY_SECS};
+pub use state::{Claim, KeyId, KeyState, PROBES, SlotChoice, choose_slot, probe_slots};

@@ -1,26 +1,56 @@
-//! The shared state: one small blob per tenant × model key, and the bounded
-//! index that says which keys exist.
+//! The shared state: one small blob per tenant × model key, in a bounded
+//! table of slots where only a key at rest can lose its place.
+//!
+//! # Why keys live in probed slots
+//!
+//! Proxy-wasm shared data cannot delete a key, so the keys a filter writes
+//! must be bounded: tenant × model keys live in a fixed table of slots, and
+//! a new key must sometimes take the slot of an old one. Two rules make
+//! that safe against a client inventing identities:
+//!
+//! - **Only a key at rest is replaced** ([`KeyState::at_rest`]): every
+//!   bucket full again, no stream in flight. Such a state is exactly what a
+//!   fresh key starts with, so replacing it loses nothing: a tenant that
+//!   comes back finds the same allowance it would have found in its slot. A
+//!   key still in debt, or waiting for its buckets to refill, is never
+//!   replaced, so a flood of new identities cannot reset anyone's limits.
+//! - **A key has few places** ([`probe_slots`], [`PROBES`] slots picked by
+//!   hashing), found without a shared index: there is no blob every new
+//!   key must rewrite (the compare-and-swap hot spot a flood of keys used
+//!   to turn into admitting without limit), and a worker reads only its own
+//!   key's slots. When all of a new key's places are busy, it is served by
+//!   its rule's **overflow** state ([`KeyId::overflow`]), shared by every
+//!   key without a place: bounded, and limited like any key.
+//!
+//! Tenants the policy names exactly get a region of slots of their own,
+//! which other identities cannot enter: a flood can neither take their
+//! places nor push them into the overflow.
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::QuotaId;
+use super::limiter::STREAM_LEASE;
 use crate::time::Timestamp;
 
-/// A tenant × model key under one quota, as a 64-bit digest: stable across
-/// workers and restarts, a fixed size in the index, and (being SHA-256) not
-/// something a client can forge a collision for by choosing tenant names.
+/// Slots a key may live in (the table's probe length).
+pub const PROBES: usize = 4;
+
+/// A tenant × model key under one quota rule, as a 64-bit digest: stable
+/// across workers, restarts and reloads that keep the rule, a fixed size
+/// in a slot, and (being SHA-256) not something a client can forge a
+/// collision for by choosing tenant names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct KeyId(pub u64);
 
 impl KeyId {
-    /// The key of `tenant` asking for `model` under `quota`. The quota is
-    /// part of the key: two rules matching the same pair (say by path) keep
+    /// The key of `tenant` asking for `model` under the rule whose stable
+    /// identity is `rule` (`Quota::identity`, not its position: reordering
+    /// rules keeps every bucket). Two rules matching the same pair keep
     /// separate buckets.
-    pub fn new(quota: QuotaId, tenant: &str, model: &str) -> Self {
+    pub fn new(rule: u64, tenant: &str, model: &str) -> Self {
         let mut h = Sha256::new();
-        h.update(quota.0.to_le_bytes());
+        h.update(rule.to_le_bytes());
         // Length prefixes keep ("ab", "c") and ("a", "bc") apart.
         h.update(
             u64::try_from(tenant.len())
@@ -29,12 +59,55 @@ impl KeyId {
         );
         h.update(tenant.as_bytes());
         h.update(model.as_bytes());
-        let digest = h.finalize();
+        Self::from_digest(&h.finalize())
+    }
+
+    /// The owner of rule `rule`'s overflow state: the keys that found no
+    /// place of their own share it.
+    pub fn overflow(rule: u64) -> Self {
+        let mut h = Sha256::new();
+        h.update(b"sluice overflow");
+        h.update(rule.to_le_bytes());
+        Self::from_digest(&h.finalize())
+    }
+
+    fn from_digest(digest: &[u8]) -> Self {
         let mut first = [0u8; 8];
-        first.copy_from_slice(&digest[..8]);
+        if let Some(bytes) = digest.get(..8) {
+            first.copy_from_slice(bytes);
+        }
         // 0 means "no owner" in a slot.
         KeyId(u64::from_le_bytes(first).max(1))
     }
+}
+
+/// The [`PROBES`] slots (fewer in a smaller table) where `key` may live in a
+/// table of `size` slots, in the order to try them (double hashing: a fixed
+/// start and step per key, so two keys that collide once part ways).
+pub fn probe_slots(key: KeyId, size: u32) -> Vec<u32> {
+    let size = u64::from(size.max(1));
+    let start = key.0 % size;
+    // A step sharing a factor with the size can come back to a slot
+    // already listed: the next slot is taken instead, so the slots stay
+    // distinct.
+    let step = if size > 1 {
+        1 + (key.0 >> 32) % (size - 1)
+    } else {
+        1
+    };
+    let count = usize::try_from(size).unwrap_or(PROBES).min(PROBES);
+    let mut slots: Vec<u32> = Vec::with_capacity(count);
+    let mut at = start;
+    while slots.len() < count {
+        let slot = u32::try_from(at).unwrap_or(0);
+        if slots.contains(&slot) {
+            at = (at + 1) % size;
+            continue;
+        }
+        slots.push(slot);
+        at = (at + step) % size;
+    }
+    slots
 }
 
 /// One key's limiter state, as stored in shared data (rmp-serde, a few dozen
@@ -52,30 +125,65 @@ pub struct KeyState {
     pub(crate) tokens: Vec<u64>,
     /// The same for the request-rate limit.
     pub(crate) requests: u64,
-    /// Streams admitted and not yet released.
+    /// Requests admitted and not yet settled (what `concurrent_streams`
+    /// limits, when the rule sets it).
     pub(crate) streams: u32,
     /// Last reservation or settlement (ns since the epoch).
     pub(crate) touched: u64,
 }
 
-/// Whether a slot's state belongs to the key using it.
+/// Whether a slot's state can serve the key asking.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Claim {
     /// It is this key's state.
     Owned,
-    /// The slot was empty and is now this key's.
+    /// The slot was empty, or its owner was at rest: it is now this key's,
+    /// with the full allowance the previous owner had too.
     Fresh,
-    /// Another key owns the slot (the index reassigned it since this worker
-    /// looked): look the key up again rather than touch it.
+    /// Another key owns it and is not at rest: leave it alone.
     Taken,
 }
 
+/// Where a key's state is among its probe slots (see [`choose_slot`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlotChoice {
+    /// The key owns the slot at this index.
+    Owned(usize),
+    /// The key owns none; the slot at this index is free (or at rest).
+    Free(usize),
+    /// Every slot belongs to another key that is not at rest.
+    Full,
+}
+
+/// The choice for `key` given its probe slots' states (in probe order): its
+/// own slot wherever it is, else the first free one.
+pub fn choose_slot(key: KeyId, states: &[KeyState], now: Timestamp) -> SlotChoice {
+    if let Some(i) = states.iter().position(|s| s.owner == key.0) {
+        return SlotChoice::Owned(i);
+    }
+    match states.iter().position(|s| s.at_rest(now)) {
+        Some(i) => SlotChoice::Free(i),
+        None => SlotChoice::Full,
+    }
+}
+
 impl KeyState {
-    /// Checks, and for an empty slot sets, who owns this state.
-    pub fn claim(&mut self, key: KeyId) -> Claim {
+    /// Whether the state is what a fresh key would have: no owner, or every
+    /// bucket full again and no stream in flight (streams of a key silent
+    /// for [`STREAM_LEASE`] count as leaked, as the limiter treats them).
+    pub fn at_rest(&self, now: Timestamp) -> bool {
+        let t = now.as_nanos();
+        let streams_done = self.streams == 0 || now.since(Timestamp(self.touched)) > STREAM_LEASE;
+        self.owner == 0
+            || (streams_done && self.requests <= t && self.tokens.iter().all(|&b| b <= t))
+    }
+
+    /// Checks, and for an empty slot or one at rest takes, who owns this
+    /// state.
+    pub fn claim(&mut self, key: KeyId, now: Timestamp) -> Claim {
         if self.owner == key.0 {
             Claim::Owned
-        } else if self.owner == 0 {
+        } else if self.at_rest(now) {
             *self = KeyState {
                 owner: key.0,
                 ..KeyState::default()
@@ -86,21 +194,12 @@ impl KeyState {
         }
     }
 
-    /// Hands the slot to `key` with a fresh state (after
-    /// [`KeyIndex::assign`] evicted the previous owner).
-    pub fn take_over(&mut self, key: KeyId) {
-        *self = KeyState {
-            owner: key.0,
-            ..KeyState::default()
-        };
-    }
-
     /// The owner, if any.
     pub fn owner(&self) -> Option<KeyId> {
         (self.owner != 0).then_some(KeyId(self.owner))
     }
 
-    /// Streams admitted and not yet released.
+    /// Requests admitted and not yet settled.
     pub fn streams(&self) -> u32 {
         self.streams
     }
@@ -108,110 +207,6 @@ impl KeyState {
     /// Last reservation or settlement.
     pub fn touched(&self) -> Timestamp {
         Timestamp(self.touched)
-    }
-}
-
-/// How stale an index entry's last-use time may get before
-/// [`KeyIndex::touch`] asks for a write: idleness is judged to this
-/// granularity, and a busy key costs one index write per minute at most.
-pub const TOUCH_EVERY_SECS: u64 = 60;
-
-/// Which keys have state, bounded by `max_keys`: key `i` of the index lives
-/// in shared-data slot `i`, so the set of shared-data keys is bounded too
-/// (proxy-wasm shared data has no delete). When full, the key idle the
-/// longest gives up its slot.
-///
-/// Stored as one blob of about 15 bytes per key (a 64-bit key id and a
-/// last-use time in seconds); lookups scan it, so a worker should cache
-/// `KeyId → slot` and come back here only for keys it has not seen (and when
-/// a slot's [`Claim`] says [`Claim::Taken`]).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KeyIndex {
-    /// Slot `i`: (key id, last use in seconds since the epoch).
-    slots: Vec<(u64, u64)>,
-}
-
-/// Where a key lives, from [`KeyIndex::assign`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Assignment {
-    pub slot: u32,
-    /// The key was not in the index: its slot's state must be
-    /// [taken over](KeyState::take_over).
-    pub new: bool,
-    /// The key that lost this slot to make room.
-    pub evicted: Option<KeyId>,
-}
-
-impl KeyIndex {
-    /// The slot of `key`, if it has one.
-    pub fn slot_of(&self, key: KeyId) -> Option<u32> {
-        self.slots
-            .iter()
-            .position(|&(k, _)| k == key.0)
-            .and_then(|i| u32::try_from(i).ok())
-    }
-
-    /// Keys in the index.
-    pub fn len(&self) -> usize {
-        self.slots.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
-    }
-
-    /// The slot for `key`, giving it one if needed: a free slot while fewer
-    /// than `max_keys` are used, else the slot of the key idle the longest.
-    pub fn assign(&mut self, key: KeyId, now: Timestamp, max_keys: u32) -> Assignment {
-        let secs = now.as_nanos() / 1_000_000_000;
-        if let Some(slot) = self.slot_of(key) {
-            self.touch(slot, now);
-            return Assignment {
-                slot,
-                new: false,
-                evicted: None,
-            };
-        }
-        let max = usize::try_from(max_keys.max(1)).unwrap_or(usize::MAX);
-        if self.slots.len() < max {
-            self.slots.push((key.0, secs));
-            return Assignment {
-                slot: u32::try_from(self.slots.len() - 1).unwrap_or(u32::MAX),
-                new: true,
-                evicted: None,
-            };
-        }
-        // Full (or shrunk by a new policy: slots beyond max_keys are left to
-        // idle and are never handed out again).
-        let idlest = self.slots[..max]
-            .iter()
-            .enumerate()
-            .min_by_key(|(_, (_, used))| *used)
-            .map(|(i, _)| i)
-            .unwrap_or(0);
-        let evicted = KeyId(self.slots[idlest].0);
-        self.slots[idlest] = (key.0, secs);
-        Assignment {
-            slot: u32::try_from(idlest).unwrap_or(u32::MAX),
-            new: true,
-            evicted: Some(evicted),
-        }
-    }
-
-    /// Records a use of `slot`; true when the stored time was older than
-    /// [`TOUCH_EVERY_SECS`] and the index should be written back.
-    pub fn touch(&mut self, slot: u32, now: Timestamp) -> bool {
-        let secs = now.as_nanos() / 1_000_000_000;
-        match self
-            .slots
-            .get_mut(usize::try_from(slot).unwrap_or(usize::MAX))
-        {
-            Some((_, used)) if secs >= used.saturating_add(TOUCH_EVERY_SECS) => {
-                *used = secs;
-                true
-            }
-            _ => false,
-        }
     }
 }
 
@@ -225,62 +220,80 @@ mod tests {
 
     #[test]
     fn key_ids_are_stable_and_distinct() {
-        let q = QuotaId(0);
         assert_eq!(
-            KeyId::new(q, "acme", "gpt-4o"),
-            KeyId::new(q, "acme", "gpt-4o")
+            KeyId::new(7, "acme", "gpt-4o"),
+            KeyId::new(7, "acme", "gpt-4o")
         );
         assert_ne!(
-            KeyId::new(q, "acme", "gpt-4o"),
-            KeyId::new(QuotaId(1), "acme", "gpt-4o")
+            KeyId::new(7, "acme", "gpt-4o"),
+            KeyId::new(8, "acme", "gpt-4o")
         );
-        assert_ne!(KeyId::new(q, "ab", "c"), KeyId::new(q, "a", "bc"));
+        assert_ne!(KeyId::new(7, "ab", "c"), KeyId::new(7, "a", "bc"));
+        assert_ne!(KeyId::overflow(7), KeyId::overflow(8));
+        assert_ne!(KeyId::overflow(7), KeyId::new(7, "", ""));
     }
 
     #[test]
-    fn index_evicts_the_idlest_key() {
-        let mut index = KeyIndex::default();
-        let keys: Vec<KeyId> = (0..3)
-            .map(|i| KeyId::new(QuotaId(0), &format!("t{i}"), "m"))
-            .collect();
-        assert_eq!(index.assign(keys[0], t(100), 2).slot, 0);
-        assert_eq!(index.assign(keys[1], t(200), 2).slot, 1);
-        // keys[0] used again, later than keys[1].
-        assert!(index.touch(0, t(300)));
-        assert!(!index.touch(0, t(330)), "within the touch granularity");
-        let a = index.assign(keys[2], t(400), 2);
-        assert_eq!(
-            a,
-            Assignment {
-                slot: 1,
-                new: true,
-                evicted: Some(keys[1])
+    fn probe_slots_are_distinct_and_in_range() {
+        for size in [1u32, 2, 3, 4, 5, 7, 64, 10_000] {
+            for k in 0..200u64 {
+                let key = KeyId(k.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+                let slots = probe_slots(key, size);
+                assert_eq!(slots.len(), PROBES.min(size as usize), "size {size}");
+                assert!(slots.iter().all(|&s| s < size));
+                let mut sorted = slots.clone();
+                sorted.sort_unstable();
+                sorted.dedup();
+                assert_eq!(sorted.len(), slots.len(), "size {size}: {slots:?}");
             }
-        );
-        assert_eq!(index.len(), 2);
-        assert_eq!(index.slot_of(keys[1]), None);
-        assert_eq!(
-            index.assign(keys[0], t(500), 2),
-            Assignment {
-                slot: 0,
-                new: false,
-                evicted: None
-            }
-        );
+        }
     }
 
     #[test]
-    fn claims() {
-        let a = KeyId(7);
-        let b = KeyId(9);
+    fn only_a_key_at_rest_gives_up_its_slot() {
+        let (a, b) = (KeyId(7), KeyId(9));
         let mut s = KeyState::default();
-        assert_eq!(s.claim(a), Claim::Fresh);
-        s.streams = 3;
-        assert_eq!(s.claim(a), Claim::Owned);
-        assert_eq!(s.claim(b), Claim::Taken);
-        assert_eq!(s.streams(), 3, "a taken slot is left alone");
-        s.take_over(b);
+        assert_eq!(s.claim(a, t(0)), Claim::Fresh);
+        s.tokens = vec![t(10).as_nanos()];
+        assert_eq!(s.claim(a, t(5)), Claim::Owned);
+        // a's bucket refills until t = 10 s: b must wait for it.
+        assert_eq!(s.claim(b, t(5)), Claim::Taken);
+        assert_eq!(s.owner(), Some(a));
+        // A stream in flight keeps it busy too, until its lease runs out.
+        s.streams = 1;
+        s.touched = t(10).as_nanos();
+        assert_eq!(s.claim(b, t(11)), Claim::Taken);
+        let leaked = Timestamp(t(10).as_nanos() + STREAM_LEASE.as_nanos() as u64 + 1);
+        assert_eq!(s.claim(b, leaked), Claim::Fresh);
         assert_eq!(s.owner(), Some(b));
         assert_eq!(s.streams(), 0);
+    }
+
+    #[test]
+    fn a_key_finds_its_own_slot_before_a_free_one() {
+        let key = KeyId(5);
+        let busy = KeyState {
+            owner: 3,
+            tokens: vec![t(100).as_nanos()],
+            ..KeyState::default()
+        };
+        let mine = KeyState {
+            owner: 5,
+            ..KeyState::default()
+        };
+        let empty = KeyState::default();
+        let now = t(1);
+        assert_eq!(
+            choose_slot(key, &[empty.clone(), busy.clone(), mine], now),
+            SlotChoice::Owned(2)
+        );
+        assert_eq!(
+            choose_slot(key, &[busy.clone(), empty], now),
+            SlotChoice::Free(1)
+        );
+        assert_eq!(
+            choose_slot(key, &[busy.clone(), busy], now),
+            SlotChoice::Full
+        );
     }
 }

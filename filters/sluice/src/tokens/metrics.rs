@@ -29,6 +29,8 @@ pub struct Metrics {
     pub invalid: Counter,
     pub too_large: Counter,
     pub state_errors: Counter,
+    /// Requests served by their rule's overflow state (no slot of their own).
+    pub overflowed: Counter,
     pub absurd_usage: Counter,
     pub estimated_usage: Counter,
     pub framing_errors: Counter,
@@ -64,6 +66,7 @@ impl Metrics {
             invalid: c("invalid_requests"),
             too_large: c("too_large"),
             state_errors: c("state_errors"),
+            overflowed: c("overflowed"),
             absurd_usage: c("absurd_usage"),
             estimated_usage: c("estimated_usage"),
             framing_errors: c("framing_errors"),

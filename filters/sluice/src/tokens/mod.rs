@@ -19,7 +19,7 @@ mod slots;
 use std::rc::Rc;
 
 use log::{debug, warn};
-use sluice_core::config::{LargeBody, Policy, TokensConfig};
+use sluice_core::config::{LargeBody, Policy, StateErrorPolicy, TokensConfig};
 use sluice_core::llm::{
     ErrorKind, LocalReply, RequestInfo, UsageFallback, UsageSource, chars_per_token_for,
 };
@@ -30,7 +30,10 @@ use sluice_filter_common::engine::{
 };
 
 use metrics::{Labels, Metrics};
-use slots::{SlotError, Slots};
+use slots::{Held, Place, Region, SlotError, Slots};
+
+/// Slots reserved per tenant the policy names (its models' keys).
+const NAMED_SLOTS_PER_TENANT: u32 = 16;
 
 /// Response header saying sluice's token limiter answered.
 const LIMITED_HEADER: &str = "x-sluice-limited";
@@ -46,18 +49,33 @@ struct Inner {
     limiter: Limiter,
     metrics: Metrics,
     slots: Slots,
+    /// Tenants some rule names exactly: their keys have slots of their own.
+    named: Vec<String>,
 }
 
 impl Tokens {
     /// The capability, if the policy enables `[tokens]`.
     pub fn from_policy(policy: &Policy) -> Option<Self> {
         let tokens = policy.tokens.clone()?;
+        let mut named: Vec<String> = tokens
+            .quotas
+            .iter()
+            .flat_map(|q| q.matcher.tenants.iter())
+            .filter(|p| !p.as_str().ends_with('*'))
+            .map(|p| p.as_str().to_string())
+            .collect();
+        named.sort();
+        named.dedup();
+        let named_slots = u32::try_from(named.len())
+            .unwrap_or(u32::MAX)
+            .saturating_mul(NAMED_SLOTS_PER_TENANT);
         Some(Tokens {
             inner: Rc::new(Inner {
                 limiter: Limiter::new(&tokens),
                 metrics: Metrics::define(&tokens),
-                slots: Slots::new(tokens.max_keys.get()),
+                slots: Slots::new(tokens.max_keys.get(), named_slots),
                 tokens,
+                named,
             }),
         })
     }
@@ -126,14 +144,23 @@ impl Capability for Tokens {
             }
         };
         let now = admission.now;
-        let key = KeyId::new(quota, &request.tenant, &request.model);
-        let outcome = inner.slots.update(key, now, |state| {
+        let rule = inner.limiter.identity(quota);
+        let key = KeyId::new(rule, &request.tenant, &request.model);
+        let region = if inner.named.binary_search(&request.tenant).is_ok() {
+            Region::Named
+        } else {
+            Region::Open
+        };
+        let outcome = inner.slots.update(key, rule, region, now, |state| {
             inner.limiter.reserve(state, now, quota, &reservation)
         });
-        let (slot, decision) = match outcome {
+        let (held, decision) = match outcome {
             Ok(done) => done,
-            Err(e) => return degraded(&inner.metrics, &e),
+            Err(e) => return state_error(cfg, &inner.metrics, &e, request.api),
         };
+        if matches!(held.place, Place::Overflow(_)) {
+            inner.metrics.overflowed.inc();
+        }
         let labels = inner.metrics.labels(&request.tenant, &request.model);
         match decision {
             Decision::Rejected(rejection) => {
@@ -160,8 +187,7 @@ impl Capability for Tokens {
                     verdict: Verdict::Go,
                     flow: Some(Box::new(TokensFlow {
                         inner: Rc::clone(&self.inner),
-                        slot,
-                        key,
+                        held,
                         ticket,
                         status,
                         tenant: request.tenant.clone(),
@@ -184,19 +210,43 @@ fn reply(reply: LocalReply) -> Admitted {
 }
 
 /// Shared data failed us (a host error, or other workers kept winning the
-/// compare-and-swap): the request goes on unlimited rather than failing,
-/// and a metric says so.
-fn degraded(metrics: &Metrics, e: &SlotError) -> Admitted {
-    warn!("sluice tokens: quota state unavailable ({e}); request forwarded unlimited");
+/// compare-and-swap on this key): `on_state_error` says whether the request
+/// is refused (503, the default: contention is no reason to admit without
+/// limit) or goes on unlimited. A metric counts it either way.
+fn state_error(
+    cfg: &TokensConfig,
+    metrics: &Metrics,
+    e: &SlotError,
+    api: sluice_core::config::Api,
+) -> Admitted {
     metrics.state_errors.inc();
-    Admitted::pass()
+    match cfg.on_state_error {
+        StateErrorPolicy::Allow => {
+            warn!("sluice tokens: quota state unavailable ({e}); request forwarded unlimited");
+            Admitted::pass()
+        }
+        StateErrorPolicy::Deny => {
+            warn!("sluice tokens: quota state unavailable ({e}); request refused");
+            reply(LocalReply::error(
+                api,
+                ErrorKind::Unavailable {
+                    code: "quota-state-unavailable",
+                },
+                "sluice: the quota state is unavailable; retry shortly",
+                [
+                    ("retry-after", "1".to_string()),
+                    (LIMITED_HEADER, "tokens".to_string()),
+                ],
+            ))
+        }
+    }
 }
 
 /// A request admitted under a quota, until it is settled.
 struct TokensFlow {
     inner: Rc<Inner>,
-    slot: u32,
-    key: KeyId,
+    /// Where its reservation was made (its slot, or the rule's overflow).
+    held: Held,
     ticket: Ticket,
     status: QuotaStatus,
     tenant: String,
@@ -248,7 +298,7 @@ impl Flow for TokensFlow {
                 .add(u64::from(r.framing_errors));
         }
         let ticket = self.ticket;
-        let result = inner.slots.update_owned(self.slot, self.key, |state| {
+        let result = inner.slots.update_held(self.held, |state| {
             inner.limiter.finish(state, now, &ticket, Some(actual))
         });
         match result {
@@ -256,8 +306,8 @@ impl Flow for TokensFlow {
                 self.labels.refunded.add(settled.delta.unsigned_abs())
             }
             Ok(Some(Some(settled))) => self.labels.charged.add(settled.delta.unsigned_abs()),
-            // Nothing to settle, or the key was evicted meanwhile (its
-            // buckets went with it).
+            // Nothing to settle, or the key lost its slot meanwhile, which
+            // only a key at rest does: nothing was owed.
             Ok(_) => {}
             Err(e) => {
                 warn!(
