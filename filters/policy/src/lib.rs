@@ -85,15 +85,49 @@ pub fn parse_json(name: &str, text: &str) -> Result<Policy, Diagnostics> {
 }
 
 /// Reads a filter's configuration bytes: JSON when they start with `{`
-/// (Istio), TOML otherwise (an Envoy `StringValue`).
+/// (Istio), TOML otherwise (an Envoy `StringValue`). Bytes that are not
+/// UTF-8 are an error, as they are for `sluice validate`.
 pub fn parse_config_bytes(name: &str, bytes: &[u8]) -> Result<Policy, Diagnostics> {
-    let text = String::from_utf8_lossy(bytes);
-    let format = if text.trim_start().starts_with('{') {
+    let format = if String::from_utf8_lossy(bytes).trim_start().starts_with('{') {
         Format::Json
     } else {
         Format::Toml
     };
-    parse(Source::new(name, text.into_owned(), format))
+    parse_bytes(name, bytes, format)
+}
+
+/// Reads a policy from bytes as stored in a file. A policy is UTF-8 text:
+/// anything else is reported at its first invalid byte (line and column)
+/// rather than read with replacement characters, which would accept a
+/// policy whose names or values are not what the file says.
+pub fn parse_bytes(name: &str, bytes: &[u8], format: Format) -> Result<Policy, Diagnostics> {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => parse(Source::new(name, text, format)),
+        Err(e) => Err(not_utf8(name, bytes, format, &e)),
+    }
+}
+
+/// The diagnostic for bytes that are not UTF-8, located at the first bad
+/// byte. The text kept for rendering is the lossy decoding: its prefix up to
+/// that byte is the file's own, so line, column and caret are exact there.
+fn not_utf8(name: &str, bytes: &[u8], format: Format, e: &std::str::Utf8Error) -> Diagnostics {
+    let at = e.valid_up_to();
+    let message = match (bytes.get(at), e.error_len()) {
+        (Some(byte), Some(_)) => {
+            format!("not valid UTF-8: byte 0x{byte:02X} is not part of a character")
+        }
+        _ => "not valid UTF-8: the text ends inside a character".to_string(),
+    };
+    let loc = Loc {
+        pointer: String::new(),
+        // The replacement character the lossy text has there.
+        span: Some(at..at + char::REPLACEMENT_CHARACTER.len_utf8()),
+    };
+    let hint = "policies must be UTF-8 text; convert the file, for example with `iconv -f latin1 -t utf-8`";
+    Diagnostics {
+        source: Source::new(name, String::from_utf8_lossy(bytes).into_owned(), format),
+        items: vec![Diagnostic::new(&loc, message).with_hint(hint)],
+    }
 }
 
 /// The module that enforces every capability (`sluice.wasm`), and its
@@ -152,5 +186,66 @@ impl Capability {
             }
             Capability::Failover => policy.failover.is_some(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn place(d: &Diagnostics) -> (usize, usize, &str) {
+        let item = &d.items[0];
+        let lc = d.line_col(item).unwrap();
+        (lc.line, lc.column, item.message.as_str())
+    }
+
+    #[test]
+    fn a_byte_that_is_not_utf8_is_located() {
+        // "é" in UTF-8 before the bad byte: columns count characters.
+        let bytes = b"name = \"caf\xc3\xa9\"\n[tenant]\nmissing = \"ano\xe9nyme\"\n";
+        let d = parse_bytes("p.toml", bytes, Format::Toml).unwrap_err();
+        assert_eq!(d.items.len(), 1);
+        assert_eq!(
+            place(&d),
+            (
+                3,
+                15,
+                "not valid UTF-8: byte 0xE9 is not part of a character"
+            )
+        );
+        assert!(
+            d.items[0]
+                .hint
+                .as_deref()
+                .unwrap()
+                .contains("must be UTF-8")
+        );
+        let rendered = d.render(false);
+        assert!(rendered.contains("--> p.toml:3:15"), "{rendered}");
+    }
+
+    #[test]
+    fn text_cut_inside_a_character_is_located_at_its_start() {
+        let bytes = b"name = \"x\"\n# caf\xc3";
+        let d = parse_bytes("p.toml", bytes, Format::Toml).unwrap_err();
+        assert_eq!(
+            place(&d),
+            (2, 6, "not valid UTF-8: the text ends inside a character")
+        );
+    }
+
+    #[test]
+    fn a_filter_rejects_configuration_bytes_that_are_not_utf8() {
+        let json = b"{\"name\": \"\xff\"}";
+        let d = parse_config_bytes("plugin", json).unwrap_err();
+        assert_eq!(d.source.format, Format::Json);
+        assert_eq!(
+            place(&d),
+            (
+                1,
+                11,
+                "not valid UTF-8: byte 0xFF is not part of a character"
+            )
+        );
     }
 }

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use sluice_policy::{Diagnostics, Format, Policy, Source, explain};
+use sluice_policy::{Diagnostics, Format, Policy, explain};
 
 #[derive(Parser)]
 #[command(
@@ -68,19 +68,17 @@ fn main() -> ExitCode {
     }
 }
 
-/// Reads and parses a policy file; `Ok(Err(_))` is an invalid policy.
+/// Reads and parses a policy file; `Ok(Err(_))` is an invalid policy,
+/// including a file that is not UTF-8 (located at its first bad byte).
 pub fn load(path: &Path) -> anyhow::Result<(Result<Policy, Diagnostics>, String)> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let format = match path.extension().and_then(|e| e.to_str()) {
         Some("json") => Format::Json,
         _ => Format::Toml,
     };
-    let parsed = sluice_policy::parse(Source::new(
-        path.display().to_string(),
-        text.clone(),
-        format,
-    ));
+    let parsed = sluice_policy::parse_bytes(&path.display().to_string(), &bytes, format);
+    // Exact when the policy is valid, which is when the text is used.
+    let text = String::from_utf8_lossy(&bytes).into_owned();
     Ok((parsed, text))
 }
 

@@ -110,6 +110,31 @@ fn a_missing_file_is_an_error_not_a_panic() {
 }
 
 #[test]
+fn a_file_that_is_not_utf8_is_located_at_its_first_bad_byte() {
+    // Written here rather than kept in policies/: every file there is text.
+    let dir = std::env::temp_dir().join(format!("sluice-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("latin1.toml");
+    // A Latin-1 "é" (0xE9) on line 3, after 14 characters.
+    std::fs::write(
+        &path,
+        b"[[backend]]\nname = \"llm\"\nmodels = [\"caf\xe9\"]\n",
+    )
+    .unwrap();
+    let file = path.display().to_string();
+    let out = sluice(&["validate", &file]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("error: not valid UTF-8: byte 0xE9 is not part of a character"),
+        "{stderr}"
+    );
+    assert!(stderr.contains(&format!("--> {file}:3:15")), "{stderr}");
+    assert!(stderr.contains("policies must be UTF-8"), "{stderr}");
+}
+
+#[test]
 fn explain_prints_every_effective_value_and_what_is_not_enforced() {
     let out = sluice(&["explain", "policies/gateway.toml"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
