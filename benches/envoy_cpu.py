@@ -8,9 +8,9 @@ simulated latency, and their load runs are interleaved round by round (in a
 shuffled order) so drifts in the machine hit every variant alike.
 
 Every variant is the same bootstrap (``sluice render envoy`` of a policy with
-no capability: listener, routes, cluster, router) with its own filters
-inserted before the router by this script, so a variant is exactly what it
-says whatever the render emits for a policy. Wasm filters get the options the
+no capability, any wasm filter it emits removed: listener, routes, cluster,
+router) with its own filters inserted before the router by this script, so a
+variant is exactly what it says whatever the render emits for a policy. Wasm filters get the options the
 render gives sluice's (V8, one VM per module, the policy text as
 configuration, ``allow_on_headers_stop_iteration: true``, without which a
 paused header phase never reaches the body callbacks), except
@@ -159,6 +159,8 @@ NOT_YET = {"sluice": "the one module is not built (crate filters/sluice, then `c
 
 RATIO_UNIT = "noop-body"
 
+WASM_TYPE = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
+
 
 def http_filters(doc: dict) -> list:
     hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
@@ -189,6 +191,9 @@ def bootstrap_for(name: str, base_bootstrap: str, wasm_dir: Path,
     variant = VARIANTS[name.partition("@")[0]]
     doc = yaml.safe_load(base_bootstrap)
     chain = http_filters(doc)
+    # The render may emit sluice's module even for a policy with no capability
+    # (it routes by model); the bench's one backend needs none of it.
+    chain[:] = [f for f in chain if f.get("typed_config", {}).get("@type") != WASM_TYPE]
     if [f.get("name") for f in chain] != ["envoy.filters.http.router"]:
         raise RuntimeError(f"the base bootstrap should hold only the router, not {chain}")
     policy = POLICY_BASE + variant.sections
