@@ -32,10 +32,21 @@ Variants (the default set; ``--variants`` picks others):
   ``sluice_breaker.wasm``, both sections (what sluice ran before the fold).
 
 Also available: ``tokens`` and ``breaker`` (one separate filter each), and
-``VARIANT@LABEL`` for a variant of one module run with another build of it
-(``--build LABEL=WASM``), to compare builds in one run. A variant whose
-.wasm file is missing (``sluice.wasm`` before crate ``filters/sluice``
-exists) is skipped with the reason printed.
+``VARIANT@LABEL``, a variant run with another build (``--build LABEL=PATH``):
+PATH is a .wasm file that replaces the module of a one-module variant, or a
+directory every module of the variant is read from. A variant whose .wasm
+file is missing is skipped with the reason printed.
+
+The separate filters were folded into ``sluice.wasm``; once the workspace no
+longer has their crates, build them from a commit before the fold and run the
+chain from there::
+
+    git worktree add /tmp/prefold cc3299f
+    (cd /tmp/prefold && cargo build --release --target wasm32-wasip1 \
+        -p sluice-tokens -p sluice-breaker --target-dir /tmp/prefold/target)
+    ... benches/envoy_cpu.py --variants none,noop,noop-body,local_ratelimit,\
+        sluice-tokens,sluice-breaker,sluice-both,chain@prefold \
+        --build prefold=/tmp/prefold/target/wasm32-wasip1/release
 
 Each variant runs a non-streaming workload (a 1 KiB JSON chat request, JSON
 answer) and a streaming one (the same request with ``stream: true``; the
@@ -155,7 +166,13 @@ VARIANTS = {
 DEFAULT_VARIANTS = "none,noop,noop-body,local_ratelimit,sluice-tokens,sluice-breaker,sluice-both,chain"
 
 # Modules not built by every checkout yet, and why a missing one is skipped.
-NOT_YET = {"sluice": "the one module is not built (crate filters/sluice, then `cargo xtask build`)"}
+PREFOLD = ("the separate filters are folded into sluice.wasm: build them from a commit "
+           "before the fold and run VARIANT@LABEL with --build LABEL=DIR (see the docstring)")
+WHY_MISSING = {
+    "sluice": "the one module is not built (crate filters/sluice, then `cargo xtask build`)",
+    "sluice_tokens": PREFOLD,
+    "sluice_breaker": PREFOLD,
+}
 
 RATIO_UNIT = "noop-body"
 
@@ -180,9 +197,10 @@ def module_files(name: str, wasm_dir: Path, builds: dict[str, Path]) -> list[Pat
     """The .wasm files of variant ``name`` (``VARIANT`` or ``VARIANT@LABEL``)."""
     base, _, label = name.partition("@")
     variant = VARIANTS[base]
-    if label:
+    if label and not builds[label].is_dir():
         return [builds[label]]
-    return [wasm_dir / f"{m}.wasm" for m in variant.modules]
+    directory = builds[label] if label else wasm_dir
+    return [directory / f"{m}.wasm" for m in variant.modules]
 
 
 def bootstrap_for(name: str, base_bootstrap: str, wasm_dir: Path,
@@ -214,13 +232,17 @@ def check_variants(names: list[str], wasm_dir: Path, builds: dict[str, Path]) ->
         if label:
             if label not in builds:
                 raise SystemExit(f"variant {name}: no --build {label}=WASM")
-            if len(VARIANTS[base].modules) != 1:
-                raise SystemExit(f"variant {name}: --build replaces the module of a variant "
-                                 f"with exactly one wasm module, and {base} has "
-                                 f"{len(VARIANTS[base].modules)}")
+            if not builds[label].exists():
+                raise SystemExit(f"variant {name}: --build {label}={builds[label]} does not exist")
+            if not builds[label].is_dir() and len(VARIANTS[base].modules) != 1:
+                raise SystemExit(f"variant {name}: a .wasm file replaces the module of a "
+                                 f"variant with exactly one, and {base} has "
+                                 f"{len(VARIANTS[base].modules)}: pass a directory")
         missing = [p for p in module_files(name, wasm_dir, builds) if not p.is_file()]
         if missing:
-            why = NOT_YET.get(missing[0].stem, "run `cargo xtask build` (or pass --build)")
+            why = WHY_MISSING.get(missing[0].stem, "run `cargo xtask build` (or pass --build)")
+            if "@" in name:
+                why = f"not in --build {label}"
             skipped[name] = f"{missing[0]} is missing: {why}"
     return skipped
 
@@ -281,9 +303,9 @@ def main() -> int:
     parser.add_argument("--variants", default=DEFAULT_VARIANTS,
                         help=f"comma-separated, from: {', '.join(VARIANTS)} "
                              f"(default {DEFAULT_VARIANTS})")
-    parser.add_argument("--build", action="append", default=[], metavar="LABEL=WASM",
-                        help="another build of a one-module variant's filter, "
-                             "run as variant VARIANT@LABEL")
+    parser.add_argument("--build", action="append", default=[], metavar="LABEL=PATH",
+                        help="another build, run as variant VARIANT@LABEL: a .wasm file "
+                             "(one-module variants) or a directory of .wasm files")
     parser.add_argument("--target-dir", type=Path, metavar="DIR",
                         help="cargo's target directory holding wasm32-wasip1/release and "
                              "native (default $SLUICE_TARGET_DIR, else target/)")
@@ -352,7 +374,8 @@ def main() -> int:
             proc.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     machine["load_after"] = os.getloadavg()
-    write_report(args, requested, skipped, results, errors, machine)
+    files = {v: module_files(v, paths.WASM_DIR, builds) for v in variants}
+    write_report(args, requested, skipped, files, results, errors, machine)
     return 0 if not any(errors.values()) else 1
 
 
@@ -374,7 +397,14 @@ def ratio(results, variant: str, mode: str) -> str:
     return f"{added / unit:.2f}×"
 
 
-def write_report(args, requested, skipped, results, errors, machine) -> None:
+def describe_file(path: Path) -> str:
+    """A module file as the report names it: path, size, build time."""
+    st = path.stat()
+    built = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(st.st_mtime))
+    return f"`{path}` ({st.st_size:,} B, built {built})"
+
+
+def write_report(args, requested, skipped, files, results, errors, machine) -> None:
     variants = [v for v in requested if v not in skipped]
     python = os.path.relpath(sys.executable, Path.cwd())
     if python.startswith(".."):
@@ -409,24 +439,27 @@ def write_report(args, requested, skipped, results, errors, machine) -> None:
     lines += ["Variants:", ""]
     lines += [f"- `{v}`: {VARIANTS[v.partition('@')[0]].what}"
               + (f" (build `{v.partition('@')[2]}`)" if "@" in v else "")
+              + "".join(f"; {describe_file(f)}" for f in files.get(v, []))
               for v in requested]
     lines.append("")
     for mode, title in MODES.items():
         lines += [f"## {title}", "",
-                  f"| variant | µs/request | added over none | added / {RATIO_UNIT}'s added | non-2xx |",
-                  "|---|---:|---:|---:|---:|"]
+                  f"| variant | µs/request | rounds' range | added over none | "
+                  f"added / {RATIO_UNIT}'s added | non-2xx |",
+                  "|---|---:|---:|---:|---:|---:|"]
         for v in variants:
             samples = results.get((v, mode))
             if not samples:
                 continue
             added = added_over_none(results, v, mode)
             added_text = f"{added:+.1f}" if added is not None else "–"
-            lines.append(f"| {v} | {statistics.median(samples):.1f} | {added_text} | "
+            spread = f"{min(samples):.1f}–{max(samples):.1f}"
+            lines.append(f"| {v} | {statistics.median(samples):.1f} | {spread} | {added_text} | "
                          f"{ratio(results, v, mode)} | {errors.get((v, mode), 0)} |")
         lines.append("")
     text = "\n".join(lines)
-    print("\n" + text)
     args.out.write_text(text + "\n")
+    print("\n" + text)
 
 
 if __name__ == "__main__":
