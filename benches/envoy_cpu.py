@@ -1,4 +1,4 @@
-"""Envoy CPU time per request, with and without sluice's filters.
+r"""Envoy CPU time per request, with and without sluice's filters.
 
 Requests per second on a shared 2-core machine swing with whatever else runs;
 the CPU time Envoy's own process spends per request (utime + stime from
@@ -10,10 +10,10 @@ shuffled order) so drifts in the machine hit every variant alike.
 Every variant is the same bootstrap (``sluice render envoy`` of a policy with
 no capability, any wasm filter it emits removed: listener, routes, cluster,
 router) with its own filters inserted before the router by this script, so a
-variant is exactly what it says whatever the render emits for a policy. Wasm filters get the options the
-render gives sluice's (V8, one VM per module, the policy text as
-configuration, ``allow_on_headers_stop_iteration: true``, without which a
-paused header phase never reaches the body callbacks), except
+variant is exactly what it says whatever the render emits for a policy. Wasm
+filters get the options the render gives sluice's (V8, one VM per module, the
+policy text as configuration, ``allow_on_headers_stop_iteration: true``,
+without which a paused header phase never reaches the body callbacks), except
 ``failure_policy``: FAIL_CLOSED here, so a broken VM shows up as non-2xx
 answers instead of as a filter that costs nothing.
 
@@ -44,8 +44,8 @@ chain from there::
     git worktree add /tmp/prefold cc3299f
     (cd /tmp/prefold && cargo build --release --target wasm32-wasip1 \
         -p sluice-tokens -p sluice-breaker --target-dir /tmp/prefold/target)
-    ... benches/envoy_cpu.py --variants none,noop,noop-body,local_ratelimit,\
-        sluice-tokens,sluice-breaker,sluice-both,chain@prefold \
+    V=none,noop,noop-body,local_ratelimit,sluice-tokens,sluice-breaker,sluice-both,chain@prefold
+    PYTHONPATH=envoy target/lab-venv/bin/python benches/envoy_cpu.py --variants $V \
         --build prefold=/tmp/prefold/target/wasm32-wasip1/release
 
 Each variant runs a non-streaming workload (a 1 KiB JSON chat request, JSON
