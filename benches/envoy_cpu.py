@@ -1,4 +1,4 @@
-"""Envoy CPU time per request, with and without sluice's filters.
+r"""Envoy CPU time per request, with and without sluice's filters.
 
 Requests per second on a shared 2-core machine swing with whatever else runs;
 the CPU time Envoy's own process spends per request (utime + stime from
@@ -7,25 +7,61 @@ All variants run side by side, against one llm-sim upstream with zero
 simulated latency, and their load runs are interleaved round by round (in a
 shuffled order) so drifts in the machine hit every variant alike.
 
-Variants (all rendered from policies by ``sluice render envoy``, then
-extended the way the lab extends bootstraps):
+Every variant is the same bootstrap (``sluice render envoy`` of a policy with
+no capability, any wasm filter it emits removed: listener, routes, cluster,
+router) with its own filters inserted before the router by this script, so a
+variant is exactly what it says whatever the render emits for a policy. Wasm
+filters get the options the render gives sluice's (V8, one VM per module, the
+policy text as configuration, ``allow_on_headers_stop_iteration: true``,
+without which a paused header phase never reaches the body callbacks), except
+``failure_policy``: FAIL_CLOSED here, so a broken VM shows up as non-2xx
+answers instead of as a filter that costs nothing.
+
+Variants (the default set; ``--variants`` picks others):
 
 - ``none``: Envoy with only the router;
 - ``noop``: plus a Rust proxy-wasm filter that does nothing (the V8 floor);
+- ``noop-body``: plus a filter that only holds the request until its body is
+  whole, reads it, and reads every response chunk: the floor of any
+  body-reading filter, and the unit of the ratios reported;
 - ``local_ratelimit``: plus Envoy's native local rate limiter (never limiting);
-- ``tokens``: plus sluice's token filter, admitting every request;
-- ``breaker``: plus sluice's breaker filter, admitting every request;
-- ``tokens@LABEL``: the token filter from another build (``--build LABEL=WASM``),
-  to compare build profiles in one run.
+- ``sluice-tokens``, ``sluice-breaker``, ``sluice-both``: the one module
+  ``sluice.wasm`` with the policy's [tokens], [breaker], or both sections,
+  admitting every request;
+- ``chain``: the two separate filters ``sluice_tokens.wasm`` then
+  ``sluice_breaker.wasm``, both sections (what sluice ran before the fold).
+
+Also available: ``tokens`` and ``breaker`` (one separate filter each), and
+``VARIANT@LABEL``, a variant run with another build (``--build LABEL=PATH``):
+PATH is a .wasm file that replaces the module of a one-module variant, or a
+directory every module of the variant is read from. A variant whose .wasm
+file is missing is skipped with the reason printed.
+
+The separate filters were folded into ``sluice.wasm``; once the workspace no
+longer has their crates, build them from a commit before the fold and run the
+chain from there::
+
+    git worktree add /tmp/prefold cc3299f
+    (cd /tmp/prefold && cargo build --release --target wasm32-wasip1 \
+        -p sluice-tokens -p sluice-breaker --target-dir /tmp/prefold/target)
+    V=none,noop,noop-body,local_ratelimit,sluice-tokens,sluice-breaker,sluice-both,chain@prefold
+    PYTHONPATH=envoy target/lab-venv/bin/python benches/envoy_cpu.py --variants $V \
+        --build prefold=/tmp/prefold/target/wasm32-wasip1/release
 
 Each variant runs a non-streaming workload (a 1 KiB JSON chat request, JSON
 answer) and a streaming one (the same request with ``stream: true``; the
 answer is 100 SSE chunks plus the usage chunk). Envoy runs one worker
 (``--concurrency 1``) so its accounting is not spread over idle threads.
 
+    cargo xtask build   # or build the filters and native tools another way
     PYTHONPATH=envoy target/lab-venv/bin/python benches/envoy_cpu.py [--rounds 3] [--seconds 5]
 
-Prints a table and writes ``benches/envoy-cpu.md``.
+From a worktree whose build artefacts live elsewhere, pass
+``--target-dir DIR`` (or set ``SLUICE_TARGET_DIR``): the filters are read from
+``DIR/wasm32-wasip1/release``, the sluice CLI and llm-sim from ``DIR/native``.
+
+Prints the table of ratios to noop-body's added CPU and writes it, with the
+command, date and machine, to ``benches/envoy-cpu.md`` (``--out``).
 """
 
 from __future__ import annotations
@@ -35,12 +71,14 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -48,8 +86,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "envoy"))
 
-from lab import Envoy, LlmSim, add_wasm_filter, install_cleanup_handlers, render_envoy  # noqa: E402
-from lab import paths  # noqa: E402
+# The lab (``lab``, ``lab.paths``) is imported in main(), after --target-dir
+# has set SLUICE_TARGET_DIR: its paths are fixed when it is first imported.
 
 POLICY_BASE = """
 name = "bench"
@@ -69,21 +107,20 @@ timeout = "60s"
   endpoints = ["127.0.0.1:1"]
 """
 
-SECTIONS = {
-    "none": "",
-    "tokens": """
+# Sections that enable a capability and never limit the benchmark's load.
+TOKENS = """
 [tokens]
 default_max_tokens = 256
   [[tokens.quota]]
   tokens = "1000M/min"
   requests = "100M/min"
-""",
-    "breaker": """
+"""
+
+BREAKER = """
 [breaker]
 mode = "consecutive"
 consecutive_failures = 1000
-""",
-}
+"""
 
 LOCAL_RATELIMIT = {
     "name": "envoy.filters.http.local_ratelimit",
@@ -100,31 +137,114 @@ LOCAL_RATELIMIT = {
 }
 
 
+@dataclass(frozen=True)
+class Variant:
+    """What one Envoy runs besides the router."""
+
+    what: str
+    modules: tuple[str, ...] = ()  # wasm modules (file stems), in chain order
+    sections: str = ""             # policy sections appended to POLICY_BASE
+    native: tuple[dict, ...] = ()  # native filters, before the wasm ones
+
+
+VARIANTS = {
+    "none": Variant("Envoy with only the router"),
+    "noop": Variant("a Rust filter that does nothing", ("sluice_noop",)),
+    "noop-body": Variant("a Rust filter that holds and reads the request body and reads "
+                         "every response chunk, nothing else", ("sluice_noop_body",)),
+    "local_ratelimit": Variant("Envoy's native local rate limiter, never limiting",
+                               native=(LOCAL_RATELIMIT,)),
+    "sluice-tokens": Variant("sluice.wasm, [tokens] only", ("sluice",), TOKENS),
+    "sluice-breaker": Variant("sluice.wasm, [breaker] only", ("sluice",), BREAKER),
+    "sluice-both": Variant("sluice.wasm, [tokens] and [breaker]", ("sluice",), TOKENS + BREAKER),
+    "chain": Variant("sluice_tokens.wasm then sluice_breaker.wasm, [tokens] and [breaker]",
+                     ("sluice_tokens", "sluice_breaker"), TOKENS + BREAKER),
+    "tokens": Variant("sluice_tokens.wasm alone, [tokens]", ("sluice_tokens",), TOKENS),
+    "breaker": Variant("sluice_breaker.wasm alone, [breaker]", ("sluice_breaker",), BREAKER),
+}
+
+DEFAULT_VARIANTS = "none,noop,noop-body,local_ratelimit,sluice-tokens,sluice-breaker,sluice-both,chain"
+
+# Modules not built by every checkout yet, and why a missing one is skipped.
+PREFOLD = ("the separate filters are folded into sluice.wasm: build them from a commit "
+           "before the fold and run VARIANT@LABEL with --build LABEL=DIR (see the docstring)")
+WHY_MISSING = {
+    "sluice": "the one module is not built (crate filters/sluice, then `cargo xtask build`)",
+    "sluice_tokens": PREFOLD,
+    "sluice_breaker": PREFOLD,
+}
+
+RATIO_UNIT = "noop-body"
+
+WASM_TYPE = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
+
+
 def http_filters(doc: dict) -> list:
     hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     return hcm["http_filters"]
 
 
-def bootstrap_for(variant: str, sim_listen: str, workdir: Path,
+def wasm_entry(module: str, wasm: Path, configuration: str) -> dict:
+    """A wasm filter with the options ``sluice render envoy`` gives sluice's."""
+    from lab import wasm_filter
+
+    entry = wasm_filter(module, wasm, configuration, failure_policy="FAIL_CLOSED")
+    entry["typed_config"]["config"]["allow_on_headers_stop_iteration"] = True
+    return entry
+
+
+def module_files(name: str, wasm_dir: Path, builds: dict[str, Path]) -> list[Path]:
+    """The .wasm files of variant ``name`` (``VARIANT`` or ``VARIANT@LABEL``)."""
+    base, _, label = name.partition("@")
+    variant = VARIANTS[base]
+    if label and not builds[label].is_dir():
+        return [builds[label]]
+    directory = builds[label] if label else wasm_dir
+    return [directory / f"{m}.wasm" for m in variant.modules]
+
+
+def bootstrap_for(name: str, base_bootstrap: str, wasm_dir: Path,
                   builds: dict[str, Path]) -> str:
-    base, _, label = variant.partition("@")
-    if label:
-        doc = yaml.safe_load(bootstrap_for(base, sim_listen, workdir, builds))
-        for f in http_filters(doc):
-            code = f.get("typed_config", {}).get("config", {}).get("vm_config", {}).get("code")
-            if code:
-                code["local"]["filename"] = str(builds[label])
-        return yaml.safe_dump(doc, sort_keys=False)
-    policy = workdir / f"{variant}.toml"
-    policy.write_text(POLICY_BASE + SECTIONS.get(variant, ""))
-    text = render_envoy(policy, endpoints={("primary", "zone-a"): [sim_listen]})
-    if variant == "noop":
-        text = add_wasm_filter(text, "sluice-noop", paths.WASM_DIR / "sluice_noop.wasm")
-    elif variant == "local_ratelimit":
-        doc = yaml.safe_load(text)
-        http_filters(doc).insert(0, LOCAL_RATELIMIT)
-        text = yaml.safe_dump(doc, sort_keys=False)
-    return text
+    """The rendered bootstrap with variant ``name``'s filters before the router."""
+    variant = VARIANTS[name.partition("@")[0]]
+    doc = yaml.safe_load(base_bootstrap)
+    chain = http_filters(doc)
+    # The render may emit sluice's module even for a policy with no capability
+    # (it routes by model); the bench's one backend needs none of it.
+    chain[:] = [f for f in chain if f.get("typed_config", {}).get("@type") != WASM_TYPE]
+    if [f.get("name") for f in chain] != ["envoy.filters.http.router"]:
+        raise RuntimeError(f"the base bootstrap should hold only the router, not {chain}")
+    policy = POLICY_BASE + variant.sections
+    added = list(variant.native)
+    for module, wasm in zip(variant.modules, module_files(name, wasm_dir, builds)):
+        added.append(wasm_entry(module, wasm, policy))
+    chain[:0] = added
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def check_variants(names: list[str], wasm_dir: Path, builds: dict[str, Path]) -> dict[str, str]:
+    """Why each runnable-but-unbuilt variant is skipped; raises on a bad name."""
+    skipped = {}
+    for name in names:
+        base, _, label = name.partition("@")
+        if base not in VARIANTS:
+            raise SystemExit(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
+        if label:
+            if label not in builds:
+                raise SystemExit(f"variant {name}: no --build {label}=WASM")
+            if not builds[label].exists():
+                raise SystemExit(f"variant {name}: --build {label}={builds[label]} does not exist")
+            if not builds[label].is_dir() and len(VARIANTS[base].modules) != 1:
+                raise SystemExit(f"variant {name}: a .wasm file replaces the module of a "
+                                 f"variant with exactly one, and {base} has "
+                                 f"{len(VARIANTS[base].modules)}: pass a directory")
+        missing = [p for p in module_files(name, wasm_dir, builds) if not p.is_file()]
+        if missing:
+            why = WHY_MISSING.get(missing[0].stem, "run `cargo xtask build` (or pass --build)")
+            if "@" in name:
+                why = f"not in --build {label}"
+            skipped[name] = f"{missing[0]} is missing: {why}"
+    return skipped
 
 
 def cpu_seconds(pid: int) -> float:
@@ -180,22 +300,34 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--connections", type=int, default=16)
-    parser.add_argument("--variants", default="none,noop,local_ratelimit,tokens,breaker")
-    parser.add_argument("--build", action="append", default=[], metavar="LABEL=WASM",
-                        help="another build of a filter, run as variant FILTER@LABEL")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS,
+                        help=f"comma-separated, from: {', '.join(VARIANTS)} "
+                             f"(default {DEFAULT_VARIANTS})")
+    parser.add_argument("--build", action="append", default=[], metavar="LABEL=PATH",
+                        help="another build, run as variant VARIANT@LABEL: a .wasm file "
+                             "(one-module variants) or a directory of .wasm files")
+    parser.add_argument("--target-dir", type=Path, metavar="DIR",
+                        help="cargo's target directory holding wasm32-wasip1/release and "
+                             "native (default $SLUICE_TARGET_DIR, else target/)")
     parser.add_argument("--out", type=Path, default=ROOT / "benches" / "envoy-cpu.md")
     args = parser.parse_args()
+    if args.target_dir:
+        os.environ["SLUICE_TARGET_DIR"] = str(args.target_dir.resolve())
+    from lab import Envoy, LlmSim, install_cleanup_handlers, render_envoy
+    from lab import paths
+
     builds = {k: Path(v) for k, v in (b.split("=", 1) for b in args.build)}
+    requested = [v for v in args.variants.split(",") if v]
+    skipped = check_variants(requested, paths.WASM_DIR, builds)
+    for v, why in skipped.items():
+        print(f"skipping {v}: {why}", file=sys.stderr)
+    variants = [v for v in requested if v not in skipped]
+    if not variants:
+        print("no variant left to run", file=sys.stderr)
+        return 1
     ensure_wrk()
     install_cleanup_handlers()
-    variants = [v for v in args.variants.split(",") if v]
-    for v in variants:
-        base, _, label = v.partition("@")
-        wasm = builds.get(label) if label else paths.WASM_DIR / f"sluice_{base}.wasm"
-        if base in ("tokens", "breaker", "noop") and (wasm is None or not wasm.is_file()):
-            print(f"missing the module of {v}: run `cargo xtask build` (or pass --build)",
-                  file=sys.stderr)
-            return 1
+    machine = {"nproc": os.cpu_count() or 0, "load_before": os.getloadavg()}
     workdir = Path(tempfile.mkdtemp(prefix="sluice-bench-"))
     run_dir = paths.LOGS_DIR / "bench-envoy-cpu"
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -209,9 +341,13 @@ def main() -> int:
                                  "--tokens-per-sec", "20000", "--output-tokens", "100",
                                  "--quiet"])
         started.append(sim)
+        base_policy = workdir / "base.toml"
+        base_policy.write_text(POLICY_BASE)
+        base = render_envoy(base_policy, wasm_dir=paths.WASM_DIR,
+                            endpoints={("primary", "zone-a"): [sim.listen]})
         envoys = {}
         for v in variants:
-            envoy = Envoy(bootstrap_for(v, sim.listen, workdir, builds), run_dir,
+            envoy = Envoy(bootstrap_for(v, base, paths.WASM_DIR, builds), run_dir,
                           name=f"envoy-{v.replace('@', '-')}", concurrency=1,
                           log_level="warning", component_log_level="wasm:warning")
             started.append(envoy)
@@ -237,37 +373,93 @@ def main() -> int:
         for proc in reversed(started):
             proc.stop()
         shutil.rmtree(workdir, ignore_errors=True)
-    write_report(args, variants, results, errors)
+    machine["load_after"] = os.getloadavg()
+    files = {v: module_files(v, paths.WASM_DIR, builds) for v in variants}
+    write_report(args, requested, skipped, files, results, errors, machine)
     return 0 if not any(errors.values()) else 1
 
 
-def write_report(args, variants, results, errors) -> None:
-    command = " ".join(sys.argv[1:])
+MODES = {"json": "non-streaming (1 KiB JSON)", "stream": "streaming (100 SSE chunks)"}
+
+
+def added_over_none(results, variant: str, mode: str) -> float | None:
+    """Median µs/request of ``variant`` minus that of ``none``, same run."""
+    samples, bare = results.get((variant, mode)), results.get(("none", mode))
+    if not samples or not bare:
+        return None
+    return statistics.median(samples) - statistics.median(bare)
+
+
+def ratio(results, variant: str, mode: str) -> str:
+    added, unit = added_over_none(results, variant, mode), added_over_none(results, RATIO_UNIT, mode)
+    if variant == "none" or added is None or unit is None or unit <= 0:
+        return "–"
+    return f"{added / unit:.2f}×"
+
+
+def describe_file(path: Path) -> str:
+    """A module file as the report names it: path, size, build time."""
+    st = path.stat()
+    built = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(st.st_mtime))
+    return f"`{path}` ({st.st_size:,} B, built {built})"
+
+
+def write_report(args, requested, skipped, files, results, errors, machine) -> None:
+    variants = [v for v in requested if v not in skipped]
+    python = os.path.relpath(sys.executable, Path.cwd())
+    if python.startswith(".."):
+        python = sys.executable
+    command = (f"PYTHONPATH=envoy {shlex.quote(python)} benches/envoy_cpu.py "
+               f"{shlex.join(sys.argv[1:])}").rstrip()
+    load = " → ".join(" ".join(f"{x:.2f}" for x in machine[k])
+                      for k in ("load_before", "load_after"))
     lines = ["# Envoy CPU per request", "",
-             f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with "
-             f"`PYTHONPATH=envoy target/lab-venv/bin/python benches/envoy_cpu.py {command}` "
-             f"(wrk -t1 -c{args.connections}, Envoy 1.40 `--concurrency 1`, one llm-sim; "
-             "medians over interleaved rounds; µs of Envoy CPU per completed request; "
-             "the machine is a shared 2-core VM, so compare within a run).", ""]
-    for mode in ("json", "stream"):
-        base = statistics.median(results.get(("none", mode), [0.0]))
-        noop_added = statistics.median(results.get(("noop", mode), [0.0])) - base
-        title = "non-streaming (1 KiB JSON)" if mode == "json" else "streaming (100 SSE chunks)"
+             f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with", "",
+             "```", command, "```", "",
+             f"Machine: {machine['nproc']} CPUs (nproc), load average {load} "
+             "(1, 5, 15 min; before → after). "
+             f"wrk -t1 -c{args.connections}, {args.rounds} interleaved round(s) of "
+             f"{args.seconds} s per variant and workload, Envoy 1.40 `--concurrency 1`, one "
+             "llm-sim; µs of Envoy CPU per completed request, medians over rounds. Compare "
+             "within a run: absolute numbers move with the machine.", "",
+             f"## Added CPU as a ratio of {RATIO_UNIT}'s", "",
+             f"(variant − none) / ({RATIO_UNIT} − none), same run.", "",
+             "| variant | " + " | ".join(MODES.values()) + " |",
+             "|---|" + "---:|" * len(MODES)]
+    for v in requested:
+        if v == "none":
+            continue
+        cells = ["skipped" if v in skipped else ratio(results, v, m) for m in MODES]
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    lines.append("")
+    if any(not (added_over_none(results, RATIO_UNIT, m) or 0) > 0 for m in MODES):
+        lines += [f"No ratio where {RATIO_UNIT} was not run or added no CPU over none.", ""]
+    if skipped:
+        lines += ["Skipped:", ""] + [f"- {v}: {why}" for v, why in skipped.items()] + [""]
+    lines += ["Variants:", ""]
+    lines += [f"- `{v}`: {VARIANTS[v.partition('@')[0]].what}"
+              + (f" (build `{v.partition('@')[2]}`)" if "@" in v else "")
+              + "".join(f"; {describe_file(f)}" for f in files.get(v, []))
+              for v in requested]
+    lines.append("")
+    for mode, title in MODES.items():
         lines += [f"## {title}", "",
-                  "| variant | µs/request | added over none | added / noop's added | non-2xx |",
-                  "|---|---:|---:|---:|---:|"]
+                  f"| variant | µs/request | rounds' range | added over none | "
+                  f"added / {RATIO_UNIT}'s added | non-2xx |",
+                  "|---|---:|---:|---:|---:|---:|"]
         for v in variants:
             samples = results.get((v, mode))
             if not samples:
                 continue
-            med = statistics.median(samples)
-            added = med - base
-            ratio = f"{added / noop_added:.2f}×" if v != "none" and noop_added > 0 else "–"
-            lines.append(f"| {v} | {med:.1f} | {added:+.1f} | {ratio} | {errors.get((v, mode), 0)} |")
+            added = added_over_none(results, v, mode)
+            added_text = f"{added:+.1f}" if added is not None else "–"
+            spread = f"{min(samples):.1f}–{max(samples):.1f}"
+            lines.append(f"| {v} | {statistics.median(samples):.1f} | {spread} | {added_text} | "
+                         f"{ratio(results, v, mode)} | {errors.get((v, mode), 0)} |")
         lines.append("")
     text = "\n".join(lines)
-    print("\n" + text)
     args.out.write_text(text + "\n")
+    print("\n" + text)
 
 
 if __name__ == "__main__":
