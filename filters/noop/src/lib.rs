@@ -3,6 +3,8 @@
 //! Benchmarks run it beside sluice's filters to measure what any Rust
 //! proxy-wasm filter costs in Envoy (VM context, callbacks, header copies),
 //! so a filter's own cost can be told apart from the runtime's.
+// Not product code: a benchmark floor: it uses the SDK as a typical Rust filter does, so its cost is the SDK's.
+#![allow(clippy::disallowed_methods)]
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{ContextType, LogLevel};
