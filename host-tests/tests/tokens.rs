@@ -177,6 +177,42 @@ fn the_429_speaks_anthropic_on_the_messages_api() {
     let body = json(&r);
     assert_eq!(body["type"], "error");
     assert_eq!(body["error"]["type"], "rate_limit_error");
+    // Anthropic's own rate-limit headers, not OpenAI's.
+    assert_eq!(r.header("anthropic-ratelimit-tokens-limit"), Some("1000"));
+    assert_eq!(
+        r.header("anthropic-ratelimit-input-tokens-limit"),
+        Some("1000")
+    );
+    assert!(r.header("retry-after").is_some());
+    let reset = r.header("anthropic-ratelimit-tokens-reset").unwrap();
+    assert!(
+        reset.len() == 20 && reset.ends_with('Z') && reset.as_bytes()[10] == b'T',
+        "an RFC 3339 instant: {reset}"
+    );
+    assert_eq!(r.header("x-ratelimit-limit-tokens"), None);
+}
+
+#[test]
+fn the_buckets_bill_the_real_usage_and_read_no_compressed_answer() {
+    // Reserves 10 + 500 = 510; the upstream reports 10 + 20 = 30.
+    let mut host = host(1, ACME_1K, openai_json(10, 20));
+    let r = host.send(chat("acme", 500).header("accept-encoding", "gzip, br"));
+    assert_eq!(r.status, 200);
+    let billed = "sluice_tokens.tenant.acme.model.other.tokens_billed";
+    assert_eq!(host.metric(billed), 30);
+    // The upstream is asked for no encoding: sluice must read the usage.
+    let sent = r.upstream_request_headers.as_ref().unwrap();
+    assert_eq!(sent.get("accept-encoding"), None);
+    // An upstream that compresses anyway cannot be read: the whole
+    // reservation stands (never the 0 a garbled body would suggest).
+    let mut gzipping = openai_json(10, 20);
+    gzipping
+        .headers
+        .push(("content-encoding".into(), "gzip".into()));
+    let mut host = self::host(1, ACME_1K, gzipping);
+    assert_eq!(host.send(chat("acme", 500)).status, 200);
+    assert_eq!(host.metric(billed), 510);
+    assert_eq!(host.metric("sluice_tokens.compressed_responses"), 1);
 }
 
 #[test]
@@ -374,8 +410,8 @@ max_keys = 50
         .filter(|k| k.starts_with("sluice_tokens.tenant."))
         .count();
     assert_eq!(
-        tenant_metrics, 10,
-        "the five counters of `vip` and of `other`"
+        tenant_metrics, 12,
+        "the six counters of `vip` and of `other`"
     );
 }
 

@@ -38,6 +38,38 @@ impl Timestamp {
     }
 }
 
+impl Timestamp {
+    /// The instant in RFC 3339, UTC, to the second (rounded up, so a client
+    /// waiting until then is never early): `2026-11-29T19:02:39Z`.
+    pub fn rfc3339(self) -> String {
+        let secs = self.0.div_ceil(1_000_000_000);
+        let days = secs / 86_400;
+        let rem = secs % 86_400;
+        let (year, month, day) = civil_from_days(days);
+        format!(
+            "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+            rem / 3600,
+            rem % 3600 / 60,
+            rem % 60
+        )
+    }
+}
+
+/// (year, month, day) of a day count since 1970-01-01, in the proleptic
+/// Gregorian calendar (Howard Hinnant's `civil_from_days`, for days ≥ 0).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    (year, month, day)
+}
+
 /// `t + d`, saturating.
 impl std::ops::Add<Duration> for Timestamp {
     type Output = Timestamp;
@@ -64,6 +96,21 @@ pub fn duration_nanos(d: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(Timestamp::ZERO.rfc3339(), "1970-01-01T00:00:00Z");
+        // `date -u -d @1795978959` → 2026-11-29 19:02:39.
+        assert_eq!(
+            Timestamp::from_millis(1_795_978_959_000).rfc3339(),
+            "2026-11-29T19:02:39Z"
+        );
+        // Leap day, and rounding up to the next second.
+        assert_eq!(
+            Timestamp::from_millis(951_782_399_001).rfc3339(),
+            "2000-02-29T00:00:00Z"
+        );
+    }
 
     #[test]
     fn backwards_clock_is_zero_elapsed() {

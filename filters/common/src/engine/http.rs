@@ -327,9 +327,11 @@ impl Exchange {
         let reads_usage = self.config.as_ref().is_some_and(|c| c.reads_usage);
         let status = host::response_header(":status").and_then(|s| s.trim().parse().ok());
         let content_type = host::response_header("content-type");
+        let content_encoding = host::response_header("content-encoding");
         self.observation.on_headers(
             status,
             content_type.as_deref(),
+            content_encoding.as_deref(),
             end_of_stream,
             reads_usage,
             host::now,
@@ -343,7 +345,7 @@ impl Exchange {
         }
     }
 
-    fn on_response_body(&mut self, size: usize) {
+    fn on_response_body(&mut self, size: usize, vm: &Vm) {
         if self.phase != Phase::Forwarded || size == 0 {
             return;
         }
@@ -352,7 +354,8 @@ impl Exchange {
         } else {
             None
         };
-        self.observation.on_chunk(size, chunk.as_deref(), host::now);
+        self.observation
+            .on_chunk(size, chunk.as_deref(), &vm.json_budget, host::now);
         if let Some(chunk) = &chunk {
             for flow in &mut self.flows {
                 flow.response_chunk(chunk, &self.observation);
@@ -386,6 +389,7 @@ impl Exchange {
                 self.observation.upstream_address = host::property_string(&["upstream", "address"]);
             }
         }
+        self.observation.release(&vm.json_budget);
         if self.flows.is_empty() {
             return;
         }
@@ -539,7 +543,9 @@ impl HttpContext for ExchangeHttp {
     }
 
     fn on_http_response_body(&mut self, body_size: usize, _end_of_stream: bool) -> Action {
-        self.exchange.borrow_mut().on_response_body(body_size);
+        self.exchange
+            .borrow_mut()
+            .on_response_body(body_size, &self.vm);
         Action::Continue
     }
 

@@ -6,6 +6,41 @@ use sluice_core::llm::{Framing, UsageParser};
 use sluice_core::outcome::ResponseFlags;
 use sluice_core::time::Timestamp;
 
+/// Bytes of JSON answers one worker holds at once, for their usage (an
+/// answer past its share is given up: its usage is then estimated from its
+/// size, an overestimate). 32 MiB: hundreds of ordinary answers at once,
+/// and a bound however many a client opens.
+pub const JSON_BUDGET: usize = 32 << 20;
+
+/// A worker's budget of bytes held for JSON answers.
+#[derive(Debug)]
+pub(crate) struct JsonBudget {
+    left: std::cell::Cell<usize>,
+}
+
+impl JsonBudget {
+    pub(crate) fn new(bytes: usize) -> Self {
+        Self {
+            left: std::cell::Cell::new(bytes),
+        }
+    }
+
+    /// Takes `n` bytes if they are left.
+    pub(crate) fn take(&self, n: usize) -> bool {
+        let left = self.left.get();
+        if n <= left {
+            self.left.set(left - n);
+            true
+        } else {
+            false
+        }
+    }
+
+    pub(crate) fn give_back(&self, n: usize) {
+        self.left.set(self.left.get().saturating_add(n));
+    }
+}
+
 /// What happened to a request upstream, as far as the engine saw it.
 #[derive(Debug, Default)]
 pub struct Observation {
@@ -29,7 +64,12 @@ pub struct Observation {
     pub upstream_address: Option<String>,
     /// The response was sluice's own local reply.
     pub replied_locally: bool,
+    /// The upstream compressed its answer (`content-encoding` other than
+    /// `identity`) although sluice asked for none: its body cannot be read.
+    pub compressed: bool,
     usage: Option<UsageParser>,
+    /// Bytes of a JSON answer this observation holds in the worker's budget.
+    held: usize,
 }
 
 impl Observation {
@@ -59,12 +99,19 @@ impl Observation {
         self.usage.take()
     }
 
+    /// Gives back what this observation holds of the worker's budget.
+    pub(crate) fn release(&mut self, budget: &JsonBudget) {
+        budget.give_back(std::mem::take(&mut self.held));
+    }
+
     /// Response headers arrived. `read_json` buffers JSON bodies for their
     /// usage; streams are always read (events time the tokens).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn on_headers(
         &mut self,
         status: Option<u16>,
         content_type: Option<&str>,
+        content_encoding: Option<&str>,
         end_of_stream: bool,
         read_json: bool,
         now: impl Fn() -> Timestamp,
@@ -72,7 +119,9 @@ impl Observation {
         self.status = status;
         let framing = Framing::from_content_type(content_type);
         self.sse = framing == Framing::Sse;
-        if self.sse || read_json {
+        self.compressed = content_encoding
+            .is_some_and(|e| !e.trim().is_empty() && !e.trim().eq_ignore_ascii_case("identity"));
+        if (self.sse || read_json) && !self.compressed {
             self.usage = Some(UsageParser::new(framing));
         }
         if end_of_stream {
@@ -90,6 +139,7 @@ impl Observation {
         &mut self,
         size: usize,
         chunk: Option<&[u8]>,
+        budget: &JsonBudget,
         now: impl Fn() -> Timestamp,
     ) {
         if size == 0 {
@@ -103,8 +153,22 @@ impl Observation {
         let (Some(parser), Some(chunk)) = (self.usage.as_mut(), chunk) else {
             return;
         };
+        // A JSON answer is held until its end (its usage is there): the
+        // worker's budget bounds what all answers hold together.
+        let mut taken = 0;
+        if parser.holds_json() {
+            if budget.take(chunk.len()) {
+                taken = chunk.len();
+            } else {
+                parser.give_up_json();
+            }
+        }
         let before = parser.events();
         parser.feed(chunk);
+        let holding = parser.buffered();
+        let accounted = self.held.saturating_add(taken);
+        budget.give_back(accounted.saturating_sub(holding));
+        self.held = holding;
         let after = parser.events();
         if after > before {
             let t = clock();

@@ -11,6 +11,7 @@ use proxy_wasm::types::ContextType;
 use sluice_core::config::Policy;
 
 use super::http::{Exchange, ExchangeHttp};
+use super::observe::{JSON_BUDGET, JsonBudget};
 use super::{Builder, Capability, Wake};
 use crate::config::load_policy;
 use crate::host::{self, Buffer};
@@ -39,6 +40,8 @@ pub(crate) struct Vm {
     pub waiting: RefCell<BTreeMap<u32, Rc<RefCell<Exchange>>>>,
     /// xorshift64* state: jitter and shedding draws.
     rng: Cell<u64>,
+    /// What JSON answers may hold of this worker's memory.
+    pub json_budget: JsonBudget,
 }
 
 impl Vm {
@@ -90,6 +93,7 @@ impl Engine {
             vm: Rc::new(Vm {
                 waiting: RefCell::new(BTreeMap::new()),
                 rng: Cell::new(host::now().as_nanos() | 1),
+                json_budget: JsonBudget::new(JSON_BUDGET),
             }),
             configs: Vec::new(),
             tick: None,

@@ -188,6 +188,28 @@ impl UsageParser {
         }
     }
 
+    /// Whether it is holding a JSON body (not SSE, not given up).
+    pub fn holds_json(&self) -> bool {
+        self.framing == Framing::Json && !self.json_overflow
+    }
+
+    /// Bytes of a JSON body held so far (0 for SSE, or once given up).
+    pub fn buffered(&self) -> usize {
+        match self.framing {
+            Framing::Json => self.buf.len(),
+            Framing::Sse => 0,
+        }
+    }
+
+    /// Stops holding a JSON body (a caller's memory budget ran out): its
+    /// usage is then estimated from its size, as for a body over `max_json`.
+    pub fn give_up_json(&mut self) {
+        if self.framing == Framing::Json {
+            self.json_overflow = true;
+            self.buf = Vec::new();
+        }
+    }
+
     /// SSE events with data seen so far (`[DONE]` excepted); 0 for JSON.
     pub fn events(&self) -> u32 {
         self.acc.events

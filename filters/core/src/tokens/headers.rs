@@ -1,5 +1,12 @@
-//! Rate-limit response headers: OpenAI's `x-ratelimit-*` and the IETF draft's
-//! `RateLimit` / `RateLimit-Policy`.
+//! Rate-limit response headers: OpenAI's `x-ratelimit-*`, Anthropic's
+//! `anthropic-ratelimit-*`, and the IETF draft's `RateLimit` /
+//! `RateLimit-Policy`.
+//!
+//! Anthropic sends `anthropic-ratelimit-{requests,tokens,input-tokens,
+//! output-tokens}-{limit,remaining,reset}`, the reset as an RFC 3339
+//! instant. sluice limits input and output tokens together, so the
+//! `input-tokens` and `output-tokens` headers carry the combined limit: each
+//! kind alone can use no more than it.
 //!
 //! OpenAI sends, for the limit closest to exhaustion, `x-ratelimit-limit-*`
 //! (the limit), `x-ratelimit-remaining-*` (what is left) and
@@ -19,6 +26,8 @@
 use std::fmt::Write;
 use std::time::Duration;
 
+use crate::config::Api;
+use crate::time::Timestamp;
 use crate::units::HumanDuration;
 
 /// One limit's state as a client should see it.
@@ -59,16 +68,69 @@ impl QuotaStatus {
         retry_after: Option<Duration>,
         ietf: bool,
     ) -> Vec<(&'static str, String)> {
-        let mut out = Vec::with_capacity(9);
-        if let Some(t) = self.binding_tokens() {
-            out.push(("x-ratelimit-limit-tokens", t.limit.to_string()));
-            out.push(("x-ratelimit-remaining-tokens", t.remaining.to_string()));
-            out.push(("x-ratelimit-reset-tokens", go_duration(t.reset)));
-        }
-        if let Some(r) = &self.requests {
-            out.push(("x-ratelimit-limit-requests", r.limit.to_string()));
-            out.push(("x-ratelimit-remaining-requests", r.remaining.to_string()));
-            out.push(("x-ratelimit-reset-requests", go_duration(r.reset)));
+        self.headers_for(Api::Openai, Timestamp::ZERO, retry_after, ietf)
+    }
+
+    /// [`QuotaStatus::headers`] in the shape `api`'s clients read; `now`
+    /// dates Anthropic's reset instants.
+    pub fn headers_for(
+        &self,
+        api: Api,
+        now: Timestamp,
+        retry_after: Option<Duration>,
+        ietf: bool,
+    ) -> Vec<(&'static str, String)> {
+        let mut out = Vec::with_capacity(16);
+        match api {
+            Api::Openai => {
+                if let Some(t) = self.binding_tokens() {
+                    out.push(("x-ratelimit-limit-tokens", t.limit.to_string()));
+                    out.push(("x-ratelimit-remaining-tokens", t.remaining.to_string()));
+                    out.push(("x-ratelimit-reset-tokens", go_duration(t.reset)));
+                }
+                if let Some(r) = &self.requests {
+                    out.push(("x-ratelimit-limit-requests", r.limit.to_string()));
+                    out.push(("x-ratelimit-remaining-requests", r.remaining.to_string()));
+                    out.push(("x-ratelimit-reset-requests", go_duration(r.reset)));
+                }
+            }
+            Api::Anthropic => {
+                if let Some(r) = &self.requests {
+                    out.push(("anthropic-ratelimit-requests-limit", r.limit.to_string()));
+                    out.push((
+                        "anthropic-ratelimit-requests-remaining",
+                        r.remaining.to_string(),
+                    ));
+                    out.push((
+                        "anthropic-ratelimit-requests-reset",
+                        (now + r.reset).rfc3339(),
+                    ));
+                }
+                if let Some(t) = self.binding_tokens() {
+                    let reset = (now + t.reset).rfc3339();
+                    for [limit, remaining, at] in [
+                        [
+                            "anthropic-ratelimit-tokens-limit",
+                            "anthropic-ratelimit-tokens-remaining",
+                            "anthropic-ratelimit-tokens-reset",
+                        ],
+                        [
+                            "anthropic-ratelimit-input-tokens-limit",
+                            "anthropic-ratelimit-input-tokens-remaining",
+                            "anthropic-ratelimit-input-tokens-reset",
+                        ],
+                        [
+                            "anthropic-ratelimit-output-tokens-limit",
+                            "anthropic-ratelimit-output-tokens-remaining",
+                            "anthropic-ratelimit-output-tokens-reset",
+                        ],
+                    ] {
+                        out.push((limit, t.limit.to_string()));
+                        out.push((remaining, t.remaining.to_string()));
+                        out.push((at, reset.clone()));
+                    }
+                }
+            }
         }
         if let Some(wait) = retry_after {
             out.push(("retry-after", ceil_secs(wait).max(1).to_string()));

@@ -537,6 +537,18 @@ impl Limiter {
         status.headers(retry_after, self.ietf_headers)
     }
 
+    /// [`Limiter::headers`] in the shape `api`'s clients read, Anthropic's
+    /// reset instants counted from `now`.
+    pub fn headers_for(
+        &self,
+        api: crate::config::Api,
+        now: Timestamp,
+        status: &QuotaStatus,
+        retry_after: Option<Duration>,
+    ) -> Vec<(&'static str, String)> {
+        status.headers_for(api, now, retry_after, self.ietf_headers)
+    }
+
     fn status_of(&self, limits: &Limits, state: &KeyState, t: u64) -> QuotaStatus {
         let status = |g: &Gcra, tat: u64| LimitStatus {
             limit: g.amount(),

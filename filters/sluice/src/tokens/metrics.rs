@@ -20,6 +20,9 @@ pub struct Labels {
     pub reserved: Counter,
     pub charged: Counter,
     pub refunded: Counter,
+    /// What the buckets were charged in the end: reserved + charged −
+    /// refunded, per settled request.
+    pub billed: Counter,
 }
 
 /// (tenant, model) as indices into the policy's exact names; `None` is `other`.
@@ -31,6 +34,8 @@ pub struct Metrics {
     pub state_errors: Counter,
     /// Requests served by their rule's overflow state (no slot of their own).
     pub overflowed: Counter,
+    /// Answers compressed against sluice's request: charged in full.
+    pub compressed: Counter,
     pub absurd_usage: Counter,
     pub estimated_usage: Counter,
     pub framing_errors: Counter,
@@ -67,6 +72,7 @@ impl Metrics {
             too_large: c("too_large"),
             state_errors: c("state_errors"),
             overflowed: c("overflowed"),
+            compressed: c("compressed_responses"),
             absurd_usage: c("absurd_usage"),
             estimated_usage: c("estimated_usage"),
             framing_errors: c("framing_errors"),
@@ -102,6 +108,7 @@ impl Metrics {
             reserved: c("tokens_reserved"),
             charged: c("tokens_charged"),
             refunded: c("tokens_refunded"),
+            billed: c("tokens_billed"),
         };
         self.labelled.borrow_mut().insert(key, labels);
         labels

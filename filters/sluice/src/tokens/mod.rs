@@ -165,9 +165,12 @@ impl Capability for Tokens {
         match decision {
             Decision::Rejected(rejection) => {
                 labels.rejected.inc();
-                let mut headers = inner
-                    .limiter
-                    .headers(&rejection.status, rejection.retry_after);
+                let mut headers = inner.limiter.headers_for(
+                    request.api,
+                    now,
+                    &rejection.status,
+                    rejection.retry_after,
+                );
                 headers.push((LIMITED_HEADER, "tokens".to_string()));
                 let message = rejection.message(&request.model);
                 reply(LocalReply::error(
@@ -183,6 +186,13 @@ impl Capability for Tokens {
                 if request.bytes().is_some() {
                     admission.edits.rewrite = rewrite;
                 }
+                // A compressed answer cannot be read for its usage: ask the
+                // upstream for none (Envoy's compressor filter, before sluice
+                // in the chain, still compresses for a client that asked).
+                admission
+                    .edits
+                    .request_headers
+                    .push(("accept-encoding".to_string(), None));
                 Admitted {
                     verdict: Verdict::Go,
                     flow: Some(Box::new(TokensFlow {
@@ -190,6 +200,8 @@ impl Capability for Tokens {
                         held,
                         ticket,
                         status,
+                        api: request.api,
+                        admitted_at: now,
                         tenant: request.tenant.clone(),
                         model: request.model.clone(),
                         prompt_tokens: reservation.prompt_tokens,
@@ -249,6 +261,9 @@ struct TokensFlow {
     held: Held,
     ticket: Ticket,
     status: QuotaStatus,
+    /// The client's API (the shape of the rate-limit headers).
+    api: sluice_core::config::Api,
+    admitted_at: Timestamp,
     tenant: String,
     model: String,
     prompt_tokens: u64,
@@ -263,7 +278,11 @@ impl Flow for TokensFlow {
         _observation: &Observation,
         add: &mut Vec<(&'static str, String)>,
     ) {
-        add.extend(self.inner.limiter.headers(&self.status, None));
+        add.extend(
+            self.inner
+                .limiter
+                .headers_for(self.api, self.admitted_at, &self.status, None),
+        );
     }
 
     fn done(&mut self, observation: &mut Observation, now: Timestamp) {
@@ -283,8 +302,14 @@ impl Flow for TokensFlow {
         let succeeded = observation.succeeded();
         let actual = match &report {
             Some(r) if succeeded || r.source != UsageSource::Estimated => r.usage.total_tokens,
+            // Compressed although sluice asked for no encoding: the usage is
+            // unreadable, so the whole reservation stands.
+            _ if observation.compressed && succeeded => self.ticket.reserved,
             _ => 0,
         };
+        if observation.compressed {
+            inner.metrics.compressed.inc();
+        }
         if let Some(r) = &report {
             if r.clamped {
                 inner.metrics.absurd_usage.inc();
@@ -301,6 +326,13 @@ impl Flow for TokensFlow {
         let result = inner.slots.update_held(self.held, |state| {
             inner.limiter.finish(state, now, &ticket, Some(actual))
         });
+        // What the buckets keep for this request: the reservation, settled
+        // to the real usage when the settlement landed.
+        let billed = match &result {
+            Ok(Some(Some(settled))) => ticket.reserved.saturating_add_signed(settled.delta),
+            _ => ticket.reserved,
+        };
+        self.labels.billed.add(billed);
         match result {
             Ok(Some(Some(settled))) if settled.delta < 0 => {
                 self.labels.refunded.add(settled.delta.unsigned_abs())
