@@ -36,6 +36,9 @@ impl Host {
                 for (k, v) in &plan.headers {
                     headers.add(k, v);
                 }
+                for (k, v) in &plan.raw_headers {
+                    headers.add_bytes(k, v);
+                }
                 let last = plan.chunks.last().map_or(0, |(o, _)| *o);
                 let body = plan.chunks.into_iter().flat_map(|(_, b)| b).collect();
                 (

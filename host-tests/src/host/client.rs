@@ -8,6 +8,7 @@
 //! response is assembled from what reaches the client, with the virtual
 //! times at which it arrived.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::chain::{Dir, Frame};
@@ -17,7 +18,13 @@ use crate::headers::HeaderMap;
 /// A request as the client sends it.
 #[derive(Clone, Debug, Default)]
 pub struct Request {
+    /// Headers in the order the client sends them; a value added with
+    /// [`Request::header_bytes`] shows here as lossy text.
     pub headers: Vec<(String, String)>,
+    /// Exact bytes of the values in `headers` that are not text, by index in
+    /// `headers` (set by [`Request::header_bytes`]; keep it in step if you
+    /// edit `headers` by hand).
+    pub raw_values: BTreeMap<usize, Vec<u8>>,
     /// Body chunks, delivered in order.
     pub body: Vec<Vec<u8>>,
     pub trailers: Option<Vec<(String, String)>>,
@@ -31,6 +38,7 @@ impl Request {
                 (":path".into(), path.into()),
                 (":authority".into(), "sluice.test".into()),
             ],
+            raw_values: BTreeMap::new(),
             body: Vec::new(),
             trailers: None,
         }
@@ -51,6 +59,27 @@ impl Request {
     pub fn header(mut self, name: &str, value: &str) -> Self {
         self.headers.push((name.into(), value.into()));
         self
+    }
+
+    /// A header whose value is arbitrary bytes (a client can send
+    /// `x-tenant-id: \xff`; Envoy passes such bytes on unchanged).
+    pub fn header_bytes(mut self, name: &str, value: &[u8]) -> Self {
+        self.raw_values.insert(self.headers.len(), value.to_vec());
+        self.headers
+            .push((name.into(), String::from_utf8_lossy(value).into_owned()));
+        self
+    }
+
+    /// The headers as the client sends them on the wire, values byte-exact.
+    pub fn header_map(&self) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (i, (name, value)) in self.headers.iter().enumerate() {
+            match self.raw_values.get(&i) {
+                Some(bytes) => map.add_bytes(name, bytes),
+                None => map.add(name, value),
+            }
+        }
+        map
     }
 
     pub fn chunk(mut self, bytes: &[u8]) -> Self {
@@ -106,6 +135,11 @@ impl Response {
 
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name)
+    }
+
+    /// A response header's first value, byte-exact.
+    pub fn header_bytes(&self, name: &str) -> Option<&[u8]> {
+        self.headers.get_bytes(name)
     }
 
     /// Time from the start to the response headers.

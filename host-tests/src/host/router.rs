@@ -239,6 +239,9 @@ impl Host {
             for (k, v) in &plan.headers {
                 headers.add(k, v);
             }
+            for (k, v) in &plan.raw_headers {
+                headers.add_bytes(k, v);
+            }
             headers.add("x-envoy-upstream-service-time", &service_time.to_string());
             data.response_headers = headers;
             data.info.response_code = Some(plan.status);

@@ -51,12 +51,7 @@ impl Host {
         let id = StreamId(self.next_stream);
         self.next_stream += 1;
         let now = self.now_ns();
-        let mut headers = HeaderMap::from_pairs(
-            request
-                .headers
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str())),
-        );
+        let mut headers = request.header_map();
         if self.options.normalize_downstream {
             if headers.get(":scheme").is_none() {
                 headers.add(":scheme", "http");

@@ -97,11 +97,9 @@ pub(super) fn define(
         "proxy_set_header_map_pairs",
         |caller, map: u32, ptr: u32, len: u32| {
             let map = MapType::from_raw(map).ok_or(Status::BadArgument)?;
-            let pairs = pairs_to_strings(
-                deserialize_pairs(&read_bytes(&mut caller, ptr, len)?)
-                    .ok_or(Status::BadArgument)?,
-            );
-            with_map_mut(&caller, map, |m| *m = HeaderMap::from_pairs(pairs))
+            let pairs = deserialize_pairs(&read_bytes(&mut caller, ptr, len)?)
+                .ok_or(Status::BadArgument)?;
+            with_map_mut(&caller, map, |m| *m = HeaderMap::from_byte_pairs(pairs))
         }
     );
     host!(
@@ -109,10 +107,14 @@ pub(super) fn define(
         |caller, map: u32, key_ptr: u32, key_len: u32, ret_ptr: u32, ret_size: u32| {
             let map = MapType::from_raw(map).ok_or(Status::BadArgument)?;
             let key = read_string(&mut caller, key_ptr, key_len)?;
-            let value = with_map(&caller, map, true, |m| m.get(&key).map(str::to_owned))
-                .ok_or(Status::BadArgument)?;
+            // The value's bytes exactly as stored: Envoy does not check that
+            // a value is UTF-8, and neither does the guest's ABI.
+            let value = with_map(&caller, map, true, |m| {
+                m.get_bytes(&key).map(<[u8]>::to_vec)
+            })
+            .ok_or(Status::BadArgument)?;
             let value = value.ok_or(Status::NotFound)?;
-            copy_out(&mut caller, value.as_bytes(), ret_ptr, ret_size)
+            copy_out(&mut caller, &value, ret_ptr, ret_size)
         }
     );
     host!(
@@ -128,8 +130,8 @@ pub(super) fn define(
         |caller, map: u32, key_ptr: u32, key_len: u32, val_ptr: u32, val_len: u32| {
             let map = MapType::from_raw(map).ok_or(Status::BadArgument)?;
             let key = read_string(&mut caller, key_ptr, key_len)?;
-            let value = read_string(&mut caller, val_ptr, val_len)?;
-            with_map_mut(&caller, map, |m| m.replace(&key, &value))
+            let value = read_bytes(&mut caller, val_ptr, val_len)?;
+            with_map_mut(&caller, map, |m| m.replace_bytes(&key, &value))
         }
     );
     host!(
@@ -137,8 +139,8 @@ pub(super) fn define(
         |caller, map: u32, key_ptr: u32, key_len: u32, val_ptr: u32, val_len: u32| {
             let map = MapType::from_raw(map).ok_or(Status::BadArgument)?;
             let key = read_string(&mut caller, key_ptr, key_len)?;
-            let value = read_string(&mut caller, val_ptr, val_len)?;
-            with_map_mut(&caller, map, |m| m.add(&key, &value))
+            let value = read_bytes(&mut caller, val_ptr, val_len)?;
+            with_map_mut(&caller, map, |m| m.add_bytes(&key, &value))
         }
     );
     host!(
@@ -330,19 +332,15 @@ pub(super) fn define(
          timeout: u32,
          ret_token: u32| {
             let cluster = read_string(&mut caller, up_ptr, up_len)?;
-            let headers = pairs_to_strings(
-                deserialize_pairs(&read_bytes(&mut caller, h_ptr, h_len)?)
-                    .ok_or(Status::BadArgument)?,
-            );
+            let headers = deserialize_pairs(&read_bytes(&mut caller, h_ptr, h_len)?)
+                .ok_or(Status::BadArgument)?;
             let body = read_bytes(&mut caller, b_ptr, b_len)?;
-            let trailers = pairs_to_strings(
-                deserialize_pairs(&read_bytes(&mut caller, t_ptr, t_len)?)
-                    .ok_or(Status::BadArgument)?,
-            );
+            let trailers = deserialize_pairs(&read_bytes(&mut caller, t_ptr, t_len)?)
+                .ok_or(Status::BadArgument)?;
             if (timeout as i32) < 0 {
                 return Err(Status::BadArgument);
             }
-            let headers = HeaderMap::from_pairs(headers);
+            let headers = HeaderMap::from_byte_pairs(headers);
             let token = {
                 let state = caller.data_mut();
                 if !state.world.borrow().cluster_names.contains(&cluster) {
@@ -365,7 +363,7 @@ pub(super) fn define(
                     cluster,
                     headers,
                     body,
-                    trailers: HeaderMap::from_pairs(trailers),
+                    trailers: HeaderMap::from_byte_pairs(trailers),
                     timeout_ms: timeout,
                 });
                 token
