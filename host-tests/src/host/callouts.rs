@@ -9,6 +9,7 @@
 
 use super::schedule::Event;
 use super::{Host, PluginId};
+use crate::census::Callback;
 use crate::headers::HeaderMap;
 use crate::upstream::AttemptPlan;
 use crate::vm::{CallResponse, OutgoingCall};
@@ -107,11 +108,17 @@ impl Host {
         let body = response.body.len() as u32;
         let trailers = response.trailers.len() as u32;
         state.call_response = Some(response);
-        let _ = self.call(plugin, worker, context_id, |e, s| {
-            e.on_http_call_response
-                .as_ref()
-                .map(|f| f.call(s, (context_id, token, headers, body, trailers)))
-        });
+        let _ = self.call(
+            plugin,
+            worker,
+            context_id,
+            Callback::HttpCallResponse,
+            |e, s| {
+                e.on_http_call_response
+                    .as_ref()
+                    .map(|f| f.call(s, (context_id, token, headers, body, trailers)))
+            },
+        );
         self.plugins[plugin].vms[worker]
             .store
             .data_mut()

@@ -14,6 +14,7 @@
 use super::plugins::Called;
 use super::{Host, StreamId};
 use crate::abi::{Action, StreamType};
+use crate::census::Callback;
 use crate::headers::HeaderMap;
 use crate::vm::{LocalReply, StreamAction};
 
@@ -213,12 +214,12 @@ impl Host {
         });
         let eos = u32::from(eos);
         let called = match dir {
-            Dir::Request => self.call(plugin, worker, ctx, |e, s| {
+            Dir::Request => self.call(plugin, worker, ctx, Callback::RequestHeaders, |e, s| {
                 e.on_request_headers
                     .as_ref()
                     .map(|f| f.call(s, (ctx, count, eos)))
             }),
-            Dir::Response => self.call(plugin, worker, ctx, |e, s| {
+            Dir::Response => self.call(plugin, worker, ctx, Callback::ResponseHeaders, |e, s| {
                 e.on_response_headers
                     .as_ref()
                     .map(|f| f.call(s, (ctx, count, eos)))
@@ -265,12 +266,12 @@ impl Host {
         });
         let eos_raw = u32::from(eos);
         let called = match dir {
-            Dir::Request => self.call(plugin, worker, ctx, |e, s| {
+            Dir::Request => self.call(plugin, worker, ctx, Callback::RequestBody, |e, s| {
                 e.on_request_body
                     .as_ref()
                     .map(|f| f.call(s, (ctx, len, eos_raw)))
             }),
-            Dir::Response => self.call(plugin, worker, ctx, |e, s| {
+            Dir::Response => self.call(plugin, worker, ctx, Callback::ResponseBody, |e, s| {
                 e.on_response_body
                     .as_ref()
                     .map(|f| f.call(s, (ctx, len, eos_raw)))
@@ -309,12 +310,12 @@ impl Host {
             Dir::Response => a.response_trailers = true,
         });
         let called = match dir {
-            Dir::Request => self.call(plugin, worker, ctx, |e, s| {
+            Dir::Request => self.call(plugin, worker, ctx, Callback::RequestTrailers, |e, s| {
                 e.on_request_trailers
                     .as_ref()
                     .map(|f| f.call(s, (ctx, count)))
             }),
-            Dir::Response => self.call(plugin, worker, ctx, |e, s| {
+            Dir::Response => self.call(plugin, worker, ctx, Callback::ResponseTrailers, |e, s| {
                 e.on_response_trailers
                     .as_ref()
                     .map(|f| f.call(s, (ctx, count)))

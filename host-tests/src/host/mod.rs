@@ -33,6 +33,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::rc::Rc;
 
+use crate::census::Census;
 use crate::prng::Prng;
 use crate::upstream::Cluster;
 use crate::vm::{OutgoingCall, StreamAction};
@@ -80,6 +81,8 @@ pub struct Host {
     /// Every `dispatch_http_call` the filters made, in order.
     http_calls: Vec<OutgoingCall>,
     finished_total: usize,
+    /// Host calls per phase, shared with every VM (see [`Host::census`]).
+    census: Rc<RefCell<Census>>,
 }
 
 impl Host {
@@ -107,6 +110,7 @@ impl Host {
             keep_finished: true,
             http_calls: Vec::new(),
             finished_total: 0,
+            census: Rc::new(RefCell::new(Census::default())),
         }
     }
 
@@ -189,6 +193,17 @@ impl Host {
             .borrow_mut()
             .shared_data
             .set(vm_id, key.as_bytes(), value, 0);
+    }
+
+    /// The host calls every filter made so far, per phase, with the bytes
+    /// copied in and out of guest memory (see [`crate::census`]).
+    pub fn census(&self) -> std::cell::Ref<'_, Census> {
+        self.census.borrow()
+    }
+
+    /// Starts a new census (for example before the request to measure).
+    pub fn reset_census(&mut self) {
+        self.census.borrow_mut().reset();
     }
 
     /// The world's state, for anything not covered above.

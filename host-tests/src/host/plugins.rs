@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::time::Instant;
 
 use anyhow::anyhow;
 use wasmtime::InstancePre;
@@ -20,6 +21,7 @@ use wasmtime::InstancePre;
 use super::schedule::Event;
 use super::{FailurePolicy, Host, PluginConfig, PluginId, StreamId};
 use crate::abi::{Action, LogLevel};
+use crate::census::{Callback, Phase};
 use crate::prng::Prng;
 use crate::properties::PluginIdentity;
 use crate::stream_data::Access;
@@ -87,6 +89,9 @@ impl Host {
                     ((plugin_id as u64) << 32) | worker as u64,
                 ),
                 unsupported_calls: Vec::new(),
+                census: self.census.clone(),
+                phase: Phase::Start,
+                host_call: crate::census::OTHER,
             };
             let mut vm = WorkerVm::instantiate(&pre, state)
                 .map_err(|e| anyhow!("{} worker {worker}: {e}", config.name))?;
@@ -101,15 +106,15 @@ impl Host {
         for worker in 0..self.options.workers {
             let vm_len = vm_configuration.len() as u32;
             let config_len = plugin_configuration.len() as u32;
-            let _ = self.call(plugin_id, worker, 1, |e, s| {
+            let _ = self.call(plugin_id, worker, 1, Callback::ContextCreate, |e, s| {
                 e.on_context_create.as_ref().map(|f| f.call(s, (1, 0)))
             });
             self.set_config_phase(plugin_id, worker, ConfigPhase::VmStart);
-            let started = self.call(plugin_id, worker, 1, |e, s| {
+            let started = self.call(plugin_id, worker, 1, Callback::VmStart, |e, s| {
                 e.on_vm_start.as_ref().map(|f| f.call(s, (1, vm_len)))
             });
             self.set_config_phase(plugin_id, worker, ConfigPhase::Configure);
-            let configured = self.call(plugin_id, worker, 1, |e, s| {
+            let configured = self.call(plugin_id, worker, 1, Callback::Configure, |e, s| {
                 e.on_configure.as_ref().map(|f| f.call(s, (1, config_len)))
             });
             self.set_config_phase(plugin_id, worker, ConfigPhase::None);
@@ -204,7 +209,7 @@ impl Host {
         );
         self.context_index.insert((plugin, worker, ctx), id);
         self.streams.get_mut(&id).expect("stream").slots[slot].1 = Some(ctx);
-        if let Called::Failed = self.call(plugin, worker, ctx, |e, s| {
+        if let Called::Failed = self.call(plugin, worker, ctx, Callback::ContextCreate, |e, s| {
             e.on_context_create.as_ref().map(|f| f.call(s, (ctx, 1)))
         }) {
             return Some((plugin, ctx));
@@ -259,6 +264,7 @@ impl Host {
         plugin: PluginId,
         worker: usize,
         ctx: u32,
+        callback: Callback,
         f: impl FnOnce(
             &crate::vm::Exports,
             &mut wasmtime::Store<VmState>,
@@ -268,14 +274,27 @@ impl Host {
         if vm.failed.is_some() {
             return Called::Failed;
         }
+        // A stream's contexts are created when its request headers arrive.
+        let phase = match callback {
+            Callback::ContextCreate if ctx != vm.store.data().root_context_id => {
+                Phase::RequestHeaders
+            }
+            other => other.phase(),
+        };
         {
             let state = vm.store.data_mut();
             state.current_context = ctx;
             state.effective_context = ctx;
+            state.phase = phase;
         }
         self.guest_calls += 1;
         let WorkerVm { store, exports, .. } = vm;
+        let started = Instant::now();
         let outcome = f(exports, store);
+        if outcome.is_some() {
+            let guest_ns = started.elapsed().as_nanos() as u64;
+            self.census.borrow_mut().callback(phase, callback, guest_ns);
+        }
         let called = match outcome {
             None => Called::Missing,
             Some(Ok(r)) => Called::Returned(r),
@@ -337,7 +356,7 @@ impl Host {
         if self.plugins[plugin].vms[worker].tick_generation != generation {
             return;
         }
-        let _ = self.call(plugin, worker, 1, |e, s| {
+        let _ = self.call(plugin, worker, 1, Callback::Tick, |e, s| {
             e.on_tick.as_ref().map(|f| f.call(s, 1))
         });
         let vm = &self.plugins[plugin].vms[worker];
@@ -357,10 +376,16 @@ impl Host {
     /// Runs `on_queue_ready` on the context that registered the queue.
     pub(super) fn notify_queue_ready(&mut self, owner: QueueOwner, queue_id: u32) {
         let ctx = owner.context_id;
-        let _ = self.call(owner.plugin, owner.worker, ctx, |e, s| {
-            e.on_queue_ready
-                .as_ref()
-                .map(|f| f.call(s, (ctx, queue_id)))
-        });
+        let _ = self.call(
+            owner.plugin,
+            owner.worker,
+            ctx,
+            Callback::QueueReady,
+            |e, s| {
+                e.on_queue_ready
+                    .as_ref()
+                    .map(|f| f.call(s, (ctx, queue_id)))
+            },
+        );
     }
 }

@@ -16,6 +16,7 @@ use super::chain::{Dir, Frame, Held};
 use super::client::{Request, Response};
 use super::router::RouterState;
 use super::{Host, PluginId, StreamId};
+use crate::census::Callback;
 use crate::headers::HeaderMap;
 use crate::stream_data::StreamData;
 use crate::vm::StreamAction;
@@ -212,16 +213,16 @@ impl Host {
             .collect();
         for &(plugin, ctx) in &contexts {
             self.set_access(plugin, worker, ctx, |a| a.access_log = true);
-            let _ = self.call(plugin, worker, ctx, |e, s| {
+            let _ = self.call(plugin, worker, ctx, Callback::Log, |e, s| {
                 e.on_log.as_ref().map(|f| f.call(s, ctx))
             });
             self.set_access(plugin, worker, ctx, |a| a.access_log = false);
         }
         for &(plugin, ctx) in &contexts {
-            let _ = self.call(plugin, worker, ctx, |e, s| {
+            let _ = self.call(plugin, worker, ctx, Callback::Done, |e, s| {
                 e.on_done.as_ref().map(|f| f.call(s, ctx))
             });
-            let _ = self.call(plugin, worker, ctx, |e, s| {
+            let _ = self.call(plugin, worker, ctx, Callback::Delete, |e, s| {
                 e.on_delete.as_ref().map(|f| f.call(s, ctx))
             });
             self.plugins[plugin].vms[worker]

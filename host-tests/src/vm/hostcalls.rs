@@ -13,6 +13,7 @@ use super::{
     read_bytes, read_string, status_of, write_u32, write_u64,
 };
 use crate::abi::{BufferType, LogLevel, MapType, MetricType, Status, StreamType};
+use crate::census::{OTHER, host_call_index};
 use crate::headers::{HeaderMap, deserialize_pairs, pairs_to_strings};
 use crate::properties::{PropertyScope, get_property};
 use crate::world::QueueOwner;
@@ -28,10 +29,12 @@ pub(super) fn define(
     macro_rules! host {
         ($name:literal, |$caller:ident $(, $arg:ident : $ty:ty)*| $body:expr) => {{
             defined.insert(("env".to_owned(), $name.to_owned()));
-            #[allow(unused_mut)]
-            linker.func_wrap("env", $name, |mut $caller: C<'_>, $($arg: $ty),*| -> u32 {
+            let slot = host_call_index($name);
+            linker.func_wrap("env", $name, move |mut $caller: C<'_>, $($arg: $ty),*| -> u32 {
+                enter(&mut $caller, slot);
                 #[allow(clippy::redundant_closure_call)]
                 let result: R = (|| $body)();
+                $caller.data_mut().host_call = OTHER;
                 status_of(result)
             })?;
         }};
@@ -479,8 +482,11 @@ pub(super) fn define(
     macro_rules! unsupported {
         ($name:literal, $status:expr, |$caller:ident $(, $arg:ident : $ty:ty)*|) => {{
             defined.insert(("env".to_owned(), $name.to_owned()));
-            linker.func_wrap("env", $name, |mut $caller: C<'_>, $(_: $ty),*| -> u32 {
+            let slot = host_call_index($name);
+            linker.func_wrap("env", $name, move |mut $caller: C<'_>, $(_: $ty),*| -> u32 {
+                enter(&mut $caller, slot);
                 let state = $caller.data_mut();
+                state.host_call = OTHER;
                 state.unsupported_calls.push($name.to_owned());
                 state.log_host(LogLevel::Warn, format!("host: {} is not simulated", $name));
                 ($status as Status).code()
@@ -493,6 +499,13 @@ pub(super) fn define(
     unsupported!("proxy_grpc_cancel", Status::NotFound, |caller, a: u32|);
     unsupported!("proxy_grpc_close", Status::NotFound, |caller, a: u32|);
     Ok(())
+}
+
+/// Marks the start of a host call for the census.
+fn enter(caller: &mut C<'_>, slot: usize) {
+    let state = caller.data_mut();
+    state.host_call = slot;
+    state.census.borrow_mut().enter_host_call(state.phase, slot);
 }
 
 fn push_action(caller: &mut C<'_>, action: StreamAction) -> R {
