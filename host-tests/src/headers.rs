@@ -4,13 +4,80 @@
 //! (`:method`, `:path`, ...) in front of regular ones. `replace` removes every
 //! entry of a name and appends one (Envoy's `setCopy`), `get` returns the first
 //! value. A filter can observe all of this, so the harness copies it.
+//!
+//! Values are bytes, as in Envoy: a client may send `x-tenant-id: \xff`, and
+//! Envoy hands exactly those bytes to the guest (the Rust SDK's `String`
+//! helpers then panic on them; a filter that reads identities must use the
+//! `_bytes` variants). The `&str` accessors stay for the common case and show
+//! a value that is not UTF-8 with U+FFFD replacements; the `_bytes` accessors
+//! and the serialization always carry the exact bytes.
 
+use std::borrow::Cow;
 use std::fmt;
 
-/// An ordered, case-insensitive multimap of header names to values.
+/// A header value: arbitrary bytes, with a text view.
+#[derive(Clone, PartialEq, Eq)]
+pub struct HeaderValue {
+    bytes: Vec<u8>,
+    /// The lossy text of `bytes`, kept only when they are not UTF-8 (so
+    /// [`HeaderValue::as_str`] can lend a `&str` without allocating per call).
+    lossy: Option<Box<str>>,
+}
+
+impl HeaderValue {
+    pub fn from_bytes(bytes: &[u8]) -> Self {
+        let lossy = match String::from_utf8_lossy(bytes) {
+            Cow::Borrowed(_) => None,
+            Cow::Owned(text) => Some(text.into_boxed_str()),
+        };
+        Self {
+            bytes: bytes.to_vec(),
+            lossy,
+        }
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The value as text; bytes that are not UTF-8 read as U+FFFD.
+    pub fn as_str(&self) -> &str {
+        match &self.lossy {
+            Some(text) => text,
+            // Valid UTF-8 whenever `lossy` is None (checked in `from_bytes`).
+            None => std::str::from_utf8(&self.bytes).unwrap_or_default(),
+        }
+    }
+
+    /// Whether the bytes are UTF-8 (the `&str` view is then exact).
+    pub fn is_utf8(&self) -> bool {
+        self.lossy.is_none()
+    }
+}
+
+impl From<&str> for HeaderValue {
+    fn from(text: &str) -> Self {
+        Self {
+            bytes: text.as_bytes().to_vec(),
+            lossy: None,
+        }
+    }
+}
+
+impl fmt::Debug for HeaderValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_utf8() {
+            fmt::Debug::fmt(self.as_str(), f)
+        } else {
+            write!(f, "b\"{}\"", self.bytes.escape_ascii())
+        }
+    }
+}
+
+/// An ordered, case-insensitive multimap of header names to byte values.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct HeaderMap {
-    entries: Vec<(String, String)>,
+    entries: Vec<(String, HeaderValue)>,
 }
 
 impl HeaderMap {
@@ -29,6 +96,18 @@ impl HeaderMap {
         map
     }
 
+    /// Builds a map from byte pairs (as a guest serializes them); names that
+    /// are not UTF-8 are kept lossily (Envoy's codecs reject such names).
+    pub fn from_byte_pairs<K: AsRef<[u8]>, V: AsRef<[u8]>>(
+        pairs: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        let mut map = Self::new();
+        for (k, v) in pairs {
+            map.add_bytes(&String::from_utf8_lossy(k.as_ref()), v.as_ref());
+        }
+        map
+    }
+
     /// Number of entries (a repeated name counts once per value).
     pub fn len(&self) -> usize {
         self.entries.len()
@@ -38,16 +117,25 @@ impl HeaderMap {
         self.entries.is_empty()
     }
 
-    /// First value of `name` (case-insensitive).
-    pub fn get(&self, name: &str) -> Option<&str> {
+    fn find(&self, name: &str) -> Option<&HeaderValue> {
         // Stored names are lowercase: compare without allocating.
         self.entries
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+            .map(|(_, v)| v)
     }
 
-    /// Every value of `name`, in order.
+    /// First value of `name` (case-insensitive), as text.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.find(name).map(HeaderValue::as_str)
+    }
+
+    /// First value of `name` (case-insensitive), byte-exact.
+    pub fn get_bytes(&self, name: &str) -> Option<&[u8]> {
+        self.find(name).map(HeaderValue::as_bytes)
+    }
+
+    /// Every value of `name`, in order, as text.
     pub fn get_all(&self, name: &str) -> Vec<&str> {
         self.entries
             .iter()
@@ -56,8 +144,26 @@ impl HeaderMap {
             .collect()
     }
 
+    /// Every value of `name`, in order, byte-exact.
+    pub fn get_all_bytes(&self, name: &str) -> Vec<&[u8]> {
+        self.entries
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_bytes())
+            .collect()
+    }
+
     /// Appends an entry; a pseudo-header goes after the last pseudo-header.
     pub fn add(&mut self, name: &str, value: &str) {
+        self.insert(name, HeaderValue::from(value));
+    }
+
+    /// Appends an entry with a value of arbitrary bytes.
+    pub fn add_bytes(&mut self, name: &str, value: &[u8]) {
+        self.insert(name, HeaderValue::from_bytes(value));
+    }
+
+    fn insert(&mut self, name: &str, value: HeaderValue) {
         let name = name.to_ascii_lowercase();
         if name.starts_with(':') {
             let at = self
@@ -65,9 +171,9 @@ impl HeaderMap {
                 .iter()
                 .take_while(|(k, _)| k.starts_with(':'))
                 .count();
-            self.entries.insert(at, (name, value.to_owned()));
+            self.entries.insert(at, (name, value));
         } else {
-            self.entries.push((name, value.to_owned()));
+            self.entries.push((name, value));
         }
     }
 
@@ -77,23 +183,40 @@ impl HeaderMap {
         self.add(name, value);
     }
 
+    /// [`HeaderMap::replace`] with a value of arbitrary bytes.
+    pub fn replace_bytes(&mut self, name: &str, value: &[u8]) {
+        self.remove(name);
+        self.add_bytes(name, value);
+    }
+
     /// Removes every entry of `name`.
     pub fn remove(&mut self, name: &str) {
         self.entries.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
     }
 
+    /// Entries in order, values as text.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
         self.entries.iter().map(|(k, v)| (k.as_str(), v.as_str()))
     }
 
-    /// Entries as owned pairs, in order.
-    pub fn to_pairs(&self) -> Vec<(String, String)> {
-        self.entries.clone()
+    /// Entries in order, values byte-exact.
+    pub fn iter_bytes(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.entries.iter().map(|(k, v)| (k.as_str(), v.as_bytes()))
     }
 
-    /// Sum of name and value lengths (Envoy's `byteSize`).
+    /// Entries as owned pairs, in order, values as text.
+    pub fn to_pairs(&self) -> Vec<(String, String)> {
+        self.iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
+    }
+
+    /// Sum of name and value lengths in bytes (Envoy's `byteSize`).
     pub fn byte_size(&self) -> usize {
-        self.entries.iter().map(|(k, v)| k.len() + v.len()).sum()
+        self.entries
+            .iter()
+            .map(|(k, v)| k.len() + v.as_bytes().len())
+            .sum()
     }
 
     /// The proxy-wasm serialization of this map (see [`serialize_pairs`]).
@@ -210,6 +333,27 @@ mod tests {
         assert!(deserialize_pairs(&[5, 0, 0, 0, 1]).is_none());
         assert!(deserialize_pairs(&[1, 0, 0, 0, 255, 255, 255, 255, 0, 0, 0, 0]).is_none());
         assert_eq!(deserialize_pairs(&[]).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn values_that_are_not_utf8_keep_their_bytes() {
+        let mut map = HeaderMap::from_pairs([(":path", "/")]);
+        map.add_bytes("x-tenant-id", b"t\xff\xfe1");
+        map.add("x-tenant-id", "plain");
+        assert_eq!(map.get_bytes("X-Tenant-Id"), Some(&b"t\xff\xfe1"[..]));
+        assert_eq!(map.get("x-tenant-id"), Some("t\u{fffd}\u{fffd}1"));
+        assert_eq!(
+            map.get_all_bytes("x-tenant-id"),
+            [&b"t\xff\xfe1"[..], b"plain"]
+        );
+        assert_eq!(map.byte_size(), 5 + 1 + 11 + 4 + 11 + 5);
+        let pairs = deserialize_pairs(&map.serialize()).unwrap();
+        assert_eq!(pairs[1], (b"x-tenant-id".to_vec(), b"t\xff\xfe1".to_vec()));
+        assert_eq!(HeaderMap::from_byte_pairs(pairs), map);
+        assert_eq!(
+            format!("{map:?}"),
+            r#"[(":path", "/"), ("x-tenant-id", b"t\xff\xfe1"), ("x-tenant-id", "plain")]"#
+        );
     }
 
     #[test]

@@ -27,6 +27,7 @@
 //! does and why (see [`stream_data::Access`] for header-map lifetimes).
 
 pub mod abi;
+pub mod census;
 pub mod headers;
 pub mod host;
 pub mod mesh;
@@ -40,6 +41,7 @@ mod vm;
 pub mod world;
 
 pub use abi::{Action, LogLevel, MetricType, Status};
+pub use census::{CallStats, CallbackStats, Census, Phase};
 pub use headers::HeaderMap;
 pub use host::{
     FailurePolicy, Host, HostOptions, PluginConfig, PluginId, Request, Response, RouteConfig,

@@ -149,7 +149,7 @@ fn stream_leaf(
 }
 
 fn header_string(map: Option<&HeaderMap>, name: &str) -> Option<Vec<u8>> {
-    map?.get(name).map(|v| v.as_bytes().to_vec())
+    map?.get_bytes(name).map(<[u8]>::to_vec)
 }
 
 /// The `request.headers` / `response.headers` CEL map: one entry per name,
@@ -158,21 +158,23 @@ fn headers_map(map: Option<&HeaderMap>, rest: &[&str]) -> Result<Vec<u8>, Status
     let empty = HeaderMap::new();
     let map = map.unwrap_or(&empty);
     if let Some((name, rest)) = rest.split_first() {
-        let values = map.get_all(name);
+        let values = map.get_all_bytes(name);
         if values.is_empty() {
             return Err(Status::NotFound);
         }
-        return only_leaf(rest, values.join(",").into_bytes());
+        return only_leaf(rest, values.join(&b","[..]));
     }
     let mut names: Vec<&str> = map.iter().map(|(k, _)| k).collect();
     names.dedup();
     let mut seen = std::collections::BTreeSet::new();
-    let pairs: Vec<(String, String)> = names
+    let pairs: Vec<(&str, Vec<u8>)> = names
         .into_iter()
         .filter(|n| seen.insert(*n))
-        .map(|n| (n.to_owned(), map.get_all(n).join(",")))
+        .map(|n| (n, map.get_all_bytes(n).join(&b","[..])))
         .collect();
-    Ok(string_map(&pairs))
+    Ok(serialize_pairs(
+        pairs.iter().map(|(k, v)| (k.as_bytes(), v.as_slice())),
+    ))
 }
 
 fn request(scope: &PropertyScope<'_>, rest: &[&str]) -> Result<Vec<u8>, Status> {
@@ -418,6 +420,15 @@ mod tests {
             3u64.to_le_bytes()
         );
         assert_eq!(get("request.headers.x").unwrap(), b"1,2");
+        let mut raw = stream.clone();
+        raw.request_headers.add_bytes("x-tenant-id", b"t\xff");
+        raw.request_headers.add_bytes("x-tenant-id", b"\x80");
+        let raw_scope = scope_with(&plugin, &node, &raw);
+        assert_eq!(
+            get_property(&raw_scope, b"request\0headers\0x-tenant-id").unwrap(),
+            b"t\xff,\x80",
+            "header properties carry the value's bytes"
+        );
         assert_eq!(get("xds.node.locality.zone").unwrap(), b"eu-1a");
         assert_eq!(
             get("xds.node.locality").unwrap(),

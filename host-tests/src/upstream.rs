@@ -52,6 +52,8 @@ pub enum FaultKind {
 pub struct EndpointBehavior {
     pub status: u32,
     pub headers: Vec<(String, String)>,
+    /// Headers sent after `headers` whose values are arbitrary bytes.
+    pub raw_headers: Vec<(String, Vec<u8>)>,
     pub body: BodySpec,
     /// Time from the request reaching the endpoint to response headers.
     pub time_to_first_token: Duration,
@@ -71,6 +73,7 @@ impl Default for EndpointBehavior {
         Self {
             status: 200,
             headers: vec![("content-type".into(), "application/json".into())],
+            raw_headers: Vec::new(),
             body: BodySpec::Fixed(b"{\"ok\":true}".to_vec()),
             time_to_first_token: Duration::from_millis(10),
             time_per_token: Duration::from_millis(5),
@@ -102,6 +105,12 @@ impl EndpointBehavior {
             time_per_token: tpot,
             ..Self::default()
         }
+    }
+
+    /// Adds a response header whose value is arbitrary bytes.
+    pub fn with_header_bytes(mut self, name: &str, value: &[u8]) -> Self {
+        self.raw_headers.push((name.into(), value.to_vec()));
+        self
     }
 
     pub fn with_error_rate(mut self, rate: f64) -> Self {
@@ -174,6 +183,7 @@ impl EndpointBehavior {
                     ("content-type".into(), "application/json".into()),
                     ("content-length".into(), body.len().to_string()),
                 ],
+                raw_headers: Vec::new(),
                 first_byte_ns: ttft.min(5_000_000),
                 chunks: vec![(0, body)],
                 trailers: None,
@@ -213,6 +223,7 @@ impl EndpointBehavior {
         AttemptPlan::Respond(ResponsePlan {
             status,
             headers,
+            raw_headers: self.raw_headers.clone(),
             first_byte_ns: ttft,
             chunks: timed,
             trailers: None,
@@ -254,6 +265,8 @@ pub enum AttemptPlan {
 pub struct ResponsePlan {
     pub status: u32,
     pub headers: Vec<(String, String)>,
+    /// Headers after `headers` whose values are arbitrary bytes.
+    pub raw_headers: Vec<(String, Vec<u8>)>,
     pub first_byte_ns: u64,
     /// (offset after the headers in ns, bytes).
     pub chunks: Vec<(u64, Vec<u8>)>,

@@ -13,6 +13,7 @@ use super::{
     read_bytes, read_string, status_of, write_u32, write_u64,
 };
 use crate::abi::{BufferType, LogLevel, MapType, MetricType, Status, StreamType};
+use crate::census::{OTHER, host_call_index};
 use crate::headers::{HeaderMap, deserialize_pairs, pairs_to_strings};
 use crate::properties::{PropertyScope, get_property};
 use crate::world::QueueOwner;
@@ -28,10 +29,12 @@ pub(super) fn define(
     macro_rules! host {
         ($name:literal, |$caller:ident $(, $arg:ident : $ty:ty)*| $body:expr) => {{
             defined.insert(("env".to_owned(), $name.to_owned()));
-            #[allow(unused_mut)]
-            linker.func_wrap("env", $name, |mut $caller: C<'_>, $($arg: $ty),*| -> u32 {
+            let slot = host_call_index($name);
+            linker.func_wrap("env", $name, move |mut $caller: C<'_>, $($arg: $ty),*| -> u32 {
+                enter(&mut $caller, slot);
                 #[allow(clippy::redundant_closure_call)]
                 let result: R = (|| $body)();
+                $caller.data_mut().host_call = OTHER;
                 status_of(result)
             })?;
         }};
@@ -97,11 +100,9 @@ pub(super) fn define(
         "proxy_set_header_map_pairs",
         |caller, map: u32, ptr: u32, len: u32| {
             let map = MapType::from_raw(map).ok_or(Status::BadArgument)?;
-            let pairs = pairs_to_strings(
-                deserialize_pairs(&read_bytes(&mut caller, ptr, len)?)
-                    .ok_or(Status::BadArgument)?,
-            );
-            with_map_mut(&caller, map, |m| *m = HeaderMap::from_pairs(pairs))
+            let pairs = deserialize_pairs(&read_bytes(&mut caller, ptr, len)?)
+                .ok_or(Status::BadArgument)?;
+            with_map_mut(&caller, map, |m| *m = HeaderMap::from_byte_pairs(pairs))
         }
     );
     host!(
@@ -109,10 +110,14 @@ pub(super) fn define(
         |caller, map: u32, key_ptr: u32, key_len: u32, ret_ptr: u32, ret_size: u32| {
             let map = MapType::from_raw(map).ok_or(Status::BadArgument)?;
             let key = read_string(&mut caller, key_ptr, key_len)?;
-            let value = with_map(&caller, map, true, |m| m.get(&key).map(str::to_owned))
-                .ok_or(Status::BadArgument)?;
+            // The value's bytes exactly as stored: Envoy does not check that
+            // a value is UTF-8, and neither does the guest's ABI.
+            let value = with_map(&caller, map, true, |m| {
+                m.get_bytes(&key).map(<[u8]>::to_vec)
+            })
+            .ok_or(Status::BadArgument)?;
             let value = value.ok_or(Status::NotFound)?;
-            copy_out(&mut caller, value.as_bytes(), ret_ptr, ret_size)
+            copy_out(&mut caller, &value, ret_ptr, ret_size)
         }
     );
     host!(
@@ -128,8 +133,8 @@ pub(super) fn define(
         |caller, map: u32, key_ptr: u32, key_len: u32, val_ptr: u32, val_len: u32| {
             let map = MapType::from_raw(map).ok_or(Status::BadArgument)?;
             let key = read_string(&mut caller, key_ptr, key_len)?;
-            let value = read_string(&mut caller, val_ptr, val_len)?;
-            with_map_mut(&caller, map, |m| m.replace(&key, &value))
+            let value = read_bytes(&mut caller, val_ptr, val_len)?;
+            with_map_mut(&caller, map, |m| m.replace_bytes(&key, &value))
         }
     );
     host!(
@@ -137,8 +142,8 @@ pub(super) fn define(
         |caller, map: u32, key_ptr: u32, key_len: u32, val_ptr: u32, val_len: u32| {
             let map = MapType::from_raw(map).ok_or(Status::BadArgument)?;
             let key = read_string(&mut caller, key_ptr, key_len)?;
-            let value = read_string(&mut caller, val_ptr, val_len)?;
-            with_map_mut(&caller, map, |m| m.add(&key, &value))
+            let value = read_bytes(&mut caller, val_ptr, val_len)?;
+            with_map_mut(&caller, map, |m| m.add_bytes(&key, &value))
         }
     );
     host!(
@@ -330,19 +335,15 @@ pub(super) fn define(
          timeout: u32,
          ret_token: u32| {
             let cluster = read_string(&mut caller, up_ptr, up_len)?;
-            let headers = pairs_to_strings(
-                deserialize_pairs(&read_bytes(&mut caller, h_ptr, h_len)?)
-                    .ok_or(Status::BadArgument)?,
-            );
+            let headers = deserialize_pairs(&read_bytes(&mut caller, h_ptr, h_len)?)
+                .ok_or(Status::BadArgument)?;
             let body = read_bytes(&mut caller, b_ptr, b_len)?;
-            let trailers = pairs_to_strings(
-                deserialize_pairs(&read_bytes(&mut caller, t_ptr, t_len)?)
-                    .ok_or(Status::BadArgument)?,
-            );
+            let trailers = deserialize_pairs(&read_bytes(&mut caller, t_ptr, t_len)?)
+                .ok_or(Status::BadArgument)?;
             if (timeout as i32) < 0 {
                 return Err(Status::BadArgument);
             }
-            let headers = HeaderMap::from_pairs(headers);
+            let headers = HeaderMap::from_byte_pairs(headers);
             let token = {
                 let state = caller.data_mut();
                 if !state.world.borrow().cluster_names.contains(&cluster) {
@@ -365,7 +366,7 @@ pub(super) fn define(
                     cluster,
                     headers,
                     body,
-                    trailers: HeaderMap::from_pairs(trailers),
+                    trailers: HeaderMap::from_byte_pairs(trailers),
                     timeout_ms: timeout,
                 });
                 token
@@ -481,8 +482,11 @@ pub(super) fn define(
     macro_rules! unsupported {
         ($name:literal, $status:expr, |$caller:ident $(, $arg:ident : $ty:ty)*|) => {{
             defined.insert(("env".to_owned(), $name.to_owned()));
-            linker.func_wrap("env", $name, |mut $caller: C<'_>, $(_: $ty),*| -> u32 {
+            let slot = host_call_index($name);
+            linker.func_wrap("env", $name, move |mut $caller: C<'_>, $(_: $ty),*| -> u32 {
+                enter(&mut $caller, slot);
                 let state = $caller.data_mut();
+                state.host_call = OTHER;
                 state.unsupported_calls.push($name.to_owned());
                 state.log_host(LogLevel::Warn, format!("host: {} is not simulated", $name));
                 ($status as Status).code()
@@ -495,6 +499,13 @@ pub(super) fn define(
     unsupported!("proxy_grpc_cancel", Status::NotFound, |caller, a: u32|);
     unsupported!("proxy_grpc_close", Status::NotFound, |caller, a: u32|);
     Ok(())
+}
+
+/// Marks the start of a host call for the census.
+fn enter(caller: &mut C<'_>, slot: usize) {
+    let state = caller.data_mut();
+    state.host_call = slot;
+    state.census.borrow_mut().enter_host_call(state.phase, slot);
 }
 
 fn push_action(caller: &mut C<'_>, action: StreamAction) -> R {

@@ -16,6 +16,7 @@ use anyhow::anyhow;
 use wasmtime::{Caller, Extern, InstancePre, Linker, Memory, Store, TypedFunc};
 
 use crate::abi::{MetricType, Status, StreamType};
+use crate::census::{Census, Phase};
 use crate::headers::HeaderMap;
 use crate::module_cache::{FilterModule, engine};
 use crate::prng::Prng;
@@ -112,6 +113,12 @@ pub struct VmState {
     pub(crate) rng: Prng,
     /// Number of host calls that returned a non-Ok status the SDK would not expect.
     pub(crate) unsupported_calls: Vec<String>,
+    /// The host's census of host calls, shared by every VM.
+    pub(crate) census: Rc<RefCell<Census>>,
+    /// Phase of the callback being run (set by the host before each call).
+    pub(crate) phase: Phase,
+    /// Census slot of the host function being run ([`crate::census::OTHER`] between calls).
+    pub(crate) host_call: usize,
 }
 
 impl VmState {
@@ -302,9 +309,16 @@ pub(crate) fn read_bytes(
     let end = start
         .checked_add(len as usize)
         .ok_or(Status::InvalidMemoryAccess)?;
-    data.get(start..end)
+    let bytes = data
+        .get(start..end)
         .map(<[u8]>::to_vec)
-        .ok_or(Status::InvalidMemoryAccess)
+        .ok_or(Status::InvalidMemoryAccess)?;
+    let state = caller.data();
+    state
+        .census
+        .borrow_mut()
+        .copied_in(state.phase, state.host_call, bytes.len());
+    Ok(bytes)
 }
 
 pub(crate) fn write_bytes(
@@ -321,6 +335,11 @@ pub(crate) fn write_bytes(
     data.get_mut(start..end)
         .ok_or(Status::InvalidMemoryAccess)?
         .copy_from_slice(bytes);
+    let state = caller.data();
+    state
+        .census
+        .borrow_mut()
+        .copied_out(state.phase, state.host_call, bytes.len());
     Ok(())
 }
 
