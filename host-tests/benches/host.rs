@@ -62,6 +62,76 @@ fn one_request(c: &mut Criterion) {
     group.finish();
 }
 
+/// A policy with one backend, plus `sections`: what `benches/envoy_cpu.py`
+/// runs in Envoy, so the two can be read side by side.
+fn bench_policy(sections: &str) -> String {
+    format!(
+        r#"
+name = "bench"
+[[backend]]
+name = "primary"
+models = ["sim-large"]
+  [[backend.zone]]
+  name = "zone-a"
+  endpoints = ["127.0.0.1:1"]
+{sections}
+"#
+    )
+}
+
+/// One 1 KiB chat request through `sluice.wasm` per policy, and through
+/// the do-nothing body-reading floor: the guest's own cost per request.
+fn sluice_request(c: &mut Criterion) {
+    const TOKENS: &str = "[tokens]\ndefault_max_tokens = 256\n  [[tokens.quota]]\n  tokens = \"1000M/min\"\n  requests = \"100M/min\"\n";
+    const BREAKER: &str = "[breaker]\nmode = \"consecutive\"\nconsecutive_failures = 1000\n";
+    let body = format!(
+        r#"{{"model":"sim-large","max_tokens":16,"messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "x".repeat(900)
+    );
+    let answer = r#"{"id":"c","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":225,"completion_tokens":16,"total_tokens":241}}"#;
+    let mut group = c.benchmark_group("sluice");
+    group.throughput(Throughput::Elements(1));
+    let both = format!("{TOKENS}{BREAKER}");
+    for (name, module, config) in [
+        ("noop_body", "sluice-noop-body", String::new()),
+        ("none", "sluice", bench_policy("")),
+        ("tokens", "sluice", bench_policy(TOKENS)),
+        ("breaker", "sluice", bench_policy(BREAKER)),
+        ("both", "sluice", bench_policy(&both)),
+    ] {
+        let mut host = Host::new(HostOptions {
+            workers: 1,
+            ..HostOptions::default()
+        });
+        host.add_cluster(Cluster::fixed(
+            "primary",
+            200,
+            answer,
+            Duration::from_millis(1),
+        ));
+        host.add_filter(
+            PluginConfig::new(FilterModule::load(module).unwrap())
+                .name("sluice")
+                .vm_id("sluice")
+                .configuration(config)
+                .allow_on_headers_stop_iteration(true),
+        )
+        .unwrap();
+        host.keep_finished_responses(false);
+        let mut done = 0;
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                host.start(
+                    Request::post_json("/v1/chat/completions", &body).header("x-tenant-id", "acme"),
+                );
+                done += 1;
+                host.run_until(Duration::from_secs(1), |h| h.finished_count() >= done);
+            })
+        });
+    }
+    group.finish();
+}
+
 fn module_load(c: &mut Criterion) {
     let path = locate_filter("sluice-probe").unwrap();
     let bytes = std::fs::read(&path).unwrap();
@@ -145,5 +215,5 @@ fn mesh(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, one_request, module_load, mesh);
+criterion_group!(benches, one_request, sluice_request, module_load, mesh);
 criterion_main!(benches);
