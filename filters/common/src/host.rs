@@ -101,6 +101,11 @@ mod abi {
             out_data: *mut *mut u8,
             out_size: *mut usize,
         ) -> u32;
+        pub fn proxy_get_header_map_pairs(
+            map: u32,
+            out_data: *mut *mut u8,
+            out_size: *mut usize,
+        ) -> u32;
         pub fn proxy_replace_header_map_value(
             map: u32,
             key: *const u8,
@@ -246,6 +251,81 @@ pub fn header_bytes(map: Map, name: &str) -> Option<Vec<u8>> {
         0
     };
     read_out(call).ok().flatten()
+}
+
+/// Every header of a map, in one host call (one copy, where reading
+/// headers one by one costs a call and an allocation each).
+pub fn headers(map: Map) -> Option<Headers> {
+    #[cfg(target_arch = "wasm32")]
+    let call = |d: *mut *mut u8, s: *mut usize| {
+        // SAFETY: out pointers valid for the call.
+        unsafe { abi::proxy_get_header_map_pairs(map as u32, d, s) }
+    };
+    #[cfg(not(target_arch = "wasm32"))]
+    let call = |_: *mut *mut u8, _: *mut usize| {
+        let _ = map;
+        0
+    };
+    read_out(call).ok().flatten().map(Headers::parse)
+}
+
+/// A snapshot of a header map, as the ABI serializes it: a count, then each
+/// (name, value) length pair, then each name and value followed by a NUL.
+/// A malformed serialization reads as the entries that fit.
+#[derive(Clone, Debug, Default)]
+pub struct Headers {
+    data: Vec<u8>,
+    /// (name start, name len, value start, value len) into `data`.
+    entries: Vec<(usize, usize, usize, usize)>,
+}
+
+impl Headers {
+    /// Parses the ABI's serialization (what `proxy_get_header_map_pairs`
+    /// returns).
+    pub fn parse(data: Vec<u8>) -> Self {
+        let word = |at: usize| -> Option<usize> {
+            let bytes: [u8; 4] = data.get(at..at.checked_add(4)?)?.try_into().ok()?;
+            usize::try_from(u32::from_le_bytes(bytes)).ok()
+        };
+        let mut entries = Vec::new();
+        let count = word(0).unwrap_or(0);
+        // Each entry needs 8 bytes of lengths: a count beyond what the data
+        // could hold is a lie, not a reason to allocate.
+        let count = count.min(data.len() / 8);
+        let mut at = 4usize.saturating_add(count.saturating_mul(8));
+        for i in 0..count {
+            let (Some(name_len), Some(value_len)) = (word(4 + i * 8), word(8 + i * 8)) else {
+                break;
+            };
+            let name = at;
+            let value = name.saturating_add(name_len).saturating_add(1);
+            let end = value.saturating_add(value_len).saturating_add(1);
+            if end > data.len() {
+                break;
+            }
+            entries.push((name, name_len, value, value_len));
+            at = end;
+        }
+        Headers { data, entries }
+    }
+
+    /// The first value of `name` (lowercase, as Envoy keeps names).
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.entries
+            .iter()
+            .find(|&&(n, nl, _, _)| self.data.get(n..n + nl) == Some(name.as_bytes()))
+            .and_then(|&(_, _, v, vl)| self.data.get(v..v + vl))
+    }
+
+    /// The first value of `name` as text; `None` when absent or not UTF-8.
+    pub fn text(&self, name: &str) -> Option<&str> {
+        self.get(name).and_then(|v| std::str::from_utf8(v).ok())
+    }
+
+    /// Whether the map has `name`.
+    pub fn has(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
 }
 
 /// A header's value as text; `None` when absent or not UTF-8 (use
@@ -553,6 +633,22 @@ mod tests {
         expected.extend_from_slice(&0u32.to_le_bytes());
         expected.extend_from_slice(b"a\0xy\0bc\0\0");
         assert_eq!(bytes, expected);
+    }
+
+    #[test]
+    fn header_snapshots_read_the_abi_layout_and_survive_lies() {
+        let bytes = serialize_pairs(&[(":path", "/v1/chat/completions"), ("x-tenant-id", "acme")]);
+        let headers = Headers::parse(bytes.clone());
+        assert_eq!(headers.text(":path"), Some("/v1/chat/completions"));
+        assert_eq!(headers.get("x-tenant-id"), Some(&b"acme"[..]));
+        assert!(!headers.has("authorization"));
+        // Truncated, or a count far beyond the data: what fits, no panic.
+        for cut in 0..bytes.len() {
+            let _ = Headers::parse(bytes[..cut].to_vec()).get(":path");
+        }
+        let mut lying = bytes;
+        lying[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        let _ = Headers::parse(lying).get("x");
     }
 
     #[test]

@@ -20,7 +20,7 @@ use super::observe::Observation;
 use super::request::{BodyRead, RequestContext, choose_model, needs_pin, read_body};
 use super::root::{Config, Vm};
 use super::{Admission, Edits, Flow, Verdict, Wake};
-use crate::host::{self, Buffer, Map};
+use crate::host::{self, Buffer, Headers, Map};
 
 /// Request headers only sluice may set: a client's copy is removed before
 /// anything reads the route table.
@@ -58,6 +58,8 @@ pub(crate) struct Exchange {
     path: String,
     shape: ApiShape,
     tenant: String,
+    /// The request headers as they arrived (one host call for all).
+    headers: Headers,
     /// The body size Envoy holds (the last body callback's).
     body_size: usize,
     request: Option<RequestContext>,
@@ -77,6 +79,7 @@ impl Exchange {
             path: String::new(),
             shape: ApiShape::Other,
             tenant: String::new(),
+            headers: Headers::default(),
             body_size: 0,
             request: None,
             next: 0,
@@ -88,19 +91,24 @@ impl Exchange {
 
     /// Request headers. Returns whether the request is held.
     fn on_request_headers(&mut self, end_of_stream: bool, vm: &Vm) -> Held {
+        let headers = host::headers(Map::RequestHeaders).unwrap_or_default();
         for name in INTERNAL_REQUEST_HEADERS {
-            host::set_request_header(name, None);
+            if headers.has(name) {
+                host::set_request_header(name, None);
+            }
         }
         let Some(config) = self.config.clone() else {
             return Held::No;
         };
-        self.path = host::request_header(":path").unwrap_or_default();
+        self.path = headers.text(":path").unwrap_or_default().to_string();
         self.shape = ApiShape::from_path(&self.path);
         if self.shape == ApiShape::Other {
             return Held::No;
         }
+        self.headers = headers;
+        let headers = &self.headers;
         match identify(&config.policy.tenant, |name| {
-            host::header_bytes(Map::RequestHeaders, name)
+            headers.get(name).map(<[u8]>::to_vec)
         }) {
             Ok(tenant) => self.tenant = tenant,
             Err(e) => {
@@ -117,8 +125,10 @@ impl Exchange {
             }
         }
         self.phase = Phase::Reading;
-        let length =
-            host::request_header("content-length").and_then(|l| l.trim().parse::<u64>().ok());
+        let length = self
+            .headers
+            .text("content-length")
+            .and_then(|l| l.trim().parse::<u64>().ok());
         if end_of_stream {
             return self.judge(Some(Vec::new()), vm);
         }
@@ -193,12 +203,19 @@ impl Exchange {
             BodyRead::Read { info, .. } => info.model.as_deref(),
             BodyRead::TooLarge { .. } => None,
         };
-        let model = choose_model(policy, body_model, host::request_header);
+        let headers = &self.headers;
+        let model = choose_model(policy, body_model, |name| {
+            headers.text(name).map(str::to_string)
+        });
         let stream = match &body {
             BodyRead::Read { info, .. } => info.stream,
             BodyRead::TooLarge { .. } => false,
         };
-        let authority = host::request_header(":authority").unwrap_or_default();
+        let authority = self
+            .headers
+            .text(":authority")
+            .unwrap_or_default()
+            .to_string();
         let backend = policy.route(&self.path, &authority, &model, &self.tenant);
         let api = self
             .shape
@@ -278,7 +295,10 @@ impl Exchange {
     /// recompute it: without one the request would go upstream chunked).
     fn apply_edits(&mut self) {
         for (name, value) in self.edits.request_headers.drain(..) {
-            host::set_request_header(&name, value.as_deref());
+            // Removing a header the request never had is a host call saved.
+            if value.is_some() || self.headers.has(&name) {
+                host::set_request_header(&name, value.as_deref());
+            }
         }
         let mut body = self.edits.body.take();
         let rewrite = std::mem::take(&mut self.edits.rewrite);
@@ -325,13 +345,12 @@ impl Exchange {
             return;
         }
         let reads_usage = self.config.as_ref().is_some_and(|c| c.reads_usage);
-        let status = host::response_header(":status").and_then(|s| s.trim().parse().ok());
-        let content_type = host::response_header("content-type");
-        let content_encoding = host::response_header("content-encoding");
+        let headers = host::headers(Map::ResponseHeaders).unwrap_or_default();
+        let status = headers.text(":status").and_then(|s| s.trim().parse().ok());
         self.observation.on_headers(
             status,
-            content_type.as_deref(),
-            content_encoding.as_deref(),
+            headers.text("content-type"),
+            headers.text("content-encoding"),
             end_of_stream,
             reads_usage,
             host::now,
@@ -382,9 +401,11 @@ impl Exchange {
             }
         }
         if phase == Phase::Forwarded {
-            self.observation.flags = ResponseFlags::from_envoy_bits(
-                host::property_u64(&["response", "flags"]).unwrap_or(0),
-            );
+            if self.config.as_ref().is_some_and(|c| c.reads_flags) {
+                self.observation.flags = ResponseFlags::from_envoy_bits(
+                    host::property_u64(&["response", "flags"]).unwrap_or(0),
+                );
+            }
             if self.config.as_ref().is_some_and(|c| c.reads_endpoint) {
                 self.observation.upstream_address = host::property_string(&["upstream", "address"]);
             }

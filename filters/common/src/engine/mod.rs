@@ -173,6 +173,12 @@ pub trait Capability {
         false
     }
 
+    /// Whether it judges outcomes by Envoy's `response.flags` (resets,
+    /// timeouts, connect failures: one host call per request).
+    fn reads_flags(&self) -> bool {
+        false
+    }
+
     /// Whether it needs the upstream address a request reached
     /// ([`Observation::upstream_address`], one host call per request).
     fn reads_endpoint(&self) -> bool {

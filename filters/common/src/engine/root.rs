@@ -32,6 +32,8 @@ pub(crate) struct Config {
     pub reads_prompt: bool,
     /// Some capability needs the upstream address of each request.
     pub reads_endpoint: bool,
+    /// Some capability judges outcomes by Envoy's response flags.
+    pub reads_flags: bool,
 }
 
 /// What the root and every request of one VM share.
@@ -133,6 +135,7 @@ impl RootContext for Engine {
             reads_usage: caps.iter().any(|c| c.reads_usage()),
             reads_prompt: caps.iter().any(|c| c.reads_prompt()),
             reads_endpoint: caps.iter().any(|c| c.reads_endpoint()),
+            reads_flags: caps.iter().any(|c| c.reads_flags()),
             caps,
             max_body,
             policy,

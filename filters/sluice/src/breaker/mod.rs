@@ -122,6 +122,10 @@ impl Capability for Breaker {
         "breaker"
     }
 
+    fn reads_flags(&self) -> bool {
+        true
+    }
+
     fn reads_endpoint(&self) -> bool {
         self.plan
             .policy
