@@ -59,6 +59,8 @@ pub struct EndpointBehavior {
     pub time_to_first_token: Duration,
     /// Time between body chunks (tokens).
     pub time_per_token: Duration,
+    /// Time from the response headers to the first body chunk.
+    pub body_delay: Duration,
     /// Relative jitter applied to both latencies (0.1 = ±10 %).
     pub jitter: f64,
     /// Probability of a 503 answer.
@@ -77,6 +79,7 @@ impl Default for EndpointBehavior {
             body: BodySpec::Fixed(b"{\"ok\":true}".to_vec()),
             time_to_first_token: Duration::from_millis(10),
             time_per_token: Duration::from_millis(5),
+            body_delay: Duration::ZERO,
             jitter: 0.0,
             error_rate: 0.0,
             rate_429: 0.0,
@@ -110,6 +113,12 @@ impl EndpointBehavior {
     /// Adds a response header whose value is arbitrary bytes.
     pub fn with_header_bytes(mut self, name: &str, value: &[u8]) -> Self {
         self.raw_headers.push((name.into(), value.to_vec()));
+        self
+    }
+
+    /// Sends the response headers at once and the body `delay` later.
+    pub fn with_body_delay(mut self, delay: Duration) -> Self {
+        self.body_delay = delay;
         self
     }
 
@@ -195,7 +204,7 @@ impl EndpointBehavior {
             BodySpec::Sse(events) => events.iter().map(|e| e.as_bytes().to_vec()).collect(),
             BodySpec::OpenAiStream { output_tokens } => openai_stream(*output_tokens),
         };
-        let mut at = 0u64;
+        let mut at = self.body_delay.as_nanos() as u64;
         let timed = chunks
             .into_iter()
             .enumerate()

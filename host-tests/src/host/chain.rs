@@ -521,6 +521,12 @@ impl Host {
                     }
                     self.complete(id, true);
                 }
+                StreamAction::Continue(kind) if self.plugins[plugin].upstream_cluster.is_some() => {
+                    // An upstream filter resumes the response it holds.
+                    if kind == StreamType::HttpResponse {
+                        self.release_upstream_headers(id);
+                    }
+                }
                 StreamAction::Continue(kind) => {
                     // Envoy drops the request-side pointers on any resume.
                     self.set_access(plugin, worker, ctx, |a| {

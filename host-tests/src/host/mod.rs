@@ -12,6 +12,7 @@
 //! - `chain`: frames through the filters, pause/resume, local replies;
 //! - `router`: route and cluster choice, `override_host`, attempts, retries;
 //! - `plugins`: worker VMs, contexts, and every call into a guest;
+//! - `upstream_filters`: a cluster's Wasm filters, run once per attempt;
 //! - `callouts`: `dispatch_http_call` answered by the simulated clusters;
 //! - `schedule`: the virtual clock and the event queue that drives it all.
 //!
@@ -27,6 +28,7 @@ mod plugins;
 mod router;
 mod schedule;
 mod streams;
+mod upstream_filters;
 
 use std::cell::RefCell;
 use std::cmp::Reverse;

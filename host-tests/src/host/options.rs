@@ -37,6 +37,10 @@ pub struct RouteConfig {
     pub retry_base_interval: Duration,
     /// Cap of the back-off (Envoy: 10 × base).
     pub retry_max_interval: Duration,
+    /// The route's `per_try_timeout`: an attempt whose response headers have
+    /// not reached the router by then is abandoned (retried as a 504 under
+    /// `5xx`/`gateway-error`, else answered 504). None: no per-try timeout.
+    pub per_try_timeout: Option<Duration>,
 }
 
 impl Default for RouteConfig {
@@ -48,6 +52,7 @@ impl Default for RouteConfig {
             override_host_header: "x-gateway-destination-endpoint".into(),
             retry_base_interval: Duration::from_millis(25),
             retry_max_interval: Duration::from_millis(250),
+            per_try_timeout: None,
         }
     }
 }

@@ -34,6 +34,8 @@ pub(super) struct Plugin {
     pub(super) vms: Vec<WorkerVm>,
     /// Current tick period of each worker's VM (0 = off).
     pub(super) tick_ms: Vec<u32>,
+    /// Set for an upstream HTTP filter: the cluster whose `http_filters` it is in.
+    pub(super) upstream_cluster: Option<String>,
 }
 
 /// Outcome of calling into a VM.
@@ -51,6 +53,26 @@ impl Host {
     /// Fails if a VM cannot start or `on_configure` returns false (Envoy
     /// rejects the configuration then).
     pub fn add_filter(&mut self, config: PluginConfig) -> anyhow::Result<PluginId> {
+        self.add_plugin(config, None)
+    }
+
+    /// Adds an upstream HTTP filter to `cluster` (Envoy: the cluster's
+    /// `http_filters`, before `upstream_codec`), started like
+    /// [`Host::add_filter`]. See [`crate::host`] (`upstream_filters`) for how
+    /// it runs: once per attempt, after the router picked the host.
+    pub fn add_upstream_filter(
+        &mut self,
+        cluster: &str,
+        config: PluginConfig,
+    ) -> anyhow::Result<PluginId> {
+        self.add_plugin(config, Some(cluster.to_owned()))
+    }
+
+    fn add_plugin(
+        &mut self,
+        config: PluginConfig,
+        upstream_cluster: Option<String>,
+    ) -> anyhow::Result<PluginId> {
         let pre: InstancePre<VmState> = crate::vm::instance_pre(&config.module)?;
         let plugin_id = self.plugins.len();
         let identity = Rc::new(PluginIdentity {
@@ -102,6 +124,7 @@ impl Host {
             config,
             vms,
             tick_ms: vec![0; self.options.workers],
+            upstream_cluster,
         });
         for worker in 0..self.options.workers {
             let vm_len = vm_configuration.len() as u32;

@@ -34,6 +34,11 @@ pub(super) struct RouterState {
     /// Bumped per attempt and when the stream stops: stale events are dropped.
     pub(super) generation: u64,
     pub(super) plan: Option<Rc<ResponsePlan>>,
+    /// The current attempt's response headers reached the router (the
+    /// per-try timeout no longer applies).
+    pub(super) headers_received: bool,
+    /// Upstream filters hold the whole of the current attempt's body.
+    pub(super) upstream_body_complete: bool,
 }
 
 impl Host {
@@ -114,6 +119,8 @@ impl Host {
         };
         s.router.attempt += 1;
         s.router.generation += 1;
+        s.router.headers_received = false;
+        s.router.upstream_body_complete = false;
         let generation = s.router.generation;
         let attempt = s.router.attempt;
         s.data.borrow_mut().info.attempt_count = attempt;
@@ -161,6 +168,47 @@ impl Host {
                 );
             }
         }
+        if let Some(timeout) = self.options.route.per_try_timeout {
+            self.schedule_in(
+                timeout.as_nanos() as u64,
+                Event::PerTryTimeout {
+                    stream: id,
+                    generation,
+                },
+            );
+        }
+        self.start_upstream_filters(id);
+    }
+
+    /// The route's per-try timeout: an attempt whose headers have not reached
+    /// the router is abandoned, and retried or answered 504.
+    pub(super) fn on_per_try_timeout(&mut self, id: StreamId, generation: u64) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        if s.router.generation != generation
+            || s.done
+            || s.local_reply_sent
+            || s.router.headers_received
+        {
+            return;
+        }
+        // A timeout counts as a 504 for the retry policy.
+        let retry = s.router.retries_left > 0 && Self::retriable(&s.router, Some(504));
+        s.router.generation += 1;
+        self.end_upstream_filters(id);
+        if retry && self.maybe_retry(id, Some(504)) {
+            return;
+        }
+        if let Some(s) = self.streams.get(&id) {
+            s.data.borrow_mut().info.response_flags |= response_flags::UPSTREAM_REQUEST_TIMEOUT;
+        }
+        self.router_reply(
+            id,
+            504,
+            "upstream request timeout",
+            "upstream_per_try_timeout",
+        );
     }
 
     /// Whether the router retries this outcome (`None` status = connect failure or reset).
@@ -226,23 +274,29 @@ impl Host {
         let Some(plan) = s.router.plan.clone() else {
             return;
         };
+        let service_time = (self.now_ns() - s.response.started_ns) / 1_000_000;
+        let mut headers = HeaderMap::new();
+        headers.add(":status", &plan.status.to_string());
+        for (k, v) in &plan.headers {
+            headers.add(k, v);
+        }
+        for (k, v) in &plan.raw_headers {
+            headers.add_bytes(k, v);
+        }
+        headers.add("x-envoy-upstream-service-time", &service_time.to_string());
+        if self.has_upstream_filters(id) {
+            // The body keeps coming whatever the upstream filters do with
+            // the headers; they see the response before the router.
+            self.schedule_attempt_body(id, generation, &plan);
+            return self.upstream_response_headers(id, headers, &plan);
+        }
         if self.maybe_retry(id, Some(plan.status)) {
             return;
         }
-        let now = self.now_ns();
         let s = self.streams.get_mut(&id).expect("stream");
-        let service_time = (now - s.response.started_ns) / 1_000_000;
+        s.router.headers_received = true;
         {
             let mut data = s.data.borrow_mut();
-            let mut headers = HeaderMap::new();
-            headers.add(":status", &plan.status.to_string());
-            for (k, v) in &plan.headers {
-                headers.add(k, v);
-            }
-            for (k, v) in &plan.raw_headers {
-                headers.add_bytes(k, v);
-            }
-            headers.add("x-envoy-upstream-service-time", &service_time.to_string());
             data.response_headers = headers;
             data.info.response_code = Some(plan.status);
             data.info.response_code_details = Some("via_upstream".into());
@@ -250,6 +304,11 @@ impl Host {
         let eos = plan.chunks.is_empty() && plan.trailers.is_none();
         self.start_response(id);
         self.push(id, Dir::Response, 0, Frame::Headers { eos });
+        self.schedule_attempt_body(id, generation, &plan);
+    }
+
+    /// Schedules the attempt's body chunks (and its reset, if planned).
+    fn schedule_attempt_body(&mut self, id: StreamId, generation: u64, plan: &ResponsePlan) {
         let mut last = 0;
         for (index, (offset, _)) in plan.chunks.iter().enumerate() {
             if plan.reset_after_chunks.is_some_and(|n| index >= n) {
@@ -294,6 +353,18 @@ impl Host {
         };
         let bytes = bytes.clone();
         let last = index + 1 == plan.chunks.len() && plan.trailers.is_none();
+        if self.has_upstream_filters(id) {
+            self.upstream_response_body(id, bytes, false);
+            if last
+                && self
+                    .streams
+                    .get(&id)
+                    .is_some_and(|s| s.router.generation == generation)
+            {
+                self.upstream_response_body(id, Vec::new(), true);
+            }
+            return;
+        }
         // As on the request side: each chunk with end_stream false, then an
         // empty end_stream call when the upstream's message is complete.
         self.push(id, Dir::Response, 0, Frame::Data { bytes, eos: false });

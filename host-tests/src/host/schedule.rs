@@ -62,6 +62,10 @@ pub(super) enum Event {
         stream: StreamId,
         generation: u64,
     },
+    PerTryTimeout {
+        stream: StreamId,
+        generation: u64,
+    },
 }
 
 /// An event in the queue, ordered by (time, sequence) so that events due at
@@ -206,6 +210,9 @@ impl Host {
             } => self.on_attempt_chunk(stream, generation, index),
             Event::AttemptReset { stream, generation } => self.on_attempt_reset(stream, generation),
             Event::Retry { stream, generation } => self.on_retry(stream, generation),
+            Event::PerTryTimeout { stream, generation } => {
+                self.on_per_try_timeout(stream, generation)
+            }
         }
     }
 }

@@ -15,6 +15,7 @@ use std::rc::Rc;
 use super::chain::{Dir, Frame, Held};
 use super::client::{Request, Response};
 use super::router::RouterState;
+use super::upstream_filters::UpstreamAttempt;
 use super::{Host, PluginId, StreamId};
 use crate::census::Callback;
 use crate::headers::HeaderMap;
@@ -34,6 +35,8 @@ pub(super) struct Stream {
     pub(super) response_started: bool,
     pub(super) local_reply_sent: bool,
     pub(super) router: RouterState,
+    /// The upstream filters of the current attempt, if its cluster has any.
+    pub(super) upstream: Option<UpstreamAttempt>,
     pub(super) response: Response,
     pub(super) done: bool,
 }
@@ -104,7 +107,11 @@ impl Host {
         let stream = Stream {
             worker,
             data: Rc::new(RefCell::new(data)),
-            slots: (0..self.plugins.len()).map(|p| (p, None)).collect(),
+            slots: (0..self.plugins.len())
+                .filter(|&p| self.plugins[p].upstream_cluster.is_none())
+                .map(|p| (p, None))
+                .collect(),
+            upstream: None,
             request_held: None,
             response_held: None,
             response_order: Vec::new(),
@@ -206,6 +213,10 @@ impl Host {
             s.response.attempts = data.info.attempt_count;
         }
         let worker = s.worker;
+        self.end_upstream_filters(id);
+        let Some(s) = self.streams.get(&id) else {
+            return;
+        };
         let contexts: Vec<(PluginId, u32)> = s
             .slots
             .iter()
