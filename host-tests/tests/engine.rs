@@ -289,3 +289,66 @@ jitter = "0%"
         Some(rerouted.upstream_request_body.len().to_string().as_str())
     );
 }
+
+#[test]
+fn the_attempt_instance_sees_every_upstream_attempt() {
+    let mut host = Host::new(HostOptions {
+        workers: 1,
+        route: RouteConfig {
+            cluster_header: Some("x-sluice-backend".into()),
+            default_cluster: Some("primary".into()),
+            ..RouteConfig::default()
+        },
+        ..HostOptions::default()
+    });
+    let fail = || EndpointBehavior::fixed(503, "{}", Duration::from_millis(5));
+    host.add_cluster(Cluster::new(
+        "primary",
+        vec![
+            Endpoint::new("10.0.0.1:8000", "zone-a", fail()),
+            Endpoint::new("10.0.0.2:8000", "zone-a", fail()),
+            Endpoint::new(
+                "10.0.0.3:8000",
+                "zone-a",
+                EndpointBehavior::fixed(200, &usage_json(5, 5), Duration::from_millis(5)),
+            ),
+        ],
+    ));
+    let sections = "[tokens]\n  [[tokens.quota]]\n  tokens = \"1M/min\"\n";
+    // The router's retries, set by a filter (Envoy ignores a client's).
+    host.add_filter(
+        PluginConfig::new(FilterModule::load("sluice-probe").unwrap())
+            .name("retries")
+            .vm_id("retries")
+            .configuration(r#"{"mode":"passthrough","retry_on":"5xx","max_retries":2}"#),
+    )
+    .unwrap();
+    host.add_filter(
+        PluginConfig::new(module())
+            .name("sluice")
+            .vm_id("sluice")
+            .configuration(policy(sections))
+            .allow_on_headers_stop_iteration(true),
+    )
+    .unwrap();
+    // As `sluice render envoy --attempt-filter` adds it to each cluster.
+    host.add_upstream_filter(
+        "primary",
+        PluginConfig::new(module())
+            .name("sluice.attempt")
+            .root_id("sluice.attempt")
+            .vm_id("sluice")
+            .configuration(policy(sections)),
+    )
+    .unwrap();
+    let response = host.send(Request::post_json("/v1/chat/completions", &body("big", 10)));
+    assert_eq!(response.status, 200);
+    assert_eq!(response.attempts, 3);
+    assert_eq!(host.metric("sluice.attempts"), 3);
+    assert_eq!(host.metric("sluice.attempt_retries"), 2);
+    // The request's own instance saw one request, and settled it once.
+    assert_eq!(
+        host.metric("sluice_tokens.tenant.other.model.other.admitted"),
+        1
+    );
+}

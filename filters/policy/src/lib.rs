@@ -134,6 +134,10 @@ fn not_utf8(name: &str, bytes: &[u8], format: Format, e: &std::str::Utf8Error) -
 /// name in Envoy's configuration (filter name, `root_id`, `vm_id`).
 pub const MODULE: &str = "sluice";
 
+/// The `root_id` of `sluice.wasm` as a cluster's upstream filter, where it
+/// observes each attempt (the engine's `ATTEMPT_ROOT_ID`).
+pub const ATTEMPT_ROOT_ID: &str = "sluice.attempt";
+
 /// The capabilities a policy can switch on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Capability {
@@ -169,6 +173,12 @@ impl Capability {
     /// is not enforced: nothing may look protected that is not.
     pub fn is_enforced(self) -> bool {
         matches!(self, Capability::Tokens | Capability::Breaker)
+    }
+
+    /// Whether it learns from each upstream attempt (retries included), so
+    /// the render adds `sluice.wasm` as an upstream filter of the clusters.
+    pub fn learns_from_attempts(self) -> bool {
+        matches!(self, Capability::Outlier | Capability::Retry)
     }
 
     /// Whether `policy` switches it on.

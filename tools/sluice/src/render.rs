@@ -16,7 +16,7 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 use sluice_core::config::Policy;
-use sluice_policy::{Capability, MODULE};
+use sluice_policy::{ATTEMPT_ROOT_ID, Capability, MODULE};
 
 /// Request header naming the backend a request goes to; the route table
 /// matches it. Filters set it (fallback model, explicit routes).
@@ -42,6 +42,11 @@ pub struct EnvoyArgs {
     /// flowing unprotected, FAIL_CLOSED answers 503, FAIL_RELOAD restarts the VM.
     #[arg(long, default_value = "FAIL_OPEN", value_parser = ["FAIL_OPEN", "FAIL_CLOSED", "FAIL_RELOAD"])]
     failure_policy: String,
+    /// Add sluice.wasm to every cluster as an upstream filter, which sees
+    /// each attempt (retries included). Added anyway when an enforced
+    /// section learns from attempts.
+    #[arg(long)]
+    attempt_filter: bool,
     /// Write to this file instead of standard output.
     #[arg(short, long)]
     output: Option<PathBuf>,
@@ -136,6 +141,16 @@ fn socket_address(addr: &str) -> anyhow::Result<Value> {
 }
 
 fn bootstrap(policy: &Policy, policy_text: &str, args: &EnvoyArgs) -> anyhow::Result<Value> {
+    let per_attempt = args.attempt_filter
+        || Capability::ALL
+            .into_iter()
+            .any(|c| c.learns_from_attempts() && c.is_enforced() && c.is_enabled_in(policy));
+    let attempt_filter = per_attempt.then(|| {
+        let mut filter = wasm_filter(&args.wasm_dir, policy_text, &args.failure_policy);
+        filter["name"] = json!(ATTEMPT_ROOT_ID);
+        filter["typed_config"]["config"]["root_id"] = json!(ATTEMPT_ROOT_ID);
+        filter
+    });
     let mut http_filters = vec![wasm_filter(
         &args.wasm_dir,
         policy_text,
@@ -167,7 +182,7 @@ fn bootstrap(policy: &Policy, policy_text: &str, args: &EnvoyArgs) -> anyhow::Re
                     }
                 }]}],
             }],
-            "clusters": clusters(policy)?,
+            "clusters": clusters(policy, attempt_filter.as_ref())?,
         },
     }))
 }
@@ -235,8 +250,10 @@ fn regex_escape(s: &str) -> String {
     })
 }
 
-/// One cluster per cluster name; each zone becomes a locality.
-fn clusters(policy: &Policy) -> anyhow::Result<Vec<Value>> {
+/// One cluster per cluster name; each zone becomes a locality. With
+/// `attempt_filter`, the cluster runs it as an upstream HTTP filter (once
+/// per attempt; same `vm_id` as the listener's, so one shared state).
+fn clusters(policy: &Policy, attempt_filter: Option<&Value>) -> anyhow::Result<Vec<Value>> {
     let mut by_name: BTreeMap<&str, Vec<&sluice_core::config::Zone>> = BTreeMap::new();
     for b in &policy.backends {
         for z in &b.zones {
@@ -263,13 +280,29 @@ fn clusters(policy: &Policy) -> anyhow::Result<Vec<Value>> {
                     "lb_endpoints": lb_endpoints,
                 }));
             }
-            Ok(json!({
+            let mut cluster = json!({
                 "name": name,
                 "type": if all_ips { "STATIC" } else { "STRICT_DNS" },
                 "connect_timeout": "5s",
                 "lb_policy": "ROUND_ROBIN",
                 "load_assignment": { "cluster_name": name, "endpoints": localities },
-            }))
+            });
+            if let Some(filter) = attempt_filter {
+                cluster["typed_extension_protocol_options"] = json!({
+                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                        "explicit_http_config": { "http_protocol_options": {} },
+                        "http_filters": [
+                            filter,
+                            {
+                                "name": "envoy.filters.http.upstream_codec",
+                                "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec" }
+                            }
+                        ],
+                    }
+                });
+            }
+            Ok(cluster)
         })
         .collect()
 }

@@ -40,11 +40,18 @@
 //!    the observation, and every flow settles: charge or refund tokens,
 //!    record the circuit's outcome, release slots.
 //!
+//! The same module also runs as an upstream filter of the clusters (root id
+//! [`ATTEMPT_ROOT_ID`]), once per attempt, retries included: there it only
+//! observes each attempt (endpoint, attempt number, status, first byte,
+//! Envoy's flags) and hands it to [`Capability::attempt`].
+//!
 //! A capability is one [`Capability`] implementation (its admission, its
-//! tick) and one [`Flow`] per admitted request (its response hooks): it
-//! never touches the proxy-wasm contexts, the body or the policy loading.
+//! tick, its attempts) and one [`Flow`] per admitted request (its response
+//! hooks): it never touches the proxy-wasm contexts, the body or the policy
+//! loading.
 //! Adding one is described in `filters/README.md`.
 
+mod attempt;
 mod http;
 mod observe;
 mod request;
@@ -56,6 +63,7 @@ use sluice_core::config::Policy;
 use sluice_core::llm::LocalReply;
 use sluice_core::time::Timestamp;
 
+pub use attempt::{ATTEMPT_ROOT_ID, Attempt};
 pub use observe::Observation;
 pub use request::{BodyRead, RequestContext};
 pub use root::{Engine, start};
@@ -200,6 +208,18 @@ pub trait Capability {
     /// (its flow's `done` follows).
     fn forget(&self, context_id: u32) {
         let _ = context_id;
+    }
+
+    /// Whether it learns from each upstream attempt (retries included): the
+    /// render then adds the engine as an upstream filter of the clusters.
+    fn needs_attempts(&self) -> bool {
+        false
+    }
+
+    /// One upstream attempt ended (the engine's per-attempt instance, in
+    /// the cluster's filter chain; it shares state with the request's).
+    fn attempt(&self, attempt: &Attempt) {
+        let _ = attempt;
     }
 }
 

@@ -10,6 +10,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
 use sluice_core::config::Policy;
 
+use super::attempt::{ATTEMPT_ROOT_ID, AttemptHttp, AttemptMetrics};
 use super::http::{Exchange, ExchangeHttp};
 use super::observe::{JSON_BUDGET, JsonBudget};
 use super::{Builder, Capability, Wake};
@@ -82,6 +83,9 @@ pub struct Engine {
     /// requests in flight (their capabilities keep ticking for those).
     configs: Vec<Rc<Config>>,
     tick: Option<Duration>,
+    /// Set when this root runs as the clusters' upstream filter (root id
+    /// [`ATTEMPT_ROOT_ID`]): its contexts observe attempts, not requests.
+    attempts: Option<Rc<AttemptMetrics>>,
 }
 
 impl Engine {
@@ -99,6 +103,7 @@ impl Engine {
             }),
             configs: Vec::new(),
             tick: None,
+            attempts: None,
         }
     }
 }
@@ -115,11 +120,17 @@ impl RootContext for Engine {
             warn!("{}: no capabilities registered", self.module);
             return false;
         };
+        let per_attempt =
+            host::property_string(&["plugin_root_id"]).as_deref() == Some(ATTEMPT_ROOT_ID);
+        if per_attempt && self.attempts.is_none() {
+            self.attempts = Some(Rc::new(AttemptMetrics::define()));
+        }
         let caps = build(&policy);
         let names: Vec<&str> = caps.iter().map(|c| c.name()).collect();
         log::info!(
-            "{}: enforcing {}",
+            "{}{}: enforcing {}",
             self.module,
+            if per_attempt { " (per attempt)" } else { "" },
             if names.is_empty() {
                 "nothing (no section enabled)".to_string()
             } else {
@@ -142,6 +153,7 @@ impl RootContext for Engine {
         };
         self.configs.insert(0, Rc::new(config));
         if let Some(period) = tick
+            && !per_attempt
             && self.tick != Some(period)
             && host::set_tick_period(period).is_ok()
         {
@@ -180,6 +192,12 @@ impl RootContext for Engine {
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         // Never `None`: the SDK panics on it. Without a configuration (one
         // that failed never reaches requests in Envoy) the request passes.
+        if let Some(metrics) = &self.attempts {
+            return Some(Box::new(AttemptHttp::new(
+                self.configs.first().cloned(),
+                Rc::clone(metrics),
+            )));
+        }
         Some(Box::new(ExchangeHttp::new(
             context_id,
             self.configs.first().cloned(),

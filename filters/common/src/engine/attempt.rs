@@ -1,0 +1,133 @@
+//! The engine as an upstream filter: one context per upstream attempt.
+//!
+//! Envoy (≥ 1.31) runs a Wasm filter placed in a cluster's `http_filters`
+//! once per attempt, retries included, after the endpoint was picked
+//! (`upstream.address` is set in its request-headers callback, and
+//! `upstream.request_attempt_count` reads 1, 2, 3); with the same `vm_id`
+//! it shares data with the request's instance. Outlier detection and retry
+//! budgets judge endpoints by attempts, not by requests: a request retried
+//! twice is three outcomes on possibly three endpoints.
+
+use sluice_core::outcome::ResponseFlags;
+use sluice_core::time::Timestamp;
+
+/// The root id of the per-attempt instance (`sluice render envoy` gives it
+/// to the upstream filter; the request's instance has `sluice`).
+pub use sluice_policy::ATTEMPT_ROOT_ID;
+
+/// One upstream attempt, as it ended.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Attempt {
+    /// 1 for the first try, 2 for the first retry, …
+    pub number: u32,
+    /// The endpoint (`ip:port`) Envoy picked.
+    pub endpoint: Option<String>,
+    /// When the attempt started.
+    pub started: Timestamp,
+    /// The endpoint's status, if it answered.
+    pub status: Option<u16>,
+    /// Its first response byte.
+    pub first_byte: Option<Timestamp>,
+    /// Envoy's response flags for the attempt (resets, timeouts, connect
+    /// failures).
+    pub flags: ResponseFlags,
+}
+
+use std::rc::Rc;
+
+use proxy_wasm::traits::{Context, HttpContext};
+use proxy_wasm::types::Action;
+
+use super::root::Config;
+use crate::host;
+use crate::metrics::Counter;
+
+/// What every attempt context of one configuration counts.
+pub(crate) struct AttemptMetrics {
+    /// Attempts seen (`sluice.attempts`).
+    attempts: Counter,
+    /// Attempts after the first (`sluice.attempt_retries`).
+    retries: Counter,
+}
+
+impl AttemptMetrics {
+    pub(crate) fn define() -> Self {
+        AttemptMetrics {
+            attempts: Counter::define("sluice.attempts"),
+            retries: Counter::define("sluice.attempt_retries"),
+        }
+    }
+}
+
+/// The per-attempt context: observes, then tells every capability.
+pub(crate) struct AttemptHttp {
+    config: Option<Rc<Config>>,
+    metrics: Rc<AttemptMetrics>,
+    attempt: Attempt,
+    finished: bool,
+}
+
+impl AttemptHttp {
+    pub(crate) fn new(config: Option<Rc<Config>>, metrics: Rc<AttemptMetrics>) -> Self {
+        AttemptHttp {
+            config,
+            metrics,
+            attempt: Attempt::default(),
+            finished: false,
+        }
+    }
+
+    fn finish(&mut self) {
+        if std::mem::replace(&mut self.finished, true) {
+            return;
+        }
+        self.attempt.flags =
+            ResponseFlags::from_envoy_bits(host::property_u64(&["response", "flags"]).unwrap_or(0));
+        self.metrics.attempts.inc();
+        if self.attempt.number > 1 {
+            self.metrics.retries.inc();
+        }
+        if let Some(config) = &self.config {
+            for cap in &config.caps {
+                cap.attempt(&self.attempt);
+            }
+        }
+    }
+}
+
+impl Context for AttemptHttp {
+    fn on_done(&mut self) -> bool {
+        self.finish();
+        true
+    }
+}
+
+impl HttpContext for AttemptHttp {
+    fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        self.attempt.started = host::now();
+        self.attempt.number = host::property_u64(&["upstream", "request_attempt_count"])
+            .and_then(|n| u32::try_from(n).ok())
+            .unwrap_or(1);
+        self.attempt.endpoint = host::property_string(&["upstream", "address"]);
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
+        self.attempt.status = host::response_header(":status").and_then(|s| s.trim().parse().ok());
+        if end_of_stream {
+            self.attempt.first_byte.get_or_insert_with(host::now);
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, _end_of_stream: bool) -> Action {
+        if body_size > 0 && self.attempt.first_byte.is_none() {
+            self.attempt.first_byte = Some(host::now());
+        }
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        self.finish();
+    }
+}
