@@ -34,7 +34,11 @@ pub fn rewrite_body(body: &[u8], edits: &Rewrite) -> Option<Vec<u8>> {
     if edits.is_empty() {
         return None;
     }
-    if edits.clamp.is_none() && !contains(body, b"\"stream_options\"") {
+    // The splice is safe only when the body has no `stream_options` of its
+    // own: a key spelled with escapes (`"stream_opti\u006fns"`) is the same
+    // key to a JSON reader and would win over a spliced one, so a body with
+    // any `\u` escape takes the parsing path (found by fuzzing).
+    if edits.clamp.is_none() && !contains(body, b"\"stream_options\"") && !contains(body, b"\\u") {
         return splice_include_usage(body);
     }
     edit_object(body, |obj| apply(obj, edits)).ok()
@@ -163,6 +167,26 @@ mod tests {
         };
         let out = json(&rewrite_body(br#"{"max_completion_tokens":100000}"#, &edits).unwrap());
         assert_eq!(out["max_completion_tokens"], 4096);
+    }
+
+    #[test]
+    fn an_escaped_stream_options_key_is_the_same_key() {
+        let body = br#"{"stream_opti\u006fns":{"include_usage":false},"stream":true}"#;
+        let out = json(&rewrite_body(body, &USAGE).unwrap());
+        assert_eq!(out["stream_options"]["include_usage"], true);
+        assert_eq!(
+            out.as_object().unwrap().len(),
+            2,
+            "one stream_options: {out}"
+        );
+    }
+
+    #[test]
+    fn a_rewritten_model_keeps_every_number_exactly() {
+        let out = json(&rewrite_model(br#"{"model":"a","x":7.444e108,"t":0.7}"#, "b").unwrap());
+        // The correctly rounded values (rustc's), not the default parser's.
+        assert_eq!(out["x"].as_f64(), Some(7.444e108));
+        assert_eq!(out["t"].as_f64(), Some(0.7));
     }
 
     #[test]

@@ -15,10 +15,17 @@ use crate::raw::{self, Document};
 
 impl Compiler {
     pub(super) fn backends(&mut self, doc: &Document) -> Vec<cfg::Backend> {
+        let hint =
+            "add a `[[backend]]` table with a `name`, `models` and at least one `[[backend.zone]]`";
         let Some(list) = &doc.backend else {
-            self.invalid(&doc.loc, "the policy declares no backend", Some("add a `[[backend]]` table with a `name`, `models` and at least one `[[backend.zone]]`"));
+            self.invalid(&doc.loc, "the policy declares no backend", Some(hint));
             return Vec::new();
         };
+        if list.value.is_empty() {
+            // `backend = []`: a policy that routes nowhere (found by fuzzing).
+            self.invalid(&list.loc, "the policy declares no backend", Some(hint));
+            return Vec::new();
+        }
         let mut backends: Vec<cfg::Backend> = Vec::new();
         for raw in &list.value {
             let taken = backends.iter().map(|b| b.name.as_str());
