@@ -32,6 +32,10 @@
 //!   either mode, to measure what the host's `failure_policy` does with a VM
 //!   that traps at run time. The panic hook logs the message at `critical`
 //!   first.
+//! - `x-probe-vm: ?` (passthrough mode): answer with the response header
+//!   `x-probe-vm: <instance>`, an id taken when the VM was configured, so a
+//!   test can tell the VMs of two workers apart, and a reloaded VM from the
+//!   one that failed.
 //!
 //! The plugin configuration is optional JSON: `{"tick_ms": 100}` (default 100).
 //!
@@ -202,6 +206,9 @@ struct Passthrough {
     requests_metric: Option<u32>,
     errors_metric: Option<u32>,
     plugin_name: String,
+    /// Names this VM instance (`x-probe-vm`): its configuration time, in
+    /// nanoseconds since the epoch, as hex.
+    instance: String,
 }
 
 proxy_wasm::main! {{
@@ -247,6 +254,7 @@ impl RootContext for ProbeRoot {
                     .get_property(vec!["plugin_name"])
                     .map(|b| String::from_utf8_lossy(&b).into_owned())
                     .unwrap_or_default(),
+                instance: format!("{:x}", now_ns(self)),
             };
             VM.with_borrow_mut(|vm| vm.passthrough = Some(passthrough));
             return true;
@@ -293,6 +301,7 @@ impl RootContext for ProbeRoot {
             return Some(Box::new(PassthroughStream {
                 config: passthrough,
                 trap: None,
+                report_vm: false,
             }));
         }
         Some(Box::new(ProbeStream::new(context_id)))
@@ -694,6 +703,8 @@ impl HttpContext for ProbeStream {
 struct PassthroughStream {
     config: Passthrough,
     trap: Option<TrapPoint>,
+    /// The request asked which VM answered (`x-probe-vm`).
+    report_vm: bool,
 }
 
 impl Context for PassthroughStream {}
@@ -705,6 +716,7 @@ impl HttpContext for PassthroughStream {
             .as_deref()
             .and_then(TrapPoint::parse);
         TrapPoint::fire_if(self.trap, TrapPoint::RequestHeaders);
+        self.report_vm = self.get_http_request_header("x-probe-vm").is_some();
         if let Some(id) = self.config.requests_metric {
             let _ = proxy_wasm::hostcalls::increment_metric(id, 1);
         }
@@ -730,6 +742,9 @@ impl HttpContext for PassthroughStream {
             let _ = proxy_wasm::hostcalls::increment_metric(id, 1);
         }
         self.add_http_response_header("x-probe-chain", &self.config.plugin_name);
+        if self.report_vm {
+            self.set_http_response_header("x-probe-vm", Some(&self.config.instance));
+        }
         Action::Continue
     }
 
