@@ -17,14 +17,18 @@ What Envoy's source says (source/extensions/common/wasm/wasm.cc,
 ``PluginConfig::createContext`` and ``maybeReloadHandleIfNeeded``;
 proxy-wasm-cpp-host's ``CHECK_FAIL_HTTP`` in src/context.cc), checked here:
 
-- the request that traps fails with a 503 ``wasm_fail_stream`` local reply
-  under every policy, FAIL_OPEN included: the in-flight stream consults the
-  legacy ``fail_open`` bool, which ``failure_policy`` does not set;
+- the request that traps fails (a 503 in request headers, a reset once the
+  response has started) under every ``failure_policy``, FAIL_OPEN included:
+  the in-flight stream consults the legacy ``fail_open`` bool, which
+  ``failure_policy`` does not set. Only the deprecated ``fail_open: true``
+  (the fourth case, "fail_open") lets that request through;
 - later requests on that worker: FAIL_CLOSED answers 503 without reaching
   the upstream, for good; FAIL_OPEN skips the filter (the upstream answers,
   the probe does not run); FAIL_RELOAD starts a new VM (a new ``x-probe-vm``)
-  once the reload back-off (1 s base by default) allows, counted in
-  ``wasm.<plugin>.vm_reload_success``; until then, 503 as FAIL_CLOSED.
+  on the next request once the reload back-off allows, counted in
+  ``wasm.<plugin>.vm_reload_success``; within the back-off (drawn from
+  [base, 1.5 x base), measured from the VM's last load) it answers 503 as
+  FAIL_CLOSED, counted in ``vm_reload_backoff``.
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ import yaml
 from lab import add_wasm_filter, paths
 
 PROBE = "sluice-probe"
-POLICIES = ("FAIL_OPEN", "FAIL_CLOSED", "FAIL_RELOAD")
+# "fail_open" is the legacy bool `fail_open: true` (no failure_policy).
+POLICIES = ("FAIL_OPEN", "FAIL_CLOSED", "FAIL_RELOAD", "fail_open")
 TRAP_POINTS = ("request-headers", "response-body")
 OUT_DIR = paths.TARGET_DIR / "failure-policy"
 # Normal requests after the trap, and the pause between them: together a
@@ -72,6 +77,9 @@ def probe_first(failure_policy: str, wasm: Path):
         assert entries, "add_wasm_filter placed no probe"
         for config in entries:
             config["failure_policy"] = failure_policy
+            if failure_policy == "fail_open":
+                del config["failure_policy"]
+                config["fail_open"] = True
             if failure_policy == "FAIL_RELOAD":
                 config["reload_config"] = {
                     "backoff": {"base_interval": f"{RELOAD_BASE_S:g}s"}}
@@ -311,8 +319,11 @@ def test_failure_policy_at_a_runtime_trap(lab_factory, tmp_path, failure_policy,
     # The trapping request itself, under every policy, FAIL_OPEN included:
     # proxy-wasm's CHECK_FAIL_HTTP fails the stream unless the legacy
     # `fail_open` bool is set, and `failure_policy: FAIL_OPEN` does not set it.
+    # Only the legacy bool lets the trapping request through.
     trap = by_label["trap"]
-    if trap_point == "request-headers":
+    if failure_policy == "fail_open":
+        assert trap.status == 200 and trap.upstream_saw, trap
+    elif trap_point == "request-headers":
         assert trap.status == 503 and not trap.upstream_saw, trap
     else:
         # Headers already went to the client: Envoy resets the stream.
@@ -325,6 +336,7 @@ def test_failure_policy_at_a_runtime_trap(lab_factory, tmp_path, failure_policy,
         "FAIL_OPEN": {"filter skipped"},            # bypassed: unprotected
         "FAIL_CLOSED": {"503, not sent upstream"},  # for good, until a restart
         "FAIL_RELOAD": {"new VM"},                  # reloaded on the next request
+        "fail_open": {"filter skipped"},
     }[failure_policy]
     assert set(verdicts) == expected, verdicts
     reloads = run.stats.get(f"wasm.{PROBE}.vm_reload_success", 0)
@@ -345,7 +357,7 @@ def test_failure_policy_at_a_runtime_trap(lab_factory, tmp_path, failure_policy,
     # skipped or failed filter counts nothing (the response-body trap had
     # counted its request before trapping).
     ran = sum(o.probe_ran for o in run.outcomes)
-    traps = sum(1 for o in run.outcomes if o.label in ("trap", "retrap1", "retrap2"))
+    unreported = sum(1 for o in run.outcomes if o.label in ("trap", "retrap1", "retrap2")
+                     and trap_point != "request-headers" and not o.probe_ran)
     counted = run.stats.get("wasmcustom.probe.passthrough.requests", 0)
-    assert counted == ran + (traps if trap_point != "request-headers" else 0), \
-        (counted, ran, traps)
+    assert counted == ran + unreported, (counted, ran, unreported)
