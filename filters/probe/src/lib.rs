@@ -27,6 +27,15 @@
 //!   resumes the request from its next `on_tick` via `set_effective_context`.
 //! - `x-probe-callout: <cluster>`: `dispatch_http_call` to that cluster and
 //!   resume when the answer arrives.
+//! - `x-probe-trap: <point>`: panic (with `panic = "abort"`, a trap that fails
+//!   the VM) at `request-headers`, `response-headers` or `response-body`, in
+//!   either mode, to measure what the host's `failure_policy` does with a VM
+//!   that traps at run time. The panic hook logs the message at `critical`
+//!   first.
+//! - `x-probe-vm: ?` (passthrough mode): answer with the response header
+//!   `x-probe-vm: <instance>`, an id taken when the VM was configured, so a
+//!   test can tell the VMs of two workers apart, and a reloaded VM from the
+//!   one that failed.
 //!
 //! The plugin configuration is optional JSON: `{"tick_ms": 100}` (default 100).
 //!
@@ -111,6 +120,52 @@ const LOG_PROPERTIES: &[(&str, Encoding)] = &[
     ("upstream.request_attempt_count", Encoding::U64),
 ];
 
+/// Where a request asked the probe to trap (`x-probe-trap`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum TrapPoint {
+    RequestHeaders,
+    ResponseHeaders,
+    ResponseBody,
+}
+
+impl TrapPoint {
+    const HEADER: &'static str = "x-probe-trap";
+
+    fn parse(value: &str) -> Option<Self> {
+        match value {
+            "request-headers" => Some(Self::RequestHeaders),
+            "response-headers" => Some(Self::ResponseHeaders),
+            "response-body" => Some(Self::ResponseBody),
+            _ => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::RequestHeaders => "request-headers",
+            Self::ResponseHeaders => "response-headers",
+            Self::ResponseBody => "response-body",
+        }
+    }
+
+    /// Traps the VM here if `armed` names this point.
+    fn fire_if(armed: Option<Self>, here: Self) {
+        if armed == Some(here) {
+            trap(here);
+        }
+    }
+}
+
+/// Fails the VM on purpose: the release profile has `panic = "abort"`, so a
+/// panic is a Wasm trap (`unreachable`) after the SDK's panic hook has logged
+/// the message at `critical`.
+// Not product code: trapping is this control's whole job (`failure_policy`
+// tests in the Envoy lab), and only a request that asks for it gets here.
+#[allow(clippy::panic)]
+fn trap(point: TrapPoint) -> ! {
+    panic!("sluice-probe: trap requested at {}", point.name());
+}
+
 /// How to show a property's bytes besides their hex form.
 #[derive(Clone, Copy)]
 enum Encoding {
@@ -151,6 +206,9 @@ struct Passthrough {
     requests_metric: Option<u32>,
     errors_metric: Option<u32>,
     plugin_name: String,
+    /// Names this VM instance (`x-probe-vm`): its configuration time, in
+    /// nanoseconds since the epoch, as hex.
+    instance: String,
 }
 
 proxy_wasm::main! {{
@@ -196,6 +254,7 @@ impl RootContext for ProbeRoot {
                     .get_property(vec!["plugin_name"])
                     .map(|b| String::from_utf8_lossy(&b).into_owned())
                     .unwrap_or_default(),
+                instance: format!("{:x}", now_ns(self)),
             };
             VM.with_borrow_mut(|vm| vm.passthrough = Some(passthrough));
             return true;
@@ -241,6 +300,8 @@ impl RootContext for ProbeRoot {
         if let Some(passthrough) = VM.with_borrow(|vm| vm.passthrough.clone()) {
             return Some(Box::new(PassthroughStream {
                 config: passthrough,
+                trap: None,
+                report_vm: false,
             }));
         }
         Some(Box::new(ProbeStream::new(context_id)))
@@ -258,6 +319,7 @@ struct ProbeStream {
     callbacks: Vec<String>,
     paused_at_ns: Option<u64>,
     upstream_body: Vec<u8>,
+    trap: Option<TrapPoint>,
 }
 
 impl ProbeStream {
@@ -269,6 +331,7 @@ impl ProbeStream {
             callbacks: Vec::new(),
             paused_at_ns: None,
             upstream_body: Vec::new(),
+            trap: None,
         }
     }
 
@@ -452,6 +515,11 @@ impl HttpContext for ProbeStream {
         if let Some(id) = self.get_http_request_header("x-probe-id") {
             self.probe_id = id;
         }
+        self.trap = self
+            .get_http_request_header(TrapPoint::HEADER)
+            .as_deref()
+            .and_then(TrapPoint::parse);
+        TrapPoint::fire_if(self.trap, TrapPoint::RequestHeaders);
         let now = now_ns(self);
         self.observe("request.time_ns_at_headers", json!(now));
         self.observe("request.num_headers_arg", json!(num_headers));
@@ -562,6 +630,7 @@ impl HttpContext for ProbeStream {
         self.callbacks.push(format!(
             "on_http_response_headers(n={num_headers},eos={end_of_stream})"
         ));
+        TrapPoint::fire_if(self.trap, TrapPoint::ResponseHeaders);
         if let Some(paused_at) = self.paused_at_ns {
             let resumed = proxy_wasm::hostcalls::get_shared_data(&format!(
                 "probe/resumed/{}",
@@ -601,6 +670,7 @@ impl HttpContext for ProbeStream {
         self.callbacks.push(format!(
             "on_http_response_body(size={body_size},eos={end_of_stream})"
         ));
+        TrapPoint::fire_if(self.trap, TrapPoint::ResponseBody);
         if let Some(chunk) = self.get_http_response_body(0, body_size) {
             self.upstream_body.extend_from_slice(&chunk);
         }
@@ -632,12 +702,21 @@ impl HttpContext for ProbeStream {
 /// The cheap stream of passthrough mode.
 struct PassthroughStream {
     config: Passthrough,
+    trap: Option<TrapPoint>,
+    /// The request asked which VM answered (`x-probe-vm`).
+    report_vm: bool,
 }
 
 impl Context for PassthroughStream {}
 
 impl HttpContext for PassthroughStream {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        self.trap = self
+            .get_http_request_header(TrapPoint::HEADER)
+            .as_deref()
+            .and_then(TrapPoint::parse);
+        TrapPoint::fire_if(self.trap, TrapPoint::RequestHeaders);
+        self.report_vm = self.get_http_request_header("x-probe-vm").is_some();
         if let Some(id) = self.config.requests_metric {
             let _ = proxy_wasm::hostcalls::increment_metric(id, 1);
         }
@@ -655,6 +734,7 @@ impl HttpContext for PassthroughStream {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        TrapPoint::fire_if(self.trap, TrapPoint::ResponseHeaders);
         let status = self.get_http_response_header(":status");
         if status.is_some_and(|s| s.starts_with('5'))
             && let Some(id) = self.config.errors_metric
@@ -662,6 +742,14 @@ impl HttpContext for PassthroughStream {
             let _ = proxy_wasm::hostcalls::increment_metric(id, 1);
         }
         self.add_http_response_header("x-probe-chain", &self.config.plugin_name);
+        if self.report_vm {
+            self.set_http_response_header("x-probe-vm", Some(&self.config.instance));
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, _body_size: usize, _end_of_stream: bool) -> Action {
+        TrapPoint::fire_if(self.trap, TrapPoint::ResponseBody);
         Action::Continue
     }
 }
