@@ -38,9 +38,11 @@ pub struct EnvoyArgs {
     /// Replace a zone's endpoints: `BACKEND/ZONE=HOST:PORT[,HOST:PORT...]`.
     #[arg(long = "endpoints", value_name = "BACKEND/ZONE=ADDRS")]
     endpoints: Vec<String>,
-    /// What Envoy does when a filter's VM fails: FAIL_OPEN keeps traffic
-    /// flowing unprotected, FAIL_CLOSED answers 503, FAIL_RELOAD restarts the VM.
-    #[arg(long, default_value = "FAIL_OPEN", value_parser = ["FAIL_OPEN", "FAIL_CLOSED", "FAIL_RELOAD"])]
+    /// What Envoy does when sluice's VM traps: FAIL_RELOAD (the default)
+    /// starts a new VM on the next request, FAIL_OPEN skips sluice on that
+    /// worker until a restart (unprotected), FAIL_CLOSED answers 503 until
+    /// then. Measured in envoy/failure-policy.md.
+    #[arg(long, default_value = "FAIL_RELOAD", value_parser = ["FAIL_OPEN", "FAIL_CLOSED", "FAIL_RELOAD"])]
     failure_policy: String,
     /// Add sluice.wasm to every cluster as an upstream filter, which sees
     /// each attempt (retries included). Added anyway when an enforced

@@ -233,7 +233,7 @@ fn render_envoy_writes_a_bootstrap_with_the_policy_topology() {
         Some("/nonexistent/sluice.wasm")
     );
     assert_eq!(config["vm_config"]["vm_id"].as_str(), Some("sluice"));
-    assert_eq!(config["failure_policy"].as_str(), Some("FAIL_OPEN"));
+    assert_eq!(config["failure_policy"].as_str(), Some("FAIL_RELOAD"));
     assert_eq!(
         config["allow_on_headers_stop_iteration"].as_bool(),
         Some(true)
