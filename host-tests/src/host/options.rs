@@ -18,7 +18,9 @@ use crate::world::NodeInfo;
 pub enum FailurePolicy {
     /// Answer 503 (Envoy's `FAIL_CLOSED`).
     FailClosed,
-    /// Skip the filter (Envoy's `FAIL_OPEN`).
+    /// Skip the filter on later streams (Envoy's `FAIL_OPEN`; the stream
+    /// that trapped gets 503, as measured). Envoy's `FAIL_RELOAD` is not
+    /// modelled.
     FailOpen,
 }
 

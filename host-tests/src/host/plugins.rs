@@ -259,9 +259,14 @@ impl Host {
 
     /// Turns a VM failure into the configured policy's verdict.
     pub(super) fn failed_verdict(&mut self, plugin: PluginId, worker: usize, ctx: u32) -> Action {
+        // Measured in Envoy 1.40 (envoy/failure-policy.md): the stream whose
+        // callback trapped fails under every policy (proxy-wasm's in-stream
+        // checks read the deprecated `fail_open`, not `failure_policy`);
+        // FAIL_OPEN skips the filter only for later streams.
+        let trapped_here = self.plugins[plugin].vms[worker].failed_context == Some(ctx);
         match self.options.failure_policy {
-            FailurePolicy::FailOpen => Action::Continue,
-            FailurePolicy::FailClosed => {
+            FailurePolicy::FailOpen if !trapped_here => Action::Continue,
+            FailurePolicy::FailOpen | FailurePolicy::FailClosed => {
                 self.pending.push_back((
                     plugin,
                     worker,
@@ -331,6 +336,7 @@ impl Host {
                     format!("host: VM failed: {reason}"),
                 );
                 self.plugins[plugin].vms[worker].failed = Some(reason);
+                self.plugins[plugin].vms[worker].failed_context = Some(ctx);
                 Called::Failed
             }
         };

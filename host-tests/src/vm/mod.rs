@@ -226,6 +226,9 @@ pub(crate) struct WorkerVm {
     pub exports: Exports,
     /// Why the VM stopped working (a trap), if it did.
     pub failed: Option<String>,
+    /// The context whose callback trapped (its stream fails under every
+    /// policy; later streams follow the policy).
+    pub failed_context: Option<u32>,
     pub next_context_id: u32,
     /// Bumped when the tick period changes, so stale tick events are dropped.
     pub tick_generation: u64,
@@ -277,6 +280,7 @@ impl WorkerVm {
             store,
             exports,
             failed: None,
+            failed_context: None,
             next_context_id: 1,
             tick_generation: 0,
         })
