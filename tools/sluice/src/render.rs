@@ -160,6 +160,28 @@ fn bootstrap(policy: &Policy, policy_text: &str, args: &EnvoyArgs) -> anyhow::Re
                         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                         "stat_prefix": "sluice",
                         "codec_type": "AUTO",
+                        // sluice.wasm tells the API from the path (and meters
+                        // only the inference paths), the route table matches
+                        // path prefixes, and the upstream serves a path its own
+                        // way: all three must see one spelling of a path, or
+                        // `/v1/chat/%63ompletions`, `//v1/chat/completions` and
+                        // `/v1/x/../chat/completions` would reach an upstream that
+                        // serves them as chat without being metered. Envoy
+                        // normalizes before any filter runs (RFC 3986: dot
+                        // segments, percent-decoding of unreserved characters),
+                        // and merges slashes.
+                        "normalize_path": true,
+                        "merge_slashes": true,
+                        // An encoded slash (`%2F`, `%5C`) is not normalized by
+                        // the above, and many upstream frameworks decode it before
+                        // routing (`/v1/chat%2Fcompletions` is chat to them, not
+                        // to sluice). Rejecting it (400) keeps metering sound with
+                        // one answer and nothing sent upstream; no SDK encodes a
+                        // slash. UNESCAPE_AND_REDIRECT would also be sound, but
+                        // asks the client to send the body again and leaves a
+                        // client that does not follow redirects (httpx's default)
+                        // with a 3xx in place of an answer.
+                        "path_with_escaped_slashes_action": "REJECT_REQUEST",
                         "route_config": { "name": "sluice", "virtual_hosts": [{
                             "name": "llm", "domains": ["*"], "routes": routes(policy),
                         }]},

@@ -210,9 +210,17 @@ fn render_envoy_writes_a_bootstrap_with_the_policy_topology() {
     // One Wasm filter, sluice.wasm, carries the policy text before the
     // router, whatever sections the policy enables; the sections it does not
     // enforce yet are named on stderr.
-    let filters =
-        yaml["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-            ["http_filters"]
+    let hcm =
+        &yaml["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
+    // One spelling of a path for Envoy's routes, sluice.wasm and the
+    // upstream: normalized, slashes merged, encoded slashes refused.
+    assert_eq!(hcm["normalize_path"].as_bool(), Some(true));
+    assert_eq!(hcm["merge_slashes"].as_bool(), Some(true));
+    assert_eq!(
+        hcm["path_with_escaped_slashes_action"].as_str(),
+        Some("REJECT_REQUEST")
+    );
+    let filters = hcm["http_filters"]
             .as_sequence()
             .unwrap()
             .clone();
