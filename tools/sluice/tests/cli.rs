@@ -220,10 +220,7 @@ fn render_envoy_writes_a_bootstrap_with_the_policy_topology() {
         hcm["path_with_escaped_slashes_action"].as_str(),
         Some("REJECT_REQUEST")
     );
-    let filters = hcm["http_filters"]
-            .as_sequence()
-            .unwrap()
-            .clone();
+    let filters = hcm["http_filters"].as_sequence().unwrap().clone();
     let names: Vec<&str> = filters
         .iter()
         .map(|f| f["name"].as_str().unwrap())
