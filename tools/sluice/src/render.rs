@@ -154,6 +154,7 @@ fn bootstrap(policy: &Policy, policy_text: &str, args: &EnvoyArgs) -> anyhow::Re
             "listeners": [{
                 "name": "sluice",
                 "address": socket_address(&args.listen)?,
+                "per_connection_buffer_limit_bytes": buffer_limit(policy),
                 "filter_chains": [{ "filters": [{
                     "name": "envoy.filters.network.http_connection_manager",
                     "typed_config": {
@@ -192,6 +193,36 @@ fn bootstrap(policy: &Policy, policy_text: &str, args: &EnvoyArgs) -> anyhow::Re
             "clusters": clusters(policy)?,
         },
     }))
+}
+
+/// What sluice.wasm buffers of a request body when the policy has no
+/// `[tokens] max_body` (filter-common's `DEFAULT_MAX_BODY`).
+const DEFAULT_MAX_BODY: u64 = 1024 * 1024;
+
+/// Envoy's own default `per_connection_buffer_limit_bytes`.
+const ENVOY_DEFAULT_BUFFER_LIMIT: u64 = 1024 * 1024;
+
+/// Room above `max_body` for the data Envoy hands the filter in one body
+/// callback (a socket read or an HTTP/2 frame, at most tens of KiB).
+const BUFFER_SLACK: u64 = 256 * 1024;
+
+/// The listener's `per_connection_buffer_limit_bytes`: above the body size
+/// sluice.wasm buffers, with slack, never below Envoy's default.
+///
+/// sluice.wasm holds a request's body until its end (or until it crosses
+/// `max_body`, when it answers its own 413 in the client's API shape).
+/// Envoy answers a held body that outgrows this buffer with a plain-text
+/// 413 before the filter can judge it: a chunked body (no content-length)
+/// over `max_body` got that answer, which no SDK parses, and a body the
+/// policy allows between 1 MiB and `max_body` was refused outright.
+fn buffer_limit(policy: &Policy) -> u64 {
+    let max_body = policy
+        .tokens
+        .as_ref()
+        .map_or(DEFAULT_MAX_BODY, |t| t.max_body.0);
+    max_body
+        .saturating_add(BUFFER_SLACK)
+        .max(ENVOY_DEFAULT_BUFFER_LIMIT)
 }
 
 /// Routes: a backend named by [`BACKEND_HEADER`] first (filters set it),

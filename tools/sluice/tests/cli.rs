@@ -210,6 +210,12 @@ fn render_envoy_writes_a_bootstrap_with_the_policy_topology() {
     // One Wasm filter, sluice.wasm, carries the policy text before the
     // router, whatever sections the policy enables; the sections it does not
     // enforce yet are named on stderr.
+    // Envoy's buffer holds a body a little larger than the policy's
+    // max_body (default 1 MiB), so sluice judges it, not Envoy.
+    assert_eq!(
+        yaml["static_resources"]["listeners"][0]["per_connection_buffer_limit_bytes"].as_u64(),
+        Some(1024 * 1024 + 256 * 1024)
+    );
     let hcm =
         &yaml["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
     // One spelling of a path for Envoy's routes, sluice.wasm and the
