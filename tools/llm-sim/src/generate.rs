@@ -23,7 +23,7 @@ use futures_util::stream;
 use http_body::Frame;
 use http_body_util::{BodyExt, Limited, StreamBody};
 use hyper::body::Incoming;
-use hyper::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
+use hyper::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -63,6 +63,9 @@ async fn run(
     endpoint: Endpoint,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
+    if shared.config.require_content_length && !req.headers().contains_key(CONTENT_LENGTH) {
+        return Err(ApiError::length_required());
+    }
     let body = read_body(req.into_body(), shared.config.max_body_bytes).await?;
     let request = match endpoint {
         Endpoint::ChatCompletions => openai::parse_chat(&body)?,

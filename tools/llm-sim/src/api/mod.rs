@@ -150,6 +150,17 @@ impl ApiError {
         }
     }
 
+    /// A 411 for a body sent without `content-length` (`--require-content-length`).
+    pub fn length_required() -> Self {
+        Self {
+            status: StatusCode::LENGTH_REQUIRED,
+            message: "A content-length header is required (chunked request bodies are refused)."
+                .to_owned(),
+            code: Some("length_required"),
+            retry_after_s: None,
+        }
+    }
+
     /// A 429 from the capacity limit, as an overloaded server sends it.
     pub fn overloaded(retry_after_s: u64) -> Self {
         Self {

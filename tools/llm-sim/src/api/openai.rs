@@ -146,7 +146,7 @@ struct ErrorDetail<'a> {
 /// The OpenAI error envelope for `err`.
 pub fn error_body(err: &ApiError) -> Vec<u8> {
     let kind = match err.status.as_u16() {
-        400 | 404 | 405 | 413 | 422 => "invalid_request_error",
+        400 | 404 | 405 | 411 | 413 | 422 => "invalid_request_error",
         401 => "authentication_error",
         403 => "permission_error",
         429 => "rate_limit_error",

@@ -11,6 +11,7 @@ mod api;
 mod capacity;
 mod client;
 mod faults;
+mod options;
 mod process;
 
 use clap::Parser;
