@@ -179,6 +179,7 @@ impl Shared {
             model: request.model.clone(),
             prompt_tokens: request.prompt_tokens,
             word_offset: bits >> 32,
+            choices: request.choices,
         }
     }
 }

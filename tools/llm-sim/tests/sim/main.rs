@@ -9,6 +9,7 @@
 
 mod api;
 mod capacity;
+mod choices;
 mod client;
 mod faults;
 mod options;
