@@ -1,10 +1,13 @@
 //! `sluice render envoy`: a complete Envoy bootstrap from a policy.
 //!
 //! The output is a static bootstrap a local Envoy runs as is: the admin
-//! interface, one listener whose HTTP connection manager carries `sluice.wasm`
-//! (every enforced capability in one filter, given the policy text as its
-//! configuration; always present, since it also resolves model routes and
-//! strips internal headers a client sent) and the router, a route per backend, and one cluster per
+//! interface, one listener whose HTTP connection manager carries Envoy's gzip
+//! compressor (so sluice reads plain answers and clients still get gzip),
+//! `sluice.wasm` (every enforced capability in one filter, given the policy
+//! text as its configuration; always present, since it also resolves model
+//! routes and strips internal headers a client sent) and the router, with
+//! normalized paths and a buffer above the policy's `max_body`, a route per
+//! backend, and one cluster per
 //! Envoy cluster the policy names, its endpoints grouped by zone and region
 //! into localities so Envoy's own locality handling sees the topology.
 
@@ -136,11 +139,10 @@ fn socket_address(addr: &str) -> anyhow::Result<Value> {
 }
 
 fn bootstrap(policy: &Policy, policy_text: &str, args: &EnvoyArgs) -> anyhow::Result<Value> {
-    let mut http_filters = vec![wasm_filter(
-        &args.wasm_dir,
-        policy_text,
-        &args.failure_policy,
-    )];
+    let mut http_filters = vec![
+        compressor_filter(),
+        wasm_filter(&args.wasm_dir, policy_text, &args.failure_policy),
+    ];
     http_filters.push(json!({
         "name": "envoy.filters.http.router",
         "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" }
@@ -325,6 +327,37 @@ fn clusters(policy: &Policy) -> anyhow::Result<Vec<Value>> {
             }))
         })
         .collect()
+}
+
+/// Envoy's gzip compressor, for responses, placed before sluice.wasm.
+///
+/// sluice reads a response's usage to settle what it reserved, which it
+/// cannot do in a compressed answer, so it asks the upstream for none on
+/// the requests it meters. Responses pass the filters in reverse order:
+/// sluice reads the plain answer from the upstream, then this filter
+/// compresses it for a client that sent `accept-encoding: gzip`, streams
+/// included (it flushes every data frame). `remove_accept_encoding_header`
+/// makes the upstream answer plain for every path, not only the metered
+/// ones, since compressing is this filter's job here.
+fn compressor_filter() -> Value {
+    json!({
+        "name": "envoy.filters.http.compressor",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.compressor.v3.Compressor",
+            "response_direction_config": {
+                "common_config": {
+                    "content_type": ["application/json", "text/event-stream", "text/plain"],
+                },
+                "remove_accept_encoding_header": true,
+            },
+            "compressor_library": {
+                "name": "gzip",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.compression.gzip.compressor.v3.Gzip",
+                },
+            },
+        }
+    })
 }
 
 /// The `sluice.wasm` filter, configured with the policy text so the filter

@@ -231,10 +231,19 @@ fn render_envoy_writes_a_bootstrap_with_the_policy_topology() {
         .iter()
         .map(|f| f["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["sluice", "envoy.filters.http.router"]);
+    // Envoy's compressor first: responses pass sluice (which reads usage
+    // from the plain answer) before it compresses them for the client.
+    assert_eq!(
+        names,
+        [
+            "envoy.filters.http.compressor",
+            "sluice",
+            "envoy.filters.http.router"
+        ]
+    );
     let policy_text = std::fs::read_to_string(repo().join("policies/lab.toml")).unwrap();
     let policy = sluice_policy::parse_toml("lab.toml", &policy_text).unwrap();
-    let config = &filters[0]["typed_config"]["config"];
+    let config = &filters[1]["typed_config"]["config"];
     assert_eq!(
         config["configuration"]["value"].as_str(),
         Some(policy_text.as_str())
