@@ -64,9 +64,11 @@ def post(lab, body: bytes, chunked: bool):
 def start(lab_factory, tmp_path: Path, max_body: str):
     policy = tmp_path / "large.toml"
     policy.write_text(POLICY.format(max_body=max_body))
-    # llm-sim takes bodies up to 64 MiB here, so only sluice and Envoy limit.
-    return lab_factory(policy=policy,
-                       sim_args={("primary", "zone-a"): ["--max-body-bytes", str(64 * MIB)]})
+    # llm-sim takes bodies up to 64 MiB here, so only sluice and Envoy
+    # limit; no simulated prefill (a MiB of prompt would take seconds).
+    args = ["--max-body-bytes", str(64 * MIB), "--ttft-ms", "0",
+            "--ttft-per-prompt-token-us", "0", "--tokens-per-sec", "0"]
+    return lab_factory(policy=policy, sim_args={("primary", "zone-a"): args})
 
 
 def assert_sluice_413(response) -> None:
