@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from lab.rawhttp import http1, request_bytes
+from lab.rawhttp import H2Request, h2c, http1, request_bytes
 
 MIB = 1024 * 1024
 
@@ -97,3 +97,20 @@ def test_max_body_above_envoys_default_buffer_is_honoured(lab_factory, tmp_path)
     assert ok.status == 200, (ok.status, ok.headers, ok.body[:200])
     assert ok.json()["usage"]["prompt_tokens"] > 2 * MIB // 8
     assert_sluice_413(post(lab, body_of(3 * MIB + 128 * 1024), chunked=True))
+
+
+def test_h2c_body_over_max_body_without_length_gets_sluices_413(lab_factory, tmp_path):
+    """HTTP/2 has no chunked encoding: a body without content-length is the
+    ordinary case there, and it may end with trailers."""
+    lab = start(lab_factory, tmp_path, "1MiB")
+    headers = [("content-type", "application/json"), ("x-tenant-id", "big")]
+    big = body_of(MIB + 256 * 1024)
+    over, over_with_trailers, ok = h2c(lab.envoy.address, [
+        H2Request("/v1/chat/completions", headers, big),
+        H2Request("/v1/chat/completions", headers, big, trailers=[("x-done", "1")]),
+        H2Request("/v1/chat/completions", headers, body_of(64 * 1024), trailers=[("x-done", "1")]),
+    ], timeout=30.0)
+    for refused in (over, over_with_trailers):
+        assert_sluice_413(refused)
+    assert ok.status == 200, (ok.status, ok.body[:200])
+    assert lab.sim("primary", "zone-a").stats()["requests"] == 1
