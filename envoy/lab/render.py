@@ -112,8 +112,10 @@ def add_wasm_filter(bootstrap: str, name: str, wasm: Path, configuration: str = 
                     position: str = "first") -> str:
     """Adds a wasm filter to every HTTP connection manager of a bootstrap.
 
-    ``position`` is ``"first"`` (sees the request before sluice's filters) or
-    ``"last"`` (just before the router).
+    ``position`` is ``"first"`` (before the first wasm filter: sees the
+    request before sluice's filters, after Envoy's own filters such as the
+    compressor, so a probe that replaces response bodies is compressed as
+    any answer is) or ``"last"`` (just before the router).
     """
     doc = yaml.safe_load(bootstrap)
     managers = list(_http_connection_managers(doc))
@@ -123,7 +125,10 @@ def add_wasm_filter(bootstrap: str, name: str, wasm: Path, configuration: str = 
         filters = hcm.setdefault("http_filters", [])
         entry = wasm_filter(name, wasm, configuration)
         if position == "first":
-            filters.insert(0, entry)
+            first_wasm = next((i for i, f in enumerate(filters)
+                               if "wasm" in str(f.get("typed_config", {}).get("@type", ""))),
+                              0)
+            filters.insert(first_wasm, entry)
         else:
             router = next((i for i, f in enumerate(filters)
                            if f.get("name") == "envoy.filters.http.router"), len(filters))

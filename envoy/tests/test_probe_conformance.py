@@ -64,7 +64,8 @@ def harness_tool() -> Path:
 
 
 def probe_only(bootstrap: str) -> str:
-    """The rendered bootstrap with its wasm filters removed (the router stays)."""
+    """The rendered bootstrap with its wasm filters and the compressor
+    removed (the router stays): the probe must see the upstream's bytes."""
     doc = yaml.safe_load(bootstrap)
 
     def walk(node):
@@ -73,7 +74,8 @@ def probe_only(bootstrap: str) -> str:
             if isinstance(filters, list):
                 node["http_filters"] = [
                     f for f in filters
-                    if "wasm" not in str(f.get("typed_config", {}).get("@type", ""))]
+                    if "wasm" not in str(f.get("typed_config", {}).get("@type", ""))
+                    and f.get("name") != "envoy.filters.http.compressor"]
             for value in node.values():
                 walk(value)
         elif isinstance(node, list):

@@ -80,6 +80,18 @@ pub struct Config {
     #[arg(long, default_value_t = 8 * 1024 * 1024)]
     pub max_body_bytes: usize,
 
+    /// Answer 411 to an inference request without `content-length` (a
+    /// chunked body), as some servers and gateways do: a proxy that rewrites
+    /// a body must send its new length.
+    #[arg(long)]
+    pub require_content_length: bool,
+
+    /// Compress every answer with gzip, even when the request does not
+    /// accept it (a misbehaving upstream). Without it, answers are gzipped
+    /// only for requests with `accept-encoding: gzip`.
+    #[arg(long)]
+    pub gzip_always: bool,
+
     /// Fault: probability in [0, 1] that a request is answered with --error-status.
     #[arg(long, default_value_t = 0.0)]
     pub error_rate: f64,

@@ -23,7 +23,7 @@ use futures_util::stream;
 use http_body::Frame;
 use http_body_util::{BodyExt, Limited, StreamBody};
 use hyper::body::Incoming;
-use hyper::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
+use hyper::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -63,6 +63,9 @@ async fn run(
     endpoint: Endpoint,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
+    if shared.config.require_content_length && !req.headers().contains_key(CONTENT_LENGTH) {
+        return Err(ApiError::length_required());
+    }
     let body = read_body(req.into_body(), shared.config.max_body_bytes).await?;
     let request = match endpoint {
         Endpoint::ChatCompletions => openai::parse_chat(&body)?,
@@ -133,18 +136,24 @@ impl Plan {
         self.admitted + self.schedule.token_due(token)
     }
 
-    fn body(&self, text: &str, produced: u32) -> Vec<u8> {
+    fn body(&self, produced: u32) -> Vec<u8> {
         match self.endpoint {
             Endpoint::ChatCompletions => {
-                openai::chat_response(&self.meta, text, produced, self.cut_short)
+                openai::chat_response(&self.meta, produced, self.cut_short)
             }
             Endpoint::Completions => {
-                openai::completion_response(&self.meta, text, produced, self.cut_short)
+                openai::completion_response(&self.meta, produced, self.cut_short)
             }
             Endpoint::Messages => {
-                anthropic::message_response(&self.meta, text, produced, self.cut_short)
+                let text = generated_text(self.meta.word_offset, produced);
+                anthropic::message_response(&self.meta, &text, produced, self.cut_short)
             }
         }
+    }
+
+    /// Tokens produced when each choice has `per_choice`.
+    fn all_choices(&self, per_choice: u32) -> u64 {
+        u64::from(per_choice) * u64::from(self.meta.choices)
     }
 }
 
@@ -163,9 +172,8 @@ fn simulated_abort() -> io::Error {
 async fn complete_response(shared: &Shared, plan: Plan, slot: Slot) -> Response<Body> {
     let produced = plan.cut_after.unwrap_or(plan.tokens);
     sleep_until(plan.due(produced.saturating_sub(1))).await;
-    shared.stats.tokens(u64::from(produced));
-    let text = generated_text(plan.meta.word_offset, produced);
-    let body = plan.body(&text, produced);
+    shared.stats.tokens(plan.all_choices(produced));
+    let body = plan.body(produced);
     drop(slot);
     if plan.cut_after.is_none() {
         return json_response(StatusCode::OK, body);
@@ -210,10 +218,11 @@ impl Encoder {
         }
     }
 
-    fn token(&self, text: &str) -> Vec<u8> {
+    /// The frames of token `i` (of every choice).
+    fn token(&self, i: u32) -> Vec<u8> {
         match self {
-            Self::OpenAi(s) => s.token(text),
-            Self::Anthropic(s) => s.token(text),
+            Self::OpenAi(s) => s.token(i),
+            Self::Anthropic(s) => s.token(token_text(s.word_offset(), i)),
         }
     }
 
@@ -274,10 +283,10 @@ async fn produce(shared: Arc<Shared>, plan: Plan, tx: mpsc::Sender<FrameResult>,
         if !wait_for_client(&tx, plan.due(i)).await {
             return;
         }
-        if !send(&tx, encoder.token(token_text(plan.meta.word_offset, i))).await {
+        if !send(&tx, encoder.token(i)).await {
             return;
         }
-        shared.stats.tokens(1);
+        shared.stats.tokens(plan.all_choices(1));
     }
     if plan.cut_after.is_some() {
         shared.stats.aborted();

@@ -33,6 +33,7 @@ pub mod config;
 pub mod control;
 pub mod faults;
 pub mod generate;
+pub mod gzip;
 pub mod server;
 pub mod stats;
 pub mod timing;

@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
-use hyper::header::HeaderValue;
+use hyper::header::{CONTENT_ENCODING, CONTENT_LENGTH, HeaderValue, VARY};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -179,6 +179,7 @@ impl Shared {
             model: request.model.clone(),
             prompt_tokens: request.prompt_tokens,
             word_offset: bits >> 32,
+            choices: request.choices,
         }
     }
 }
@@ -261,13 +262,25 @@ async fn serve_api(
 ) -> Result<Response<Tracked>, Infallible> {
     shared.stats.request_started();
     let in_flight = InFlight(Arc::clone(&shared));
+    let gzip = shared.config.gzip_always || crate::gzip::accepts_gzip(req.headers());
     let resp = route(&shared, req).await;
     shared.stats.status(resp.status().as_u16());
-    let (mut parts, body) = resp.into_parts();
+    let (mut parts, mut body) = resp.into_parts();
     parts.headers.insert(ZONE_HEADER, shared.zone.clone());
     parts
         .headers
         .insert(INSTANCE_HEADER, shared.instance.clone());
+    if gzip {
+        shared.stats.gzipped();
+        body = crate::gzip::compress(body);
+        parts.headers.remove(CONTENT_LENGTH);
+        parts
+            .headers
+            .insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        parts
+            .headers
+            .append(VARY, HeaderValue::from_static("accept-encoding"));
+    }
     Ok(Response::from_parts(
         parts,
         Tracked {

@@ -25,6 +25,7 @@ pub struct Stats {
     rejected_overloaded: AtomicU64,
     aborted: AtomicU64,
     connections_accepted: AtomicU64,
+    gzipped: AtomicU64,
 }
 
 /// A point-in-time copy of [`Stats`], as served by the control port.
@@ -48,6 +49,8 @@ pub struct StatsSnapshot {
     pub aborted: u64,
     /// Connections accepted on the API port.
     pub connections_accepted: u64,
+    /// Answers sent gzip-compressed (`accept-encoding: gzip` or `--gzip-always`).
+    pub gzipped: u64,
     /// Whether the API listener is open now.
     pub listening: bool,
 }
@@ -63,6 +66,7 @@ impl Default for Stats {
             rejected_overloaded: AtomicU64::new(0),
             aborted: AtomicU64::new(0),
             connections_accepted: AtomicU64::new(0),
+            gzipped: AtomicU64::new(0),
         }
     }
 }
@@ -107,6 +111,11 @@ impl Stats {
         self.aborted.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts an answer sent gzip-compressed.
+    pub fn gzipped(&self) {
+        self.gzipped.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Counts an accepted connection.
     pub fn connection(&self) {
         self.connections_accepted.fetch_add(1, Ordering::Relaxed);
@@ -133,6 +142,7 @@ impl Stats {
             rejected_overloaded: self.rejected_overloaded.load(Ordering::Relaxed),
             aborted: self.aborted.load(Ordering::Relaxed),
             connections_accepted: self.connections_accepted.load(Ordering::Relaxed),
+            gzipped: self.gzipped.load(Ordering::Relaxed),
             listening,
         }
     }

@@ -1,10 +1,13 @@
 //! `sluice render envoy`: a complete Envoy bootstrap from a policy.
 //!
 //! The output is a static bootstrap a local Envoy runs as is: the admin
-//! interface, one listener whose HTTP connection manager carries `sluice.wasm`
-//! (every enforced capability in one filter, given the policy text as its
-//! configuration; always present, since it also resolves model routes and
-//! strips internal headers a client sent) and the router, a route per backend, and one cluster per
+//! interface, one listener whose HTTP connection manager carries Envoy's gzip
+//! compressor (so sluice reads plain answers and clients still get gzip),
+//! `sluice.wasm` (every enforced capability in one filter, given the policy
+//! text as its configuration; always present, since it also resolves model
+//! routes and strips internal headers a client sent) and the router, with
+//! normalized paths and a buffer above the policy's `max_body`, a route per
+//! backend, and one cluster per
 //! Envoy cluster the policy names, its endpoints grouped by zone and region
 //! into localities so Envoy's own locality handling sees the topology.
 
@@ -153,11 +156,10 @@ fn bootstrap(policy: &Policy, policy_text: &str, args: &EnvoyArgs) -> anyhow::Re
         filter["typed_config"]["config"]["root_id"] = json!(ATTEMPT_ROOT_ID);
         filter
     });
-    let mut http_filters = vec![wasm_filter(
-        &args.wasm_dir,
-        policy_text,
-        &args.failure_policy,
-    )];
+    let mut http_filters = vec![
+        compressor_filter(),
+        wasm_filter(&args.wasm_dir, policy_text, &args.failure_policy),
+    ];
     http_filters.push(json!({
         "name": "envoy.filters.http.router",
         "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" }
@@ -171,12 +173,35 @@ fn bootstrap(policy: &Policy, policy_text: &str, args: &EnvoyArgs) -> anyhow::Re
             "listeners": [{
                 "name": "sluice",
                 "address": socket_address(&args.listen)?,
+                "per_connection_buffer_limit_bytes": buffer_limit(policy),
                 "filter_chains": [{ "filters": [{
                     "name": "envoy.filters.network.http_connection_manager",
                     "typed_config": {
                         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                         "stat_prefix": "sluice",
                         "codec_type": "AUTO",
+                        // sluice.wasm tells the API from the path (and meters
+                        // only the inference paths), the route table matches
+                        // path prefixes, and the upstream serves a path its own
+                        // way: all three must see one spelling of a path, or
+                        // `/v1/chat/%63ompletions`, `//v1/chat/completions` and
+                        // `/v1/x/../chat/completions` would reach an upstream that
+                        // serves them as chat without being metered. Envoy
+                        // normalizes before any filter runs (RFC 3986: dot
+                        // segments, percent-decoding of unreserved characters),
+                        // and merges slashes.
+                        "normalize_path": true,
+                        "merge_slashes": true,
+                        // An encoded slash (`%2F`, `%5C`) is not normalized by
+                        // the above, and many upstream frameworks decode it before
+                        // routing (`/v1/chat%2Fcompletions` is chat to them, not
+                        // to sluice). Rejecting it (400) keeps metering sound with
+                        // one answer and nothing sent upstream; no SDK encodes a
+                        // slash. UNESCAPE_AND_REDIRECT would also be sound, but
+                        // asks the client to send the body again and leaves a
+                        // client that does not follow redirects (httpx's default)
+                        // with a 3xx in place of an answer.
+                        "path_with_escaped_slashes_action": "REJECT_REQUEST",
                         "route_config": { "name": "sluice", "virtual_hosts": [{
                             "name": "llm", "domains": ["*"], "routes": routes(policy),
                         }]},
@@ -187,6 +212,36 @@ fn bootstrap(policy: &Policy, policy_text: &str, args: &EnvoyArgs) -> anyhow::Re
             "clusters": clusters(policy, attempt_filter.as_ref())?,
         },
     }))
+}
+
+/// What sluice.wasm buffers of a request body when the policy has no
+/// `[tokens] max_body` (filter-common's `DEFAULT_MAX_BODY`).
+const DEFAULT_MAX_BODY: u64 = 1024 * 1024;
+
+/// Envoy's own default `per_connection_buffer_limit_bytes`.
+const ENVOY_DEFAULT_BUFFER_LIMIT: u64 = 1024 * 1024;
+
+/// Room above `max_body` for the data Envoy hands the filter in one body
+/// callback (a socket read or an HTTP/2 frame, at most tens of KiB).
+const BUFFER_SLACK: u64 = 256 * 1024;
+
+/// The listener's `per_connection_buffer_limit_bytes`: above the body size
+/// sluice.wasm buffers, with slack, never below Envoy's default.
+///
+/// sluice.wasm holds a request's body until its end (or until it crosses
+/// `max_body`, when it answers its own 413 in the client's API shape).
+/// Envoy answers a held body that outgrows this buffer with a plain-text
+/// 413 before the filter can judge it: a chunked body (no content-length)
+/// over `max_body` got that answer, which no SDK parses, and a body the
+/// policy allows between 1 MiB and `max_body` was refused outright.
+fn buffer_limit(policy: &Policy) -> u64 {
+    let max_body = policy
+        .tokens
+        .as_ref()
+        .map_or(DEFAULT_MAX_BODY, |t| t.max_body.0);
+    max_body
+        .saturating_add(BUFFER_SLACK)
+        .max(ENVOY_DEFAULT_BUFFER_LIMIT)
 }
 
 /// Routes: a backend named by [`BACKEND_HEADER`] first (filters set it),
@@ -307,6 +362,37 @@ fn clusters(policy: &Policy, attempt_filter: Option<&Value>) -> anyhow::Result<V
             Ok(cluster)
         })
         .collect()
+}
+
+/// Envoy's gzip compressor, for responses, placed before sluice.wasm.
+///
+/// sluice reads a response's usage to settle what it reserved, which it
+/// cannot do in a compressed answer, so it asks the upstream for none on
+/// the requests it meters. Responses pass the filters in reverse order:
+/// sluice reads the plain answer from the upstream, then this filter
+/// compresses it for a client that sent `accept-encoding: gzip`, streams
+/// included (it flushes every data frame). `remove_accept_encoding_header`
+/// makes the upstream answer plain for every path, not only the metered
+/// ones, since compressing is this filter's job here.
+fn compressor_filter() -> Value {
+    json!({
+        "name": "envoy.filters.http.compressor",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.compressor.v3.Compressor",
+            "response_direction_config": {
+                "common_config": {
+                    "content_type": ["application/json", "text/event-stream", "text/plain"],
+                },
+                "remove_accept_encoding_header": true,
+            },
+            "compressor_library": {
+                "name": "gzip",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.compression.gzip.compressor.v3.Gzip",
+                },
+            },
+        }
+    })
 }
 
 /// The `sluice.wasm` filter, configured with the policy text so the filter

@@ -210,20 +210,40 @@ fn render_envoy_writes_a_bootstrap_with_the_policy_topology() {
     // One Wasm filter, sluice.wasm, carries the policy text before the
     // router, whatever sections the policy enables; the sections it does not
     // enforce yet are named on stderr.
-    let filters =
-        yaml["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-            ["http_filters"]
-            .as_sequence()
-            .unwrap()
-            .clone();
+    // Envoy's buffer holds a body a little larger than the policy's
+    // max_body (default 1 MiB), so sluice judges it, not Envoy.
+    assert_eq!(
+        yaml["static_resources"]["listeners"][0]["per_connection_buffer_limit_bytes"].as_u64(),
+        Some(1024 * 1024 + 256 * 1024)
+    );
+    let hcm =
+        &yaml["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
+    // One spelling of a path for Envoy's routes, sluice.wasm and the
+    // upstream: normalized, slashes merged, encoded slashes refused.
+    assert_eq!(hcm["normalize_path"].as_bool(), Some(true));
+    assert_eq!(hcm["merge_slashes"].as_bool(), Some(true));
+    assert_eq!(
+        hcm["path_with_escaped_slashes_action"].as_str(),
+        Some("REJECT_REQUEST")
+    );
+    let filters = hcm["http_filters"].as_sequence().unwrap().clone();
     let names: Vec<&str> = filters
         .iter()
         .map(|f| f["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["sluice", "envoy.filters.http.router"]);
+    // Envoy's compressor first: responses pass sluice (which reads usage
+    // from the plain answer) before it compresses them for the client.
+    assert_eq!(
+        names,
+        [
+            "envoy.filters.http.compressor",
+            "sluice",
+            "envoy.filters.http.router"
+        ]
+    );
     let policy_text = std::fs::read_to_string(repo().join("policies/lab.toml")).unwrap();
     let policy = sluice_policy::parse_toml("lab.toml", &policy_text).unwrap();
-    let config = &filters[0]["typed_config"]["config"];
+    let config = &filters[1]["typed_config"]["config"];
     assert_eq!(
         config["configuration"]["value"].as_str(),
         Some(policy_text.as_str())

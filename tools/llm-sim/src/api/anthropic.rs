@@ -56,6 +56,7 @@ pub fn parse_messages(body: &[u8]) -> Result<GenRequest, ApiError> {
         include_usage: false,
         max_tokens: Some(max_tokens),
         prompt_tokens: estimate_tokens(chars),
+        choices: 1,
     })
 }
 
@@ -246,6 +247,11 @@ impl AnthropicStream {
     /// A stream for the message named by `meta`.
     pub fn new(meta: ResponseMeta) -> Self {
         Self { meta }
+    }
+
+    /// Where the message's words start.
+    pub fn word_offset(&self) -> u64 {
+        self.meta.word_offset
     }
 
     /// `message_start` (input usage, no output yet), `content_block_start`, `ping`.

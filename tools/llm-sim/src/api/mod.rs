@@ -67,8 +67,12 @@ pub struct GenRequest {
     pub include_usage: bool,
     /// Upper bound on generated tokens, if the request sets one.
     pub max_tokens: Option<u32>,
-    /// Estimated prompt tokens (see [`crate::timing::estimate_tokens`]).
+    /// Estimated prompt tokens (see [`crate::timing::estimate_tokens`]),
+    /// over every prompt of a batch.
     pub prompt_tokens: u32,
+    /// Completions to generate, each `max_tokens` long at most: OpenAI's
+    /// `n`, times the prompts of a batched legacy completion; 1 otherwise.
+    pub choices: u32,
 }
 
 /// What every generated response needs to name itself.
@@ -82,8 +86,11 @@ pub struct ResponseMeta {
     pub model: String,
     /// Prompt tokens counted for `usage`.
     pub prompt_tokens: u32,
-    /// Where the generated words start (varies the text between responses).
+    /// Where the generated words start (varies the text between responses);
+    /// choice `c` starts at `word_offset + c`.
     pub word_offset: u64,
+    /// Completions in the answer (see [`GenRequest::choices`]).
+    pub choices: u32,
 }
 
 /// An answer other than a generation, in the endpoint's error shape.
@@ -146,6 +153,17 @@ impl ApiError {
             status: StatusCode::PAYLOAD_TOO_LARGE,
             message: format!("Request body exceeds {limit} bytes"),
             code: None,
+            retry_after_s: None,
+        }
+    }
+
+    /// A 411 for a body sent without `content-length` (`--require-content-length`).
+    pub fn length_required() -> Self {
+        Self {
+            status: StatusCode::LENGTH_REQUIRED,
+            message: "A content-length header is required (chunked request bodies are refused)."
+                .to_owned(),
+            code: Some("length_required"),
             retry_after_s: None,
         }
     }

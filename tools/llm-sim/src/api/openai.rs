@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{ApiError, GenRequest, ResponseMeta, invalid_json, text_chars};
-use crate::timing::estimate_tokens;
+use crate::timing::{estimate_tokens, generated_text, token_text};
 
 #[derive(Deserialize)]
 struct StreamOptions {
@@ -37,6 +37,8 @@ struct ChatRequest {
     max_tokens: Option<u32>,
     #[serde(default)]
     max_completion_tokens: Option<u32>,
+    #[serde(default)]
+    n: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -49,6 +51,50 @@ struct CompletionRequest {
     stream_options: Option<StreamOptions>,
     #[serde(default)]
     max_tokens: Option<u32>,
+    #[serde(default)]
+    n: Option<u32>,
+}
+
+/// Largest `n` OpenAI accepts.
+pub const MAX_N: u32 = 128;
+
+/// Most completions one request may ask for (prompts of a batch × `n`).
+pub const MAX_CHOICES: u32 = 4096;
+
+fn choices_per_prompt(n: Option<u32>) -> Result<u32, ApiError> {
+    match n {
+        None => Ok(1),
+        Some(n @ 1..=MAX_N) => Ok(n),
+        Some(n) => Err(ApiError::bad_request(format!(
+            "Invalid 'n': {n}. Expected a value between 1 and {MAX_N}."
+        ))),
+    }
+}
+
+/// Prompts in a legacy completion's `prompt`: a string or one array of
+/// token ids is one prompt; an array of strings or of token-id arrays is a
+/// batch, one prompt per item.
+fn prompt_count(prompt: &Value) -> Result<u32, ApiError> {
+    match prompt {
+        Value::Array(items) if items.is_empty() => Err(ApiError::bad_request(
+            "Invalid 'prompt': empty array. Expected at least one prompt.",
+        )),
+        Value::Array(items) if items.iter().all(Value::is_number) => Ok(1),
+        Value::Array(items) => u32::try_from(items.len())
+            .map_err(|_| ApiError::bad_request("Invalid 'prompt': too many prompts.")),
+        _ => Ok(1),
+    }
+}
+
+fn total_choices(prompts: u32, n: u32) -> Result<u32, ApiError> {
+    prompts
+        .checked_mul(n)
+        .filter(|c| *c <= MAX_CHOICES)
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "Too many completions requested: {prompts} prompt(s) × n = {n}; at most {MAX_CHOICES}."
+            ))
+        })
 }
 
 fn required<T>(value: Option<T>, field: &str) -> Result<T, ApiError> {
@@ -92,6 +138,7 @@ pub fn parse_chat(body: &[u8]) -> Result<GenRequest, ApiError> {
             .unwrap_or(false),
         max_tokens,
         prompt_tokens: estimate_tokens(chars),
+        choices: choices_per_prompt(req.n)?,
     })
 }
 
@@ -116,6 +163,7 @@ pub fn parse_completions(body: &[u8]) -> Result<GenRequest, ApiError> {
     let req: CompletionRequest = serde_json::from_slice(body).map_err(|e| invalid_json(&e))?;
     let model = required(req.model, "model")?;
     let prompt = required(req.prompt, "prompt")?;
+    let choices = total_choices(prompt_count(&prompt)?, choices_per_prompt(req.n)?)?;
     Ok(GenRequest {
         model,
         stream: req.stream.unwrap_or(false),
@@ -126,6 +174,7 @@ pub fn parse_completions(body: &[u8]) -> Result<GenRequest, ApiError> {
         // The legacy endpoint defaults to 16 tokens when max_tokens is absent.
         max_tokens: Some(limit(req.max_tokens, "max_tokens")?.unwrap_or(16)),
         prompt_tokens: prompt_tokens(&prompt),
+        choices,
     })
 }
 
@@ -146,7 +195,7 @@ struct ErrorDetail<'a> {
 /// The OpenAI error envelope for `err`.
 pub fn error_body(err: &ApiError) -> Vec<u8> {
     let kind = match err.status.as_u16() {
-        400 | 404 | 405 | 413 | 422 => "invalid_request_error",
+        400 | 404 | 405 | 411 | 413 | 422 => "invalid_request_error",
         401 => "authentication_error",
         403 => "permission_error",
         429 => "rate_limit_error",
@@ -209,29 +258,46 @@ struct ChatCompletion<'a, C> {
     object: &'static str,
     created: u64,
     model: &'a str,
-    choices: [C; 1],
+    choices: Vec<C>,
     usage: Usage,
     system_fingerprint: Option<&'a str>,
 }
 
-/// A complete `chat.completion` with `text` made of `produced` tokens.
-pub fn chat_response(meta: &ResponseMeta, text: &str, produced: u32, cut_short: bool) -> Vec<u8> {
+/// The text of choice `c`: `produced` words from the choice's own offset.
+fn choice_text(meta: &ResponseMeta, c: u32, produced: u32) -> String {
+    generated_text(meta.word_offset.wrapping_add(u64::from(c)), produced)
+}
+
+/// Usage of `produced` tokens in each of the answer's choices.
+fn usage_of(meta: &ResponseMeta, produced: u32) -> Usage {
+    Usage::new(meta.prompt_tokens, produced.saturating_mul(meta.choices))
+}
+
+/// A complete `chat.completion`: `meta.choices` choices of `produced` tokens each.
+pub fn chat_response(meta: &ResponseMeta, produced: u32, cut_short: bool) -> Vec<u8> {
+    let texts: Vec<String> = (0..meta.choices)
+        .map(|c| choice_text(meta, c, produced))
+        .collect();
     let body = ChatCompletion {
         id: &meta.id,
         object: "chat.completion",
         created: meta.created,
         model: &meta.model,
-        choices: [ChatChoice {
-            index: 0,
-            message: AssistantMessage {
-                role: "assistant",
-                content: text,
-                refusal: None,
-            },
-            logprobs: None,
-            finish_reason: finish_reason(cut_short),
-        }],
-        usage: Usage::new(meta.prompt_tokens, produced),
+        choices: texts
+            .iter()
+            .zip(0..)
+            .map(|(text, index)| ChatChoice {
+                index,
+                message: AssistantMessage {
+                    role: "assistant",
+                    content: text,
+                    refusal: None,
+                },
+                logprobs: None,
+                finish_reason: finish_reason(cut_short),
+            })
+            .collect(),
+        usage: usage_of(meta, produced),
         system_fingerprint: None,
     };
     serde_json::to_vec(&body).unwrap_or_default()
@@ -245,25 +311,28 @@ struct TextChoice<'a> {
     finish_reason: Option<&'static str>,
 }
 
-/// A complete `text_completion` with `text` made of `produced` tokens.
-pub fn completion_response(
-    meta: &ResponseMeta,
-    text: &str,
-    produced: u32,
-    cut_short: bool,
-) -> Vec<u8> {
+/// A complete `text_completion`: `meta.choices` choices (prompts of a batch
+/// × `n`, in that order) of `produced` tokens each.
+pub fn completion_response(meta: &ResponseMeta, produced: u32, cut_short: bool) -> Vec<u8> {
+    let texts: Vec<String> = (0..meta.choices)
+        .map(|c| choice_text(meta, c, produced))
+        .collect();
     let body = ChatCompletion {
         id: &meta.id,
         object: "text_completion",
         created: meta.created,
         model: &meta.model,
-        choices: [TextChoice {
-            text,
-            index: 0,
-            logprobs: None,
-            finish_reason: Some(finish_reason(cut_short)),
-        }],
-        usage: Usage::new(meta.prompt_tokens, produced),
+        choices: texts
+            .iter()
+            .zip(0..)
+            .map(|(text, index)| TextChoice {
+                text,
+                index,
+                logprobs: None,
+                finish_reason: Some(finish_reason(cut_short)),
+            })
+            .collect(),
+        usage: usage_of(meta, produced),
         system_fingerprint: None,
     };
     serde_json::to_vec(&body).unwrap_or_default()
@@ -344,11 +413,17 @@ impl OpenAiStream {
         })
     }
 
-    fn choice(&self, delta: Delta<'_>, text: &str, finish: Option<&'static str>) -> Vec<u8> {
+    fn choice(
+        &self,
+        index: u32,
+        delta: Delta<'_>,
+        text: &str,
+        finish: Option<&'static str>,
+    ) -> Vec<u8> {
         if self.chat {
             self.chunk(
                 vec![ChunkChoice {
-                    index: 0,
+                    index,
                     delta,
                     logprobs: None,
                     finish_reason: finish,
@@ -359,7 +434,7 @@ impl OpenAiStream {
             self.chunk(
                 vec![TextChoice {
                     text,
-                    index: 0,
+                    index,
                     logprobs: None,
                     finish_reason: finish,
                 }],
@@ -368,33 +443,45 @@ impl OpenAiStream {
         }
     }
 
-    /// What comes before the first token: the chat role chunk (nothing for completions).
+    /// What comes before the first token: the chat role chunk of each
+    /// choice (nothing for completions).
     pub fn preamble(&self) -> Vec<u8> {
+        let mut out = Vec::new();
         if self.chat {
-            let delta = Delta {
-                role: Some("assistant"),
-                content: Some(""),
-            };
-            self.choice(delta, "", None)
-        } else {
-            Vec::new()
+            for c in 0..self.meta.choices {
+                let delta = Delta {
+                    role: Some("assistant"),
+                    content: Some(""),
+                };
+                out.extend(self.choice(c, delta, "", None));
+            }
         }
+        out
     }
 
-    /// The chunk of one generated token.
-    pub fn token(&self, text: &str) -> Vec<u8> {
-        let delta = Delta {
-            role: None,
-            content: Some(text),
-        };
-        self.choice(delta, text, None)
+    /// The chunks of token `i`: one per choice, as OpenAI interleaves them.
+    pub fn token(&self, i: u32) -> Vec<u8> {
+        let mut out = Vec::new();
+        for c in 0..self.meta.choices {
+            let text = token_text(self.meta.word_offset.wrapping_add(u64::from(c)), i);
+            let delta = Delta {
+                role: None,
+                content: Some(text),
+            };
+            out.extend(self.choice(c, delta, text, None));
+        }
+        out
     }
 
-    /// The closing chunks after `produced` tokens: finish reason, usage, `[DONE]`.
+    /// The closing chunks after `produced` tokens per choice: each choice's
+    /// finish reason, the usage (every choice's tokens), `[DONE]`.
     pub fn finish(&self, produced: u32, cut_short: bool) -> Vec<u8> {
-        let mut out = self.choice(Delta::default(), "", Some(finish_reason(cut_short)));
+        let mut out = Vec::new();
+        for c in 0..self.meta.choices {
+            out.extend(self.choice(c, Delta::default(), "", Some(finish_reason(cut_short))));
+        }
         if self.include_usage {
-            let usage = Usage::new(self.meta.prompt_tokens, produced);
+            let usage = usage_of(&self.meta, produced);
             out.extend(self.chunk(Vec::<ChunkChoice<'_>>::new(), Some(usage)));
         }
         out.extend_from_slice(b"data: [DONE]\n\n");
@@ -494,9 +581,10 @@ mod tests {
             model: "m".into(),
             prompt_tokens: 3,
             word_offset: 0,
+            choices: 1,
         };
         let s = OpenAiStream::new(meta, true, true);
-        let token = String::from_utf8(s.token("hi")).unwrap();
+        let token = String::from_utf8(s.token(0)).unwrap();
         assert!(token.contains(r#""usage":null"#), "{token}");
         let end = String::from_utf8(s.finish(1, false)).unwrap();
         assert!(

@@ -78,6 +78,50 @@ pub async fn request(
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request timed out"))?
 }
 
+/// Sends `head` (request line and headers, each ending in CRLF, without
+/// the blank line) then `body` exactly as given, on a new connection that
+/// closes after the answer. For requests [`request`] cannot express:
+/// chunked bodies, extra headers.
+pub async fn raw(addr: SocketAddr, head: &str, body: &[u8]) -> HttpResponse {
+    let exchange = async {
+        let mut stream = TcpStream::connect(addr).await?;
+        let started = Instant::now();
+        stream
+            .write_all(format!("{head}connection: close\r\n\r\n").as_bytes())
+            .await?;
+        stream.write_all(body).await?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await?;
+        parse(&raw, started.elapsed())
+    };
+    tokio::time::timeout(TIMEOUT, exchange)
+        .await
+        .expect("raw request timed out")
+        .expect("raw request failed")
+}
+
+/// POSTs JSON with a chunked body (no content-length) and `extra` header lines.
+pub async fn post_chunked(addr: SocketAddr, path: &str, body: &Value, extra: &str) -> HttpResponse {
+    let json = body.to_string();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n\
+         transfer-encoding: chunked\r\n{extra}"
+    );
+    let chunked = format!("{:x}\r\n{json}\r\n0\r\n\r\n", json.len());
+    raw(addr, &head, chunked.as_bytes()).await
+}
+
+/// POSTs JSON with a content-length and `extra` header lines.
+pub async fn post_with(addr: SocketAddr, path: &str, body: &Value, extra: &str) -> HttpResponse {
+    let json = body.to_string();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n{extra}",
+        json.len()
+    );
+    raw(addr, &head, json.as_bytes()).await
+}
+
 async fn request_inner(
     addr: SocketAddr,
     method: &str,

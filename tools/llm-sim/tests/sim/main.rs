@@ -9,8 +9,10 @@
 
 mod api;
 mod capacity;
+mod choices;
 mod client;
 mod faults;
+mod options;
 mod process;
 
 use clap::Parser;
