@@ -21,9 +21,20 @@ impl ApiShape {
     /// The shape of a request to `path`. The query string is ignored, and so
     /// is a prefix before `/v1/` (`/openai/v1/chat/completions` is chat), as
     /// gateways often mount APIs under a prefix; a trailing `/` is accepted.
+    ///
+    /// Case is ignored: the providers' APIs are case-sensitive, but an
+    /// upstream that is not would serve `/V1/CHAT/COMPLETIONS` as chat, and
+    /// sluice must not let it through unmetered.
     pub fn from_path(path: &str) -> Self {
         let path = path.split(['?', '#']).next().unwrap_or_default();
         let path = path.strip_suffix('/').unwrap_or(path);
+        let lower;
+        let path = if path.bytes().any(|b| b.is_ascii_uppercase()) {
+            lower = path.to_ascii_lowercase();
+            lower.as_str()
+        } else {
+            path
+        };
         let tail = match path.rfind("/v1/") {
             Some(i) => &path[i..],
             None => return ApiShape::Other,
@@ -79,6 +90,12 @@ mod tests {
         assert_eq!(ApiShape::from_path("/v1/messages/batches"), ApiShape::Other);
         assert_eq!(ApiShape::from_path(""), ApiShape::Other);
         assert_eq!(ApiShape::from_path("/v1/"), ApiShape::Other);
+        // Case never hides an inference path.
+        assert_eq!(
+            ApiShape::from_path("/V1/CHAT/COMPLETIONS"),
+            ApiShape::ChatCompletions
+        );
+        assert_eq!(ApiShape::from_path("/v1/Messages"), ApiShape::Messages);
     }
 
     #[test]
