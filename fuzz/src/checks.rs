@@ -388,17 +388,17 @@ fn request_body(data: &[u8], findings: Findings) {
                 assert_eq!(out.get(field.name()), Some(&Value::from(CLAMP_TOKENS)));
                 changed.push(field.name());
             }
-            same_members(&original, &out, &changed, "rewrite_body", findings);
+            same_members(&original, &out, &changed, "rewrite_body");
             if let (Some(Value::Object(before)), Some(after)) =
                 (original.get("stream_options"), options)
             {
-                same_members(before, after, &["include_usage"], "stream_options", findings);
+                same_members(before, after, &["include_usage"], "stream_options");
             }
 
             let out = model.unwrap_or_else(|e| panic!("rewrite_model refused an object: {e}"));
             let out = json_object(&out, "rewrite_model");
             assert_eq!(out.get("model"), Some(&Value::from(FALLBACK_MODEL)));
-            same_members(&original, &out, &["model"], "rewrite_model", findings);
+            same_members(&original, &out, &["model"], "rewrite_model");
         }
         Ok(_) => {
             assert_eq!(rewritten, None, "a JSON non-object was rewritten");
@@ -427,14 +427,9 @@ fn json_object(bytes: &[u8], what: &str) -> Map<String, Value> {
     }
 }
 
-/// Every member of `before` and `after` but those in `except` is the same.
-fn same_members(
-    before: &Map<String, Value>,
-    after: &Map<String, Value>,
-    except: &[&str],
-    what: &str,
-    findings: Findings,
-) {
+/// Every member of `before` and `after` but those in `except` is the same,
+/// floats to within a few units in the last place (see [`same_value`]).
+fn same_members(before: &Map<String, Value>, after: &Map<String, Value>, except: &[&str], what: &str) {
     let keep = |m: &Map<String, Value>| -> Vec<(String, Value)> {
         let mut v: Vec<(String, Value)> = m
             .iter()
@@ -445,23 +440,22 @@ fn same_members(
         v
     };
     let (before, after) = (keep(before), keep(after));
-    if findings == Findings::Tolerate {
-        let close = before.len() == after.len()
-            && before
-                .iter()
-                .zip(&after)
-                .all(|(b, a)| b.0 == a.0 && within_an_ulp(&b.1, &a.1));
-        assert!(close, "{what} changed other members:\n{before:?}\n{after:?}");
-    } else {
-        assert_eq!(before, after, "{what} changed other members");
-    }
+    let same = before.len() == after.len()
+        && before
+            .iter()
+            .zip(&after)
+            .all(|(b, a)| b.0 == a.0 && same_value(&b.1, &a.1));
+    assert!(same, "{what} changed other members:\n{before:?}\n{after:?}");
 }
 
-/// Finding 2: serde_json (without its `float_roundtrip` feature) may read a
-/// float one unit in the last place off, so a re-serialized body can carry
-/// a float that differs in its last bit. Equal values, floats compared with
-/// a relative tolerance of a few ULP.
-fn within_an_ulp(a: &Value, b: &Value) -> bool {
+/// Equal JSON values, floats compared with a relative tolerance of a few
+/// ULP. The check reads both documents with serde_json, whose default float
+/// parser is not correctly rounded: it reads `7.444e108` as
+/// `7.443999999999999e108`, so the re-read output of a correct rewrite can
+/// differ from the re-read input in the last bit. (The same imprecision in
+/// sluice's own parse is finding 2 in fuzz/README.md, which this check
+/// cannot see, as both sides use serde_json.)
+fn same_value(a: &Value, b: &Value) -> bool {
     match (a, b) {
         (Value::Number(x), Value::Number(y)) if x.is_f64() || y.is_f64() => {
             match (x.as_f64(), y.as_f64()) {
@@ -470,12 +464,10 @@ fn within_an_ulp(a: &Value, b: &Value) -> bool {
             }
         }
         (Value::Array(x), Value::Array(y)) => {
-            x.len() == y.len() && x.iter().zip(y).all(|(x, y)| within_an_ulp(x, y))
+            x.len() == y.len() && x.iter().zip(y).all(|(x, y)| same_value(x, y))
         }
         (Value::Object(x), Value::Object(y)) => {
-            x.len() == y.len()
-                && x.iter()
-                    .all(|(k, v)| y.get(k).is_some_and(|w| within_an_ulp(v, w)))
+            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same_value(v, w)))
         }
         _ => a == b,
     }
