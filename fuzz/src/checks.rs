@@ -23,7 +23,7 @@ use std::sync::OnceLock;
 use serde_json::{Map, Value};
 use sluice_core::config::TokensConfig;
 use sluice_core::llm::{
-    ApiShape, BodyProblem, CapField, Framing, MAX_SANE_TOKENS, Rewrite, RewriteError, RequestInfo,
+    ApiShape, BodyProblem, CapField, Framing, MAX_SANE_TOKENS, RequestInfo, Rewrite, RewriteError,
     RouteFields, SseLineReader, UsageFallback, UsageParser, UsageReport, rewrite_body,
     rewrite_model,
 };
@@ -188,12 +188,18 @@ pub fn check_sse_usage(data: &[u8]) {
     let (max_line, max_json) = if flags & 2 == 2 {
         (64, 512)
     } else {
-        (sluice_core::llm::DEFAULT_MAX_LINE, sluice_core::llm::DEFAULT_MAX_JSON_BODY)
+        (
+            sluice_core::llm::DEFAULT_MAX_LINE,
+            sluice_core::llm::DEFAULT_MAX_JSON_BODY,
+        )
     };
 
     let split = usage_report(framing, max_line, max_json, body, &cuts);
     let whole = usage_report(framing, max_line, max_json, body, &[]);
-    assert_eq!(split, whole, "usage depends on the chunking (cuts {cuts:?})");
+    assert_eq!(
+        split, whole,
+        "usage depends on the chunking (cuts {cuts:?})"
+    );
     let u = split.usage;
     let parts = u
         .input_tokens
@@ -215,7 +221,10 @@ pub fn check_sse_usage(data: &[u8]) {
     let (lines, overflows) = sse_lines(max_line, body, &cuts);
     assert_eq!(
         (&lines, overflows),
-        (&sse_lines(max_line, body, &[]).0, sse_lines(max_line, body, &[]).1),
+        (
+            &sse_lines(max_line, body, &[]).0,
+            sse_lines(max_line, body, &[]).1
+        ),
         "SSE lines depend on the chunking (cuts {cuts:?})"
     );
     for line in &lines {
@@ -429,7 +438,12 @@ fn json_object(bytes: &[u8], what: &str) -> Map<String, Value> {
 
 /// Every member of `before` and `after` but those in `except` is the same,
 /// floats to within a few units in the last place (see [`same_value`]).
-fn same_members(before: &Map<String, Value>, after: &Map<String, Value>, except: &[&str], what: &str) {
+fn same_members(
+    before: &Map<String, Value>,
+    after: &Map<String, Value>,
+    except: &[&str],
+    what: &str,
+) {
     let keep = |m: &Map<String, Value>| -> Vec<(String, Value)> {
         let mut v: Vec<(String, Value)> = m
             .iter()
@@ -467,7 +481,9 @@ fn same_value(a: &Value, b: &Value) -> bool {
             x.len() == y.len() && x.iter().zip(y).all(|(x, y)| same_value(x, y))
         }
         (Value::Object(x), Value::Object(y)) => {
-            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same_value(v, w)))
+            x.len() == y.len()
+                && x.iter()
+                    .all(|(k, v)| y.get(k).is_some_and(|w| same_value(v, w)))
         }
         _ => a == b,
     }
@@ -487,7 +503,10 @@ pub fn check_identity(data: &[u8]) {
         assert_eq!(token, token.trim(), "an untrimmed token");
         assert!(text.contains(token));
         let scheme = text.trim_start().get(..6).unwrap_or("");
-        assert!(scheme.eq_ignore_ascii_case("bearer"), "not a bearer header: {text:?}");
+        assert!(
+            scheme.eq_ignore_ascii_case("bearer"),
+            "not a bearer header: {text:?}"
+        );
     }
 
     for key in [text, bearer_token(text).unwrap_or("")] {
@@ -495,14 +514,19 @@ pub fn check_identity(data: &[u8]) {
         assert_eq!(id.len(), 20, "tenant id {id:?}");
         assert!(id.starts_with("key-"));
         assert!(
-            id[4..].bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+            id[4..]
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
             "tenant id {id:?}"
         );
     }
 
     let shape = ApiShape::from_path(text);
     if !text.contains(['?', '#']) {
-        assert_eq!(shape, ApiShape::from_path(&format!("{text}?x=/v1/messages")));
+        assert_eq!(
+            shape,
+            ApiShape::from_path(&format!("{text}?x=/v1/messages"))
+        );
         assert_eq!(shape, ApiShape::from_path(&format!("{text}#/v1/responses")));
     }
     let vendor = shape.vendor(sluice_core::config::Api::Anthropic);
