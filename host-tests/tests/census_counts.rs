@@ -118,7 +118,7 @@ default_max_tokens = 100
     )
     .unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_census"))
-        .args(["--module", "sluice-tokens", "--config"])
+        .args(["--module", "sluice", "--config"])
         .arg(&policy)
         .output()
         .unwrap();

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo run -p sluice-host-tests --bin census -- \
-//!     --module sluice-tokens --config policy.toml [--json | --stream] \
+//!     --module sluice --config policy.toml [--json | --stream] \
 //!     [--header x-tenant-id:acme] [--model gpt-4o]
 //! ```
 //!
@@ -28,7 +28,7 @@ use sluice_host_tests::{
 #[derive(Parser)]
 #[command(about = "Host calls per phase of one request through a filter module")]
 struct Args {
-    /// Filter crate name (`sluice`, `sluice-tokens`) or path to a `.wasm`.
+    /// Filter crate name (`sluice`, `sluice-noop-body`) or path to a `.wasm`.
     #[arg(long)]
     module: String,
     /// Plugin configuration file (a TOML policy, or JSON as Istio sends it).
