@@ -53,11 +53,14 @@ fn one_request_through_passthrough_is_counted_call_by_call() {
     assert_eq!(response.status, 200);
     let census = host.census().clone();
 
-    // Request headers: one counter increment, one header added
-    // ("x-probe-chain" + "only": 17 bytes read from the guest).
+    // Request headers: the probe's two control headers looked up and not
+    // found ("x-probe-trap" + "x-probe-vm": 22 bytes of keys in, nothing
+    // out), one counter increment, one header added ("x-probe-chain" +
+    // "only": 17 bytes read from the guest).
     assert_eq!(
         census.host_calls(Phase::RequestHeaders),
         [
+            ("proxy_get_header_map_value", stats(2, 22, 0)),
             ("proxy_add_header_map_value", stats(1, 17, 0)),
             ("proxy_increment_metric", stats(1, 0, 0)),
         ]
@@ -92,7 +95,7 @@ fn one_request_through_passthrough_is_counted_call_by_call() {
     assert_eq!(log, ["proxy_on_log", "proxy_on_done", "proxy_on_delete"]);
     // No request body: no request body callback at all.
     assert!(census.callbacks(Phase::RequestBody).is_empty());
-    assert_eq!(census.total(), stats(4, 41, 11));
+    assert_eq!(census.total(), stats(6, 63, 11));
 }
 
 #[test]
