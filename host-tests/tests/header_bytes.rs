@@ -140,8 +140,9 @@ fn the_serialized_map_carries_raw_bytes_to_the_guest() {
 fn identity_headers_that_are_not_utf8_neither_trap_nor_bypass() {
     for identity in ["", "[tenant]\nfrom = \"api-key\"\n"] {
         let mut host = Host::with_workers(1);
+        // The host routes to `backend` unless told otherwise.
         host.add_cluster(Cluster::fixed(
-            "llm",
+            "backend",
             200,
             r#"{"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#,
             Duration::from_millis(5),
