@@ -210,8 +210,12 @@ def bootstrap_for(name: str, base_bootstrap: str, wasm_dir: Path,
     doc = yaml.safe_load(base_bootstrap)
     chain = http_filters(doc)
     # The render may emit sluice's module even for a policy with no capability
-    # (it routes by model); the bench's one backend needs none of it.
-    chain[:] = [f for f in chain if f.get("typed_config", {}).get("@type") != WASM_TYPE]
+    # (it routes by model); the bench's one backend needs none of it. The
+    # render's gzip compressor goes too: wrk asks for no encoding, and every
+    # variant is measured against the same bare chain.
+    chain[:] = [f for f in chain
+                if f.get("typed_config", {}).get("@type") != WASM_TYPE
+                and f.get("name") != "envoy.filters.http.compressor"]
     if [f.get("name") for f in chain] != ["envoy.filters.http.router"]:
         raise RuntimeError(f"the base bootstrap should hold only the router, not {chain}")
     policy = POLICY_BASE + variant.sections

@@ -364,17 +364,22 @@ impl Exchange {
         }
     }
 
-    fn on_response_body(&mut self, size: usize, vm: &Vm) {
-        if self.phase != Phase::Forwarded || size == 0 {
+    fn on_response_body(&mut self, size: usize, end_of_stream: bool, vm: &Vm) {
+        if self.phase != Phase::Forwarded || (size == 0 && !end_of_stream) {
             return;
         }
-        let chunk = if self.observation.reads_body() {
+        let chunk = if size > 0 && self.observation.reads_body() {
             host::buffer(Buffer::ResponseBody, size)
         } else {
             None
         };
-        self.observation
-            .on_chunk(size, chunk.as_deref(), &vm.json_budget, host::now);
+        self.observation.on_chunk(
+            size,
+            chunk.as_deref(),
+            end_of_stream,
+            &vm.json_budget,
+            host::now,
+        );
         if let Some(chunk) = &chunk {
             for flow in &mut self.flows {
                 flow.response_chunk(chunk, &self.observation);
@@ -415,6 +420,7 @@ impl Exchange {
             return;
         }
         let now = host::now();
+        self.observation.close(now);
         for flow in &mut self.flows {
             flow.done(&mut self.observation, now);
         }
@@ -563,10 +569,10 @@ impl HttpContext for ExchangeHttp {
         Action::Continue
     }
 
-    fn on_http_response_body(&mut self, body_size: usize, _end_of_stream: bool) -> Action {
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         self.exchange
             .borrow_mut()
-            .on_response_body(body_size, &self.vm);
+            .on_response_body(body_size, end_of_stream, &self.vm);
         Action::Continue
     }
 

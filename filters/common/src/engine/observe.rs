@@ -56,7 +56,10 @@ pub struct Observation {
     pub first_byte: Option<Timestamp>,
     /// Streamed events with data (about one per output token).
     pub events: u32,
+    /// When the first event arrived.
     pub first_event: Option<Timestamp>,
+    /// When the last event arrived, to the end of the stream's chunk: the
+    /// clock is read at the first event and at the stream's end only.
     pub last_event: Option<Timestamp>,
     /// Envoy's `response.flags`, read when the request is done.
     pub flags: ResponseFlags,
@@ -70,6 +73,8 @@ pub struct Observation {
     usage: Option<UsageParser>,
     /// Bytes of a JSON answer this observation holds in the worker's budget.
     held: usize,
+    /// Events arrived after `last_event` was last stamped.
+    last_unstamped: bool,
 }
 
 impl Observation {
@@ -139,10 +144,14 @@ impl Observation {
         &mut self,
         size: usize,
         chunk: Option<&[u8]>,
+        end_of_stream: bool,
         budget: &JsonBudget,
         now: impl Fn() -> Timestamp,
     ) {
         if size == 0 {
+            if end_of_stream && std::mem::take(&mut self.last_unstamped) {
+                self.last_event = Some(now());
+            }
             return;
         }
         let mut at = None;
@@ -171,10 +180,28 @@ impl Observation {
         self.held = holding;
         let after = parser.events();
         if after > before {
-            let t = clock();
             self.events = after;
-            self.first_event.get_or_insert(t);
-            self.last_event = Some(t);
+            if self.first_event.is_none() {
+                let t = clock();
+                self.first_event = Some(t);
+                self.last_event = Some(t);
+            } else {
+                // Stamped at the end of the stream: a clock read per chunk
+                // is a host call per token for the same mean.
+                self.last_unstamped = true;
+            }
+        }
+        if end_of_stream && self.last_unstamped {
+            self.last_unstamped = false;
+            self.last_event = Some(clock());
+        }
+    }
+
+    /// The request is done: events since the last stamp end now (a stream
+    /// cut before its end).
+    pub(crate) fn close(&mut self, now: Timestamp) {
+        if std::mem::take(&mut self.last_unstamped) {
+            self.last_event = Some(now);
         }
     }
 }
