@@ -22,10 +22,12 @@ for t in "$@"; do
         -runs="$RUNS" -print_final_stats=1
     echo "== $t: fuzzed in $(($(date +%s) - start)) s; minimizing the corpus"
     # libFuzzer -merge=1 over corpus and seeds: the smallest set of files
-    # with every feature of both (`cargo fuzz cmin` would leave out what
+    # covering every edge of both (`cargo fuzz cmin` would leave out what
     # only a seed covers, and then the replay test would not run it).
+    # -use_counters=0 merges on edges, not edge hit counts: a fifth of the
+    # files (6 MB of corpora became 1 MB) for the same edges.
     rm -rf "fuzz/corpus/$t.new" && mkdir "fuzz/corpus/$t.new"
-    nice -n 19 "$CARGO_TARGET_DIR/$host/release/$t" -merge=1 \
+    nice -n 19 "$CARGO_TARGET_DIR/$host/release/$t" -merge=1 -use_counters=0 \
         "fuzz/corpus/$t.new" "fuzz/corpus/$t" "fuzz/seeds/$t"
     rm -rf "fuzz/corpus/$t" && mv "fuzz/corpus/$t.new" "fuzz/corpus/$t"
 done
