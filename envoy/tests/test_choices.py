@@ -14,27 +14,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from lab.policies import one_backend
+
 TENANT = "choices"
 MODEL = "sim-large"
 PREFIX = f"sluice_tokens.tenant.{TENANT}.model.{MODEL}."
 
-POLICY = f"""
-name = "lab-choices"
-
-[tenant]
-from = "header"
-header = "x-tenant-id"
-
-[[backend]]
-name = "primary"
-models = ["{MODEL}"]
-timeout = "60s"
-
-  [[backend.zone]]
-  name = "zone-a"
-  region = "lab"
-  endpoints = ["127.0.0.1:18001"]
-
+POLICY = one_backend("lab-choices", f"""
 [tokens]
 default_max_tokens = 64
 
@@ -44,7 +30,7 @@ default_max_tokens = 64
 
   [[tokens.quota]]
   tokens = "1M/min"
-"""
+""", model=MODEL)
 
 MESSAGES = [{"role": "user", "content": "Give me five short answers, please."}]
 

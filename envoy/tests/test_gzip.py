@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from lab.policies import one_backend
 from lab import paths
 
 TENANT = "gzip-client"
@@ -29,23 +30,7 @@ PREFIX = f"sluice_tokens.tenant.{TENANT}.model.{MODEL}."
 MAX_TOKENS = 24
 OUTPUT = 10  # what llm-sim generates: less than reserved, so settling shows
 
-POLICY = f"""
-name = "lab-gzip"
-
-[tenant]
-from = "header"
-header = "x-tenant-id"
-
-[[backend]]
-name = "primary"
-models = ["{MODEL}"]
-timeout = "60s"
-
-  [[backend.zone]]
-  name = "zone-a"
-  region = "lab"
-  endpoints = ["127.0.0.1:18001"]
-
+POLICY = one_backend("lab-gzip", f"""
 [tokens]
 default_max_tokens = 64
 
@@ -55,7 +40,7 @@ default_max_tokens = 64
 
   [[tokens.quota]]
   tokens = "1M/min"
-"""
+""", model=MODEL)
 
 SIM_ARGS = ["--output-tokens", str(OUTPUT), "--tokens-per-sec", "400", "--ttft-ms", "5"]
 

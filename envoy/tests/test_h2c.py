@@ -17,29 +17,14 @@ from pathlib import Path
 
 import pytest
 
+from lab.policies import one_backend
 from lab.rawhttp import H2Request, h2c
 
 TENANT = "h2c-tenant"
 REQUESTS_PER_MIN = 3
 MAX_TOKENS = 40
 
-POLICY = f"""
-name = "lab-h2c"
-
-[tenant]
-from = "header"
-header = "x-tenant-id"
-
-[[backend]]
-name = "primary"
-models = ["sim-large"]
-timeout = "60s"
-
-  [[backend.zone]]
-  name = "zone-a"
-  region = "lab"
-  endpoints = ["127.0.0.1:18001"]
-
+POLICY = one_backend("lab-h2c", f"""
 [tokens]
 default_max_tokens = 64
 
@@ -49,7 +34,7 @@ default_max_tokens = 64
 
   [[tokens.quota]]
   tokens = "1M/min"
-"""
+""")
 
 TRAILERS = [("x-checksum", "0"), ("x-request-done", "1")]
 

@@ -22,28 +22,13 @@ from pathlib import Path
 
 import pytest
 
+from lab.policies import one_backend
 from lab.rawhttp import http1, request_bytes
 
 TENANT = "odd-paths"
 QUOTA = 6
 
-POLICY = f"""
-name = "lab-paths"
-
-[tenant]
-from = "header"
-header = "x-tenant-id"
-
-[[backend]]
-name = "primary"
-models = ["sim-large"]
-timeout = "60s"
-
-  [[backend.zone]]
-  name = "zone-a"
-  region = "lab"
-  endpoints = ["127.0.0.1:18001"]
-
+POLICY = one_backend("lab-paths", f"""
 [tokens]
 default_max_tokens = 64
 
@@ -53,7 +38,7 @@ default_max_tokens = 64
 
   [[tokens.quota]]
   tokens = "1M/min"
-"""
+""")
 
 BODY = json.dumps({"model": "sim-large", "max_tokens": 5,
                    "messages": [{"role": "user", "content": "hi"}]}).encode()
