@@ -32,7 +32,7 @@ class Lab:
     def __init__(self, name: str, policy: Path = paths.LAB_POLICY, *,
                  bootstrap_hook: BootstrapHook | None = None,
                  sim_args: dict[tuple[str, str], list[str]] | None = None,
-                 seed: int = 0, keep_logs: bool = False):
+                 seed: int = 0, keep_logs: bool = False, concurrency: int = 2):
         self.name = paths.safe_name(name)
         self.policy = Path(policy)
         self.run_dir = paths.LOGS_DIR / self.name
@@ -40,6 +40,7 @@ class Lab:
         self.sim_args = sim_args or {}
         self.seed = seed
         self.keep_logs = keep_logs
+        self.concurrency = concurrency
         self.zones: list[BackendZone] = []
         self.sims: dict[tuple[str, str], LlmSim] = {}
         self.envoy: Envoy | None = None
@@ -65,7 +66,7 @@ class Lab:
             if self.bootstrap_hook is not None:
                 bootstrap = self.bootstrap_hook(bootstrap)
             self.bootstrap = bootstrap
-            self.envoy = Envoy(bootstrap, self.run_dir)
+            self.envoy = Envoy(bootstrap, self.run_dir, concurrency=self.concurrency)
         except BaseException:
             self.stop(failed=True)
             raise

@@ -211,25 +211,28 @@ def trap_on(lab, run: "Run", vm: str, label: str, t0: float, attempts: int = 60)
 
 
 def measure(lab, failure_policy: str, trap_point: str) -> Run:
-    """Trap one worker's VM, then see what later requests meet on it.
+    """Trap the worker's VM, then see what later requests meet on it.
 
-    Envoy runs two workers, each with its own VM. The trap is sent on a
-    keep-alive connection known to be served by one VM (``x-probe-vm``);
-    the requests after it go on new connections, which Envoy hands to
-    either worker: those answered by the other worker's VM (an id seen
-    before the trap) are kept but left out of the verdicts.
+    Envoy runs one worker here: which worker a new connection lands on is
+    the kernel's choice, and a test that needs both workers found in a
+    bounded number of tries is flaky on a busy machine. (That a trap leaves
+    the other worker's VM alone was seen with two workers; see
+    envoy/failure-policy.md.) The trap is sent on a keep-alive connection
+    known to be served by the VM (``x-probe-vm``); the requests after it go
+    on new connections.
     """
     run = Run(failure_policy, trap_point)
-    run.healthy_vms = discover_vms(lab, run)
-    assert len(run.healthy_vms) == 2, f"expected a VM per worker, saw {run.healthy_vms}"
-    run.trapped_vm, other = run.healthy_vms
+    run.healthy_vms = discover_vms(lab, run, workers=1)
+    assert len(run.healthy_vms) == 1, f"expected the worker's VM, saw {run.healthy_vms}"
+    run.trapped_vm = run.healthy_vms[0]
+    other: set[str] = set()
     t0 = time.monotonic()
     trap_on(lab, run, run.trapped_vm, "trap", t0)
     for i in range(AFTER):
         time.sleep(AFTER_GAP_S)
         with fresh(lab) as client:
             outcome = send(client, lab, f"after-{i + 1}", t0)
-        outcome.verdict = classify(outcome, {other}, run.trapped_vm)
+        outcome.verdict = classify(outcome, other, run.trapped_vm)
         run.outcomes.append(outcome)
     if failure_policy == "FAIL_RELOAD":
         measure_reload_backoff(lab, run, other, t0)
@@ -248,7 +251,7 @@ def measure(lab, failure_policy: str, trap_point: str) -> Run:
     return run
 
 
-def measure_reload_backoff(lab, run: Run, other: str, t0: float) -> None:
+def measure_reload_backoff(lab, run: Run, other: set[str], t0: float) -> None:
     """FAIL_RELOAD twice in a row: the second trap meets the reload back-off.
 
     The back-off runs from the VM's last load. Round 1 traps the VM that the
@@ -270,9 +273,9 @@ def measure_reload_backoff(lab, run: Run, other: str, t0: float) -> None:
             i += 1
             with fresh(lab) as client:
                 outcome = send(client, lab, f"again{round_}-{i}", t0)
-            outcome.verdict = classify(outcome, {other, *worker_vms[:-1]}, current)
+            outcome.verdict = classify(outcome, {*other, *worker_vms[:-1]}, current)
             run.outcomes.append(outcome)
-            if outcome.vm and outcome.vm not in {other, *worker_vms}:
+            if outcome.vm and outcome.vm not in {*other, *worker_vms}:
                 worker_vms.append(outcome.vm)
                 current = outcome.vm
                 break
@@ -301,7 +304,7 @@ def probe_copy(into: Path) -> Path:
 @pytest.mark.parametrize("failure_policy", POLICIES)
 def test_failure_policy_at_a_runtime_trap(lab_factory, tmp_path, failure_policy, trap_point):
     wasm = probe_copy(tmp_path)
-    lab = lab_factory(bootstrap_hook=probe_first(failure_policy, wasm))
+    lab = lab_factory(bootstrap_hook=probe_first(failure_policy, wasm), concurrency=1)
     # Let FAIL_RELOAD's back-off, counted from the VM's load, run out first.
     time.sleep(RELOAD_MAX_S + 0.2 if failure_policy == "FAIL_RELOAD" else 0.5)
     run = measure(lab, failure_policy, trap_point)
