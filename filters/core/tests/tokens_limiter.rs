@@ -393,3 +393,25 @@ fn anthropic_429_shape() {
     .unwrap();
     assert_eq!(body["error"]["type"], "rate_limit_error");
 }
+
+#[test]
+fn a_reload_that_reorders_rules_keeps_every_key() {
+    use sluice_core::config::Pattern;
+    let mut acme = quota(vec![rate(1_000, 60)]);
+    acme.matcher.tenants = vec![Pattern::new("acme")];
+    let mut beta = quota(vec![rate(500, 60)]);
+    beta.matcher.tenants = vec![Pattern::new("beta")];
+    let before = Limiter::new(&config(vec![acme.clone(), beta.clone()]));
+    let after = Limiter::new(&config(vec![beta, acme]));
+    let find = |l: &Limiter, tenant: &str| {
+        let q = l
+            .quota_for("/v1/chat/completions", "h", "m", tenant)
+            .unwrap();
+        KeyId::new(l.identity(q), tenant, "m")
+    };
+    // Each rule moved (0 ↔ 1): its tenants keep their state. With the
+    // rule's position in the key (as before), both would have changed.
+    assert_eq!(find(&before, "acme"), find(&after, "acme"));
+    assert_eq!(find(&before, "beta"), find(&after, "beta"));
+    assert_ne!(find(&before, "acme"), find(&before, "beta"));
+}
