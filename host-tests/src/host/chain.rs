@@ -12,10 +12,13 @@
 //! drift apart.
 
 use super::plugins::Called;
-use super::{Host, StreamId};
+use std::cell::RefCell;
+
+use super::{Host, PluginId, StreamId};
 use crate::abi::{Action, StreamType};
 use crate::census::Callback;
 use crate::headers::HeaderMap;
+use crate::stream_data::StreamData;
 use crate::vm::{LocalReply, StreamAction};
 
 /// The direction a frame travels: the request towards the router, the
@@ -262,14 +265,7 @@ impl Host {
         };
         let data = self.streams[&id].data.clone();
         let len = bytes.len() as u32;
-        match dir {
-            Dir::Request => data.borrow_mut().request_body = bytes,
-            Dir::Response => data.borrow_mut().response_body = bytes,
-        }
-        self.set_access(plugin, worker, ctx, |a| match dir {
-            Dir::Request => a.request_body = true,
-            Dir::Response => a.response_body = true,
-        });
+        self.expose_body(plugin, worker, ctx, &data, dir, bytes);
         let eos_raw = u32::from(eos);
         let called = match dir {
             Dir::Request => self.call(plugin, worker, ctx, Callback::RequestBody, |e, s| {
@@ -283,10 +279,7 @@ impl Host {
                     .map(|f| f.call(s, (ctx, len, eos_raw)))
             }),
         };
-        let after = match dir {
-            Dir::Request => std::mem::take(&mut data.borrow_mut().request_body),
-            Dir::Response => std::mem::take(&mut data.borrow_mut().response_body),
-        };
+        let after = take_body(&data, dir);
         let action = match called {
             Called::Returned(raw) => Action::from_raw(raw),
             Called::Missing => Action::Continue,
@@ -299,6 +292,26 @@ impl Host {
             });
         }
         (action, after)
+    }
+
+    /// Makes `bytes` the body buffer the filter sees in this callback.
+    fn expose_body(
+        &mut self,
+        plugin: PluginId,
+        worker: usize,
+        ctx: u32,
+        data: &RefCell<StreamData>,
+        dir: Dir,
+        bytes: Vec<u8>,
+    ) {
+        match dir {
+            Dir::Request => data.borrow_mut().request_body = bytes,
+            Dir::Response => data.borrow_mut().response_body = bytes,
+        }
+        self.set_access(plugin, worker, ctx, |a| match dir {
+            Dir::Request => a.request_body = true,
+            Dir::Response => a.response_body = true,
+        });
     }
 
     /// Calls the trailers callback; `buffered` is the body the filter holds
@@ -317,14 +330,7 @@ impl Host {
         let data = self.streams[&id].data.clone();
         let body_eos = buffered.as_ref().map(|(_, eos)| *eos);
         if let Some((bytes, _)) = buffered {
-            match dir {
-                Dir::Request => data.borrow_mut().request_body = bytes,
-                Dir::Response => data.borrow_mut().response_body = bytes,
-            }
-            self.set_access(plugin, worker, ctx, |a| match dir {
-                Dir::Request => a.request_body = true,
-                Dir::Response => a.response_body = true,
-            });
+            self.expose_body(plugin, worker, ctx, &data, dir, bytes);
         }
         let count = match dir {
             Dir::Request => data.borrow().request_trailers.len(),
@@ -346,13 +352,7 @@ impl Host {
                     .map(|f| f.call(s, (ctx, count)))
             }),
         };
-        let after = body_eos.map(|eos| {
-            let bytes = match dir {
-                Dir::Request => std::mem::take(&mut data.borrow_mut().request_body),
-                Dir::Response => std::mem::take(&mut data.borrow_mut().response_body),
-            };
-            (bytes, eos)
-        });
+        let after = body_eos.map(|eos| (take_body(&data, dir), eos));
         let action = match called {
             Called::Returned(raw) => Action::from_raw(raw),
             Called::Missing => Action::Continue,
@@ -565,5 +565,13 @@ impl Host {
                 }
             }
         }
+    }
+}
+
+/// The body buffer as the filter left it (taken back from the stream).
+fn take_body(data: &RefCell<StreamData>, dir: Dir) -> Vec<u8> {
+    match dir {
+        Dir::Request => std::mem::take(&mut data.borrow_mut().request_body),
+        Dir::Response => std::mem::take(&mut data.borrow_mut().response_body),
     }
 }

@@ -84,8 +84,6 @@ pub struct Breaker {
     plan: Rc<Plan>,
     flows: Rc<Registry>,
     ticks: Cell<u32>,
-    /// xorshift64* state for draws made outside an admission (outcomes).
-    rng: Cell<u64>,
 }
 
 impl Breaker {
@@ -96,7 +94,6 @@ impl Breaker {
             plan: Rc::new(plan),
             flows: Rc::new(RefCell::new(BTreeMap::new())),
             ticks: Cell::new(0),
-            rng: Cell::new(0x853c_49e6_748f_ea9b),
         })
     }
 
@@ -169,7 +166,9 @@ impl Capability for Breaker {
             flow: Some(Box::new(Handle {
                 flow: shared,
                 flows: Rc::clone(&self.flows),
-                rng: self.rng.get() ^ u64::from(admission.context_id).wrapping_mul(0x9e37_79b9),
+                // Seeded from the engine's draw (its VM's generator, seeded
+                // by the clock), so proxies do not share open-time jitter.
+                rng: admission.rand.to_bits() | 1,
             })),
         }
     }
@@ -217,7 +216,7 @@ impl Flow for Handle {
 
 /// A uniform draw in `[0, 1)` from a xorshift64* state (jitter only).
 fn unit(state: &mut u64) -> f64 {
-    let mut x = *state | 1;
+    let mut x = *state;
     x ^= x >> 12;
     x ^= x << 25;
     x ^= x >> 27;
