@@ -250,41 +250,86 @@ impl Match {
     }
 }
 
-/// Endpoint outlier detection that understands LLM traffic.
+/// Endpoint outlier detection and endpoint picking that understand LLM
+/// traffic (see `sluice_core::outlier`). Every detector is optional: a zero
+/// threshold switches it off.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct OutlierConfig {
-    /// How often endpoints are judged (Envoy's `interval`, default 10s).
+    /// Time constant of the decaying request and failure counts that rates
+    /// are judged on (Envoy's `interval`, default 10s).
     #[serde(serialize_with = "serialize_duration")]
     pub interval: Duration,
-    /// Errors (5xx, resets, connect failures) in a row that eject an endpoint;
-    /// 0 disables (Envoy's `consecutive_5xx`, default 5).
+    /// Time constant of the decaying time-to-first-token and per-token
+    /// estimates (latency must be judged faster than rates).
+    #[serde(serialize_with = "serialize_duration")]
+    pub latency_window: Duration,
+    /// Failed attempts in a row (5xx, reset, connect failure, timeout, no
+    /// first token in time) that eject an endpoint; 0 disables (Envoy's
+    /// `consecutive_5xx`, default 5).
     pub consecutive_errors: u32,
-    /// Upstream 429s in a row that eject an endpoint; 0 disables.
-    pub consecutive_429: u32,
-    /// Error share over an interval that ejects an endpoint (Envoy's
-    /// `failure_percentage_threshold`, default 85%).
+    /// Failure share (over `interval`) that ejects an endpoint; 0% disables
+    /// (Envoy's `failure_percentage_threshold`, default 85%).
     pub failure_rate: Ratio,
-    /// Requests an endpoint must have served in the interval before rates and
-    /// slowness are judged (Envoy's `failure_percentage_request_volume`, 50).
+    /// Attempts an endpoint must have served (decayed over `interval`)
+    /// before its rates are judged (Envoy's `*_request_volume`).
     pub min_requests: u32,
-    /// A response is slow when its time to first token exceeds this.
+    /// Success-rate outliers: an endpoint whose success rate is below the
+    /// peers' mean minus this many standard deviations is ejected; 0
+    /// disables (Envoy's `success_rate_stdev_factor` / 1000, default 1.9).
+    pub success_rate_stdev: f64,
+    /// Endpoints with enough data a peer comparison (success rate, latency)
+    /// needs (Envoy's `success_rate_minimum_hosts`).
+    pub min_hosts: u32,
+    /// Latency outliers: an endpoint whose time to first token or time per
+    /// output token exceeds this multiple of its peers' median is ejected;
+    /// 0 disables.
+    pub latency_factor: f64,
+    /// Latency samples (decayed over `latency_window`) an endpoint needs
+    /// before its latency is judged.
+    pub min_samples: u32,
+    /// A time to first token below this is never an outlier, whatever the
+    /// peers do (a 3× of 20 ms harms nobody).
     #[serde(serialize_with = "serialize_duration")]
-    pub slow_ttft: Duration,
-    /// A stream is slow when its mean time per output token exceeds this.
+    pub ttft_floor: Duration,
+    /// A time per output token below this is never an outlier.
     #[serde(serialize_with = "serialize_duration")]
-    pub slow_tpot: Duration,
-    /// Share of slow responses over an interval that ejects an endpoint.
-    pub slow_rate: Ratio,
-    /// First ejection length, multiplied by the number of ejections (Envoy's
-    /// `base_ejection_time`, 30s).
+    pub tpot_floor: Duration,
+    /// Phi accrual on a busy endpoint's gaps between successes: ejected
+    /// when φ exceeds this while it has attempts outstanding; 0 disables
+    /// (Akka's default threshold is 8).
+    pub phi_threshold: f64,
+    /// How long an endpoint that answered 429 gets no new requests when its
+    /// answer names no reset time (`retry-after`, `x-ratelimit-reset-*`,
+    /// `anthropic-ratelimit-*-reset`); 0s ignores 429s.
+    #[serde(serialize_with = "serialize_duration")]
+    pub cooldown_429: Duration,
+    /// Cap on a reset time an endpoint names for itself.
+    #[serde(serialize_with = "serialize_duration")]
+    pub max_cooldown: Duration,
+    /// A streamed attempt with no first token after this is abandoned
+    /// before anything reaches the client and retried on another endpoint;
+    /// 0s disables.
+    #[serde(serialize_with = "serialize_duration")]
+    pub first_token_timeout: Duration,
+    /// Attempts on other endpoints after one fails (error, 429, reset, no
+    /// first token in time), before anything reached the client.
+    pub retries: u32,
+    /// First ejection length, multiplied by the number of recent ejections
+    /// (Envoy's `base_ejection_time`, 30s).
     #[serde(serialize_with = "serialize_duration")]
     pub base_ejection_time: Duration,
     /// Cap on the ejection length (Envoy's `max_ejection_time`, 300s).
     #[serde(serialize_with = "serialize_duration")]
     pub max_ejection_time: Duration,
-    /// Most of a backend's endpoints that may be ejected at once (Envoy's
-    /// `max_ejection_percent`, 10%).
+    /// Random spread of ejection lengths (± this share), so endpoints
+    /// ejected together do not return together.
+    pub jitter: Ratio,
+    /// Most of a backend's endpoints that may be ejected at once; at least
+    /// one may always be, never the last (Envoy's `max_ejection_percent`).
     pub max_ejection: Ratio,
+    /// Successful requests an ejected endpoint must serve, as a probe, to
+    /// return; a failed probe ejects it again, for longer.
+    pub probes: NonZeroU32,
 }
 
 /// Circuit breaking, bulkheads and what to answer when they act.

@@ -10,6 +10,7 @@ pub mod breaker;
 pub mod config;
 pub mod llm;
 pub mod outcome;
+pub mod outlier;
 pub mod shared;
 pub mod tenant;
 pub mod time;

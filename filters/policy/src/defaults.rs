@@ -30,24 +30,53 @@ pub const REGION: &str = "default";
 /// allows 5 minutes.
 pub const BACKEND_TIMEOUT: Duration = secs(300);
 
-/// Envoy outlier detection `interval`.
+/// Envoy outlier detection `interval`: the time constant of the decaying
+/// request and failure counts.
 pub const OUTLIER_INTERVAL: Duration = secs(10);
+/// sluice: the time constant of the latency estimates. Short, so that a
+/// slow endpoint is seen within seconds, not within an interval.
+pub const OUTLIER_LATENCY_WINDOW: Duration = secs(2);
 /// Envoy `consecutive_5xx`.
 pub const OUTLIER_CONSECUTIVE_ERRORS: u32 = 5;
-/// sluice: 429s in a row before an endpoint is judged overloaded.
-pub const OUTLIER_CONSECUTIVE_429: u32 = 10;
 /// Envoy `failure_percentage_threshold`.
 pub const OUTLIER_FAILURE_RATE: Ratio = Ratio::percent(85);
-/// Envoy `failure_percentage_request_volume`.
-pub const OUTLIER_MIN_REQUESTS: u32 = 50;
-/// sluice: share of slow responses that ejects an endpoint.
-pub const OUTLIER_SLOW_RATE: Ratio = Ratio::percent(50);
+/// Envoy's `*_request_volume` are 50 and 100 requests per 10 s; an LLM
+/// endpoint serves far fewer, longer requests.
+pub const OUTLIER_MIN_REQUESTS: u32 = 20;
+/// Envoy `success_rate_stdev_factor` (1900) / 1000.
+pub const OUTLIER_SUCCESS_RATE_STDEV: f64 = 1.9;
+/// Envoy's `success_rate_minimum_hosts` is 5; LLM backends often have 3 or 4
+/// endpoints, and the median of 3 is already robust to one outlier.
+pub const OUTLIER_MIN_HOSTS: u32 = 3;
+/// sluice: latency above this multiple of the peers' median is an outlier.
+pub const OUTLIER_LATENCY_FACTOR: f64 = 3.0;
+/// sluice: latency samples before an endpoint's latency is judged.
+pub const OUTLIER_MIN_SAMPLES: u32 = 5;
+/// sluice: a time to first token below this is never an outlier.
+pub const OUTLIER_TTFT_FLOOR: Duration = millis(200);
+/// sluice: a time per output token below this is never an outlier.
+pub const OUTLIER_TPOT_FLOOR: Duration = millis(20);
+/// Akka's phi accrual threshold.
+pub const OUTLIER_PHI_THRESHOLD: f64 = 8.0;
+/// sluice: how long a 429 that names no reset time benches an endpoint.
+pub const OUTLIER_COOLDOWN_429: Duration = secs(5);
+/// sluice: the longest reset time an endpoint may name for itself.
+pub const OUTLIER_MAX_COOLDOWN: Duration = secs(60);
+/// sluice: no first-token deadline unless the policy sets one (a long
+/// prompt's prefill can legitimately take seconds).
+pub const OUTLIER_FIRST_TOKEN_TIMEOUT: Duration = Duration::ZERO;
+/// sluice: attempts on other endpoints after a failed one.
+pub const OUTLIER_RETRIES: u32 = 2;
 /// Envoy `base_ejection_time`.
 pub const OUTLIER_BASE_EJECTION: Duration = secs(30);
 /// Envoy `max_ejection_time`.
 pub const OUTLIER_MAX_EJECTION: Duration = secs(300);
+/// Envoy `max_ejection_time_jitter` is absolute; sluice spreads by a share.
+pub const OUTLIER_JITTER: Ratio = Ratio::percent(10);
 /// Envoy `max_ejection_percent`.
 pub const OUTLIER_MAX_EJECTION_SHARE: Ratio = Ratio::percent(10);
+/// sluice: successful probes that return an ejected endpoint.
+pub const OUTLIER_PROBES: u32 = 3;
 /// sluice: time to first token above which a response is slow.
 pub const SLOW_TTFT: Duration = secs(10);
 /// sluice: mean time per output token above which a stream is slow

@@ -165,10 +165,7 @@ fn section_lines(cap: Capability, policy: &Policy) -> Vec<String> {
         Capability::Outlier => {
             for be in &policy.backends {
                 if let Some(o) = &be.outlier {
-                    lines.push(format!(
-                        "backend {}: eject an endpoint after {} errors or {} 429s in a row, or when over {} of its calls fail or {} are slow (TTFT > {}, TPOT > {}) in {} with at least {} calls; ejected {} × ejections (max {}), never more than {} of endpoints",
-                        be.name, o.consecutive_errors, o.consecutive_429, o.failure_rate, o.slow_rate, HumanDuration(o.slow_ttft), HumanDuration(o.slow_tpot), HumanDuration(o.interval), o.min_requests, HumanDuration(o.base_ejection_time), HumanDuration(o.max_ejection_time), o.max_ejection
-                    ));
+                    lines.push(format!("backend {}: {}", be.name, describe_outlier(o)));
                 }
             }
         }
@@ -308,4 +305,89 @@ fn describe_match(m: &Match) -> String {
         m.authority.iter().map(String::as_str).collect(),
     );
     parts.join(" ")
+}
+
+/// What `[outlier]` does for one backend, in words: what picks, what ejects,
+/// for how long, and what the client is spared.
+fn describe_outlier(o: &sluice_core::config::OutlierConfig) -> String {
+    let off = |on: bool, text: String| if on { text } else { String::new() };
+    let detectors: Vec<String> = [
+        off(
+            o.consecutive_errors > 0,
+            format!("{} failed attempts in a row", o.consecutive_errors),
+        ),
+        off(
+            o.failure_rate.get() > 0.0,
+            format!(
+                "a failure share of {} (over {}, from {} attempts)",
+                o.failure_rate,
+                HumanDuration(o.interval),
+                o.min_requests
+            ),
+        ),
+        off(
+            o.success_rate_stdev > 0.0,
+            format!(
+                "a success rate {}σ below its peers' mean (with {} endpoints of {} attempts)",
+                o.success_rate_stdev, o.min_hosts, o.min_requests
+            ),
+        ),
+        off(
+            o.latency_factor > 0.0,
+            format!(
+                "time to first token or per output token over {}× its peers' median (over {}, from {} samples; never under {} / {})",
+                o.latency_factor,
+                HumanDuration(o.latency_window),
+                o.min_samples,
+                HumanDuration(o.ttft_floor),
+                HumanDuration(o.tpot_floor)
+            ),
+        ),
+        off(
+            o.phi_threshold > 0.0,
+            format!(
+                "phi accrual above {} on a busy endpoint's gaps between successes",
+                o.phi_threshold
+            ),
+        ),
+    ]
+    .into_iter()
+    .filter(|d| !d.is_empty())
+    .collect();
+    let mut text = String::from(
+        "picks each request's endpoint (power of two choices on load and time to first token) and names it in x-gateway-destination-endpoint with fallbacks; ",
+    );
+    if detectors.is_empty() {
+        text.push_str("ejects no endpoint (every detector is off)");
+    } else {
+        text.push_str(&format!(
+            "ejects an endpoint on {}, for {} × its recent ejections (max {}, ± {}), at most {} of endpoints and never the last; it returns after {} successful probes",
+            detectors.join(", or "),
+            HumanDuration(o.base_ejection_time),
+            HumanDuration(o.max_ejection_time),
+            o.jitter,
+            o.max_ejection,
+            o.probes
+        ));
+    }
+    if o.cooldown_429.is_zero() {
+        text.push_str("; 429s do not bench an endpoint");
+    } else {
+        text.push_str(&format!(
+            "; an endpoint answering 429 gets no new request until its reset time (retry-after, x-ratelimit-reset-*, anthropic-ratelimit-*-reset; {} when it names none, at most {})",
+            HumanDuration(o.cooldown_429),
+            HumanDuration(o.max_cooldown)
+        ));
+    }
+    if !o.first_token_timeout.is_zero() {
+        text.push_str(&format!(
+            "; a stream with no first token after {} is abandoned before the client sees a byte and tried elsewhere",
+            HumanDuration(o.first_token_timeout)
+        ));
+    }
+    text.push_str(&format!(
+        "; a failed attempt is retried on up to {} other endpoints before anything reaches the client",
+        o.retries
+    ));
+    text
 }
