@@ -45,7 +45,15 @@ pub enum FaultKind {
     ResetMidStream { after_chunks: usize },
     /// Every request gets this status (e.g. 500, 503).
     Status(u32),
+    /// Every request gets 429 with `retry-after` (whole seconds).
+    Throttled { retry_after_s: u64 },
+    /// The connection is accepted and the request read, and nothing ever
+    /// comes back (an hour of virtual time: only a timeout ends it).
+    Blackhole,
 }
+
+/// How long a blackholed endpoint takes to send anything.
+pub const BLACKHOLE_NS: u64 = 3_600 * 1_000_000_000;
 
 /// How one endpoint behaves.
 #[derive(Clone, Debug)]
@@ -170,8 +178,23 @@ impl EndpointBehavior {
                 after_ns: 1_000_000,
             };
         }
+        if active.iter().any(|k| **k == FaultKind::Blackhole) {
+            return AttemptPlan::Respond(ResponsePlan {
+                status: self.status,
+                headers: Vec::new(),
+                raw_headers: Vec::new(),
+                first_byte_ns: BLACKHOLE_NS,
+                chunks: Vec::new(),
+                trailers: None,
+                reset_after_chunks: None,
+            });
+        }
+        let retry_after = active.iter().find_map(|k| match k {
+            FaultKind::Throttled { retry_after_s } => Some(*retry_after_s),
+            _ => None,
+        });
         let forced_status = active.iter().find_map(|k| match k {
-            FaultKind::Storm429 => Some(429),
+            FaultKind::Storm429 | FaultKind::Throttled { .. } => Some(429),
             FaultKind::Status(s) => Some(*s),
             _ => None,
         });
@@ -186,12 +209,16 @@ impl EndpointBehavior {
         if status != self.status {
             // Errors answer fast, with a short body.
             let body = format!("{{\"error\":{status}}}").into_bytes();
+            let mut headers: Vec<(String, String)> = vec![
+                ("content-type".into(), "application/json".into()),
+                ("content-length".into(), body.len().to_string()),
+            ];
+            if let Some(secs) = retry_after.filter(|_| status == 429) {
+                headers.push(("retry-after".into(), secs.to_string()));
+            }
             return AttemptPlan::Respond(ResponsePlan {
                 status,
-                headers: vec![
-                    ("content-type".into(), "application/json".into()),
-                    ("content-length".into(), body.len().to_string()),
-                ],
+                headers,
                 raw_headers: Vec::new(),
                 first_byte_ns: ttft.min(5_000_000),
                 chunks: vec![(0, body)],

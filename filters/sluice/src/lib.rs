@@ -8,11 +8,14 @@
 //! admission: the token limiter first (a request over quota never takes a
 //! bulkhead slot), then the breaker (an open circuit answers before the
 //! upstream is called; the tokens reserved for it are refunded when the
-//! request is done).
+//! request is done), then outlier detection, which picks the endpoint of a
+//! request every earlier capability let go (a refused request takes no
+//! endpoint's load).
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod breaker;
+pub mod outlier;
 pub mod tokens;
 
 use sluice_core::config::Policy;
@@ -30,6 +33,9 @@ pub fn capabilities(policy: &Policy) -> Vec<Box<dyn Capability>> {
     }
     if let Some(breaker) = breaker::Breaker::from_policy(policy) {
         caps.push(Box::new(breaker));
+    }
+    if let Some(outlier) = outlier::Outlier::from_policy(policy) {
+        caps.push(Box::new(outlier));
     }
     caps
 }

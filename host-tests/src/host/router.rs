@@ -10,6 +10,7 @@
 //! router would ignore must fail here, not first in the Envoy lab.
 
 use std::rc::Rc;
+use std::time::Duration;
 
 use super::chain::{Dir, Frame};
 use super::{Event, Host, RouteConfig, StreamId};
@@ -29,6 +30,10 @@ pub(super) struct RouterState {
     pub(super) retry_on: Vec<String>,
     pub(super) retriable_codes: Vec<u32>,
     pub(super) retries_left: u32,
+    /// The request's `x-envoy-upstream-rq-per-try-timeout-ms`, which
+    /// overrides the route's `per_try_timeout` (Envoy reads it from the
+    /// headers as they reach the router, so a filter can set it).
+    pub(super) per_try_timeout: Option<Duration>,
     pub(super) retried: bool,
     pub(super) attempt: u64,
     /// Bumped per attempt and when the stream stops: stale events are dropped.
@@ -96,6 +101,11 @@ impl Host {
         if s.router.retry_on.is_empty() {
             s.router.retries_left = 0;
         }
+        s.router.per_try_timeout = headers
+            .get("x-envoy-upstream-rq-per-try-timeout-ms")
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .filter(|&ms| ms > 0)
+            .map(Duration::from_millis);
         self.attempt(id);
     }
 
@@ -168,7 +178,12 @@ impl Host {
                 );
             }
         }
-        if let Some(timeout) = self.options.route.per_try_timeout {
+        let per_try = self
+            .streams
+            .get(&id)
+            .and_then(|s| s.router.per_try_timeout)
+            .or(self.options.route.per_try_timeout);
+        if let Some(timeout) = per_try {
             self.schedule_in(
                 timeout.as_nanos() as u64,
                 Event::PerTryTimeout {

@@ -8,8 +8,20 @@
 //! budgets judge endpoints by attempts, not by requests: a request retried
 //! twice is three outcomes on possibly three endpoints.
 
+use std::time::Duration;
+
 use sluice_core::outcome::ResponseFlags;
 use sluice_core::time::Timestamp;
+
+/// Request header by which the request's instance asks the per-attempt one
+/// to hold each attempt's response headers until its first body byte (the
+/// first token of a stream). Envoy's router stops an attempt's per-try
+/// timeout when it sees response headers; held back, they keep the timer
+/// running, so the per-try timeout becomes a first-token deadline and a
+/// silent endpoint is abandoned (and the request retried elsewhere) before
+/// any byte reaches the client. The per-attempt instance removes it before
+/// the request leaves.
+pub const FIRST_TOKEN_HEADER: &str = "x-sluice-first-token";
 
 /// The root id of the per-attempt instance (`sluice render envoy` gives it
 /// to the upstream filter; the request's instance has `sluice`).
@@ -31,6 +43,9 @@ pub struct Attempt {
     /// Envoy's response flags for the attempt (resets, timeouts, connect
     /// failures).
     pub flags: ResponseFlags,
+    /// On a 429: how long the endpoint asked not to be sent requests
+    /// (`retry-after`, `x-ratelimit-reset-*`, `anthropic-ratelimit-*-reset`).
+    pub cooldown: Option<Duration>,
 }
 
 use std::rc::Rc;
@@ -38,8 +53,10 @@ use std::rc::Rc;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 
+use sluice_core::outlier::reset::cooldown;
+
 use super::root::Config;
-use crate::host;
+use crate::host::{self, Map};
 use crate::metrics::Counter;
 
 /// What every attempt context of one configuration counts.
@@ -65,6 +82,10 @@ pub(crate) struct AttemptHttp {
     metrics: Rc<AttemptMetrics>,
     attempt: Attempt,
     finished: bool,
+    /// Hold response headers until the first body byte ([`FIRST_TOKEN_HEADER`]).
+    hold: bool,
+    /// Response headers are held now.
+    holding: bool,
 }
 
 impl AttemptHttp {
@@ -74,6 +95,8 @@ impl AttemptHttp {
             metrics,
             attempt: Attempt::default(),
             finished: false,
+            hold: false,
+            holding: false,
         }
     }
 
@@ -109,20 +132,47 @@ impl HttpContext for AttemptHttp {
             .and_then(|n| u32::try_from(n).ok())
             .unwrap_or(1);
         self.attempt.endpoint = host::property_string(&["upstream", "address"]);
-        Action::Continue
-    }
-
-    fn on_http_response_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
-        self.attempt.status = host::response_header(":status").and_then(|s| s.trim().parse().ok());
-        if end_of_stream {
-            self.attempt.first_byte.get_or_insert_with(host::now);
+        if host::header_bytes(Map::RequestHeaders, FIRST_TOKEN_HEADER).is_some() {
+            self.hold = true;
+            host::set_request_header(FIRST_TOKEN_HEADER, None);
+        }
+        if let Some(config) = &self.config {
+            for cap in &config.caps {
+                cap.attempt_started(&self.attempt);
+            }
         }
         Action::Continue
     }
 
-    fn on_http_response_body(&mut self, body_size: usize, _end_of_stream: bool) -> Action {
+    fn on_http_response_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
+        let now = host::now();
+        let headers = host::headers(Map::ResponseHeaders).unwrap_or_default();
+        let status: Option<u16> = headers.text(":status").and_then(|s| s.trim().parse().ok());
+        self.attempt.status = status;
+        if status == Some(429) {
+            self.attempt.cooldown = cooldown(|name| headers.get(name), now);
+        }
+        if end_of_stream {
+            self.attempt.first_byte.get_or_insert(now);
+            return Action::Continue;
+        }
+        // Only a success is held: an error answer is the router's to judge
+        // (and retry) at once.
+        if self.hold && status.is_some_and(|s| (200..300).contains(&s)) {
+            self.holding = true;
+            return Action::Pause;
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         if body_size > 0 && self.attempt.first_byte.is_none() {
             self.attempt.first_byte = Some(host::now());
+        }
+        if self.holding && (body_size > 0 || end_of_stream) {
+            // The first token (or the end): headers and this chunk go on
+            // together, and the router's per-try timer stops.
+            self.holding = false;
         }
         Action::Continue
     }

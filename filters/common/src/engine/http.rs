@@ -23,8 +23,14 @@ use super::{Admission, Edits, Flow, Verdict, Wake};
 use crate::host::{self, Buffer, Headers, Map};
 
 /// Request headers only sluice may set: a client's copy is removed before
-/// anything reads the route table.
-pub const INTERNAL_REQUEST_HEADERS: &[&str] = &[BACKEND_HEADER];
+/// anything reads the route table (a client naming its own endpoint would
+/// step around ejections; one asking for a first-token hold would change
+/// how its attempts are timed).
+pub const INTERNAL_REQUEST_HEADERS: &[&str] = &[
+    BACKEND_HEADER,
+    sluice_core::outlier::DESTINATION_HEADER,
+    super::attempt::FIRST_TOKEN_HEADER,
+];
 
 /// Where a request is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -355,6 +361,9 @@ impl Exchange {
             reads_usage,
             host::now,
         );
+        if self.config.as_ref().is_some_and(|c| c.reads_endpoint) {
+            self.observation.upstream_address = host::property_string(&["upstream", "address"]);
+        }
         let mut add = std::mem::take(&mut self.edits.response_headers);
         for flow in &mut self.flows {
             flow.response_headers(&self.observation, &mut add);
@@ -411,7 +420,9 @@ impl Exchange {
                     host::property_u64(&["response", "flags"]).unwrap_or(0),
                 );
             }
-            if self.config.as_ref().is_some_and(|c| c.reads_endpoint) {
+            if self.observation.upstream_address.is_none()
+                && self.config.as_ref().is_some_and(|c| c.reads_endpoint)
+            {
                 self.observation.upstream_address = host::property_string(&["upstream", "address"]);
             }
         }

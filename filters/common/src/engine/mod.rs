@@ -63,7 +63,7 @@ use sluice_core::config::Policy;
 use sluice_core::llm::LocalReply;
 use sluice_core::time::Timestamp;
 
-pub use attempt::{ATTEMPT_ROOT_ID, Attempt};
+pub use attempt::{ATTEMPT_ROOT_ID, Attempt, FIRST_TOKEN_HEADER};
 pub use observe::Observation;
 pub use request::{BodyRead, RequestContext};
 pub use root::{Engine, start};
@@ -216,10 +216,27 @@ pub trait Capability {
         false
     }
 
+    /// One upstream attempt left for its endpoint (`status` and the rest
+    /// are not known yet).
+    fn attempt_started(&self, attempt: &Attempt) {
+        let _ = attempt;
+    }
+
     /// One upstream attempt ended (the engine's per-attempt instance, in
     /// the cluster's filter chain; it shares state with the request's).
     fn attempt(&self, attempt: &Attempt) {
         let _ = attempt;
+    }
+
+    /// How often the per-attempt instance wants [`Capability::attempt_tick`].
+    fn attempt_tick_period(&self) -> Option<Duration> {
+        None
+    }
+
+    /// The per-attempt instance's tick (it holds no requests: flush what
+    /// attempts taught it).
+    fn attempt_tick(&self, now: Timestamp) {
+        let _ = now;
     }
 }
 

@@ -141,7 +141,11 @@ impl RootContext for Engine {
             .tokens
             .as_ref()
             .map_or(DEFAULT_MAX_BODY, |t| t.max_body.0);
-        let tick = caps.iter().filter_map(|c| c.tick_period()).min();
+        let tick = if per_attempt {
+            caps.iter().filter_map(|c| c.attempt_tick_period()).min()
+        } else {
+            caps.iter().filter_map(|c| c.tick_period()).min()
+        };
         let config = Config {
             reads_usage: caps.iter().any(|c| c.reads_usage()),
             reads_prompt: caps.iter().any(|c| c.reads_prompt()),
@@ -153,7 +157,6 @@ impl RootContext for Engine {
         };
         self.configs.insert(0, Rc::new(config));
         if let Some(period) = tick
-            && !per_attempt
             && self.tick != Some(period)
             && host::set_tick_period(period).is_ok()
         {
@@ -164,10 +167,15 @@ impl RootContext for Engine {
 
     fn on_tick(&mut self) {
         let now = host::now();
+        let per_attempt = self.attempts.is_some();
         let mut wakes: Vec<(u32, Wake)> = Vec::new();
         for config in &self.configs {
             for cap in &config.caps {
-                cap.tick(now, &mut |id, wake| wakes.push((id, wake)));
+                if per_attempt {
+                    cap.attempt_tick(now);
+                } else {
+                    cap.tick(now, &mut |id, wake| wakes.push((id, wake)));
+                }
             }
         }
         for (id, wake) in wakes {

@@ -124,7 +124,7 @@ pub fn suspects(
                 slow.push((i, r.slow_tpot_run, Reason::SlowTokens));
             }
         }
-        slow.sort_by(|a, b| b.1.cmp(&a.1));
+        slow.sort_by_key(|s| std::cmp::Reverse(s.1));
         for (i, _, reason) in slow {
             flag(i, reason);
         }

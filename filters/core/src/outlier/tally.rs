@@ -176,7 +176,7 @@ pub fn is_slow(sample_ms: f64, peers: &mut [f64], factor: f64, floor_ms: f64, mi
     }
     peers.sort_by(f64::total_cmp);
     let mid = peers.len() / 2;
-    let median = if peers.len() % 2 == 0 {
+    let median = if peers.len().is_multiple_of(2) {
         (peers[mid - 1] + peers[mid]) / 2.0
     } else {
         peers[mid]

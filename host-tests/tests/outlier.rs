@@ -1,0 +1,324 @@
+//! Outlier detection and endpoint picking (`[outlier]` of `sluice.wasm`) in
+//! the test host, wired as `sluice render envoy` wires it: the module in
+//! the listener's chain (it picks and names endpoints in
+//! `x-gateway-destination-endpoint`) and in the cluster's upstream filters
+//! (root id `sluice.attempt`, once per attempt: it learns), one `vm_id`,
+//! a cluster whose balancer follows the header (`override_host`), two
+//! workers, virtual time.
+
+use std::time::Duration;
+
+use sluice_host_tests::{
+    Cluster, Endpoint, EndpointBehavior, FaultKind, FilterModule, Host, HostOptions, PluginConfig,
+    Request, Response, RouteConfig,
+};
+
+const ENDPOINTS: [&str; 4] = [
+    "10.0.0.1:8000",
+    "10.0.0.2:8000",
+    "10.0.0.3:8000",
+    "10.0.0.4:8000",
+];
+
+fn module() -> FilterModule {
+    FilterModule::load("sluice").expect("sluice.wasm (build it with `cargo xtask build`)")
+}
+
+fn policy(outlier: &str, endpoints: &[&str]) -> String {
+    let list: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+    format!(
+        r#"
+name = "outlier-test"
+
+[[backend]]
+name = "primary"
+models = ["big"]
+  [[backend.zone]]
+  name = "zone-a"
+  region = "region"
+  endpoints = [{}]
+
+[outlier]
+jitter = "0%"
+{outlier}
+"#,
+        list.join(", ")
+    )
+}
+
+/// A healthy LLM endpoint: first token after 50 ms, then 10 tokens 10 ms
+/// apart (streams), ±20 %.
+fn healthy() -> EndpointBehavior {
+    EndpointBehavior::llm(Duration::from_millis(50), Duration::from_millis(10), 10).with_jitter(0.2)
+}
+
+fn host(outlier: &str, behaviours: Vec<EndpointBehavior>) -> Host {
+    let addrs = &ENDPOINTS[..behaviours.len()];
+    let mut host = Host::new(HostOptions {
+        workers: 2,
+        route: RouteConfig {
+            cluster_header: Some("x-sluice-backend".into()),
+            default_cluster: Some("primary".into()),
+            ..RouteConfig::default()
+        },
+        ..HostOptions::default()
+    });
+    host.add_cluster(Cluster::new(
+        "primary",
+        addrs
+            .iter()
+            .zip(behaviours)
+            .map(|(a, b)| Endpoint::new(a, "zone-a", b))
+            .collect(),
+    ));
+    let text = policy(outlier, addrs);
+    host.add_filter(
+        PluginConfig::new(module())
+            .name("sluice")
+            .vm_id("sluice")
+            .configuration(text.clone())
+            .allow_on_headers_stop_iteration(true),
+    )
+    .unwrap();
+    host.add_upstream_filter(
+        "primary",
+        PluginConfig::new(module())
+            .name("sluice.attempt")
+            .root_id("sluice.attempt")
+            .vm_id("sluice")
+            .configuration(text)
+            .allow_on_headers_stop_iteration(true),
+    )
+    .unwrap();
+    host
+}
+
+fn chat(stream: bool) -> Request {
+    Request::post_json(
+        "/v1/chat/completions",
+        &format!(
+            r#"{{"model":"big","stream":{stream},"messages":[{{"role":"user","content":"hello"}}]}}"#
+        ),
+    )
+}
+
+/// Schedules `rps` requests per second from `from` for `seconds`, tagged
+/// with their start in ms, and runs until all have finished (bounded).
+fn load(host: &mut Host, from: Duration, seconds: u64, rps: u64, request: impl Fn() -> Request) {
+    let total = seconds * rps;
+    let before = host.finished_count();
+    for i in 0..total {
+        let at = from + Duration::from_millis(i * 1000 / rps);
+        host.schedule_request(at, None, request(), at.as_millis() as u64);
+    }
+    let finished = host.run_until(Duration::from_secs(seconds + 120), |h| {
+        h.finished_count() == before + total as usize
+    });
+    assert!(finished, "requests still running after the bound");
+}
+
+/// (start ms, response) of every finished request.
+fn responses(host: &Host) -> Vec<(u64, Response)> {
+    host.completed()
+        .into_iter()
+        .map(|(_, tag, r)| (tag.unwrap_or(0), r.clone()))
+        .collect()
+}
+
+fn served_by(r: &Response) -> &str {
+    r.header("x-sluice-endpoint")
+        .and_then(|v| v.split(';').next())
+        .unwrap_or("-")
+}
+
+fn metric(host: &Host, endpoint: &str, name: &str) -> i64 {
+    let label = endpoint.replace(['.', ':'], "_");
+    host.metric(&format!("sluice_outlier.primary.{label}.{name}"))
+}
+
+fn no_failures(host: &Host) {
+    assert!(host.vm_failures().is_empty(), "{:?}", host.vm_failures());
+}
+
+fn p99(mut v: Vec<u64>) -> u64 {
+    v.sort_unstable();
+    v[(v.len() * 99 / 100).min(v.len() - 1)]
+}
+
+#[test]
+fn an_erroring_endpoint_is_ejected_and_no_client_sees_its_errors() {
+    let broken = healthy().with_fault(
+        Duration::from_secs(2),
+        Duration::from_secs(3600),
+        FaultKind::Status(503),
+    );
+    let mut host = host("", vec![healthy(), broken, healthy(), healthy()]);
+    load(&mut host, Duration::ZERO, 8, 40, || chat(false));
+    let all = responses(&host);
+    assert_eq!(all.len(), 320);
+    let failed: Vec<_> = all.iter().filter(|(_, r)| r.status != 200).collect();
+    assert!(failed.is_empty(), "{} failed, first: {:?}", failed.len(), failed.first());
+    assert_eq!(metric(&host, ENDPOINTS[1], "ejections"), 1);
+    assert_eq!(
+        host.logs_containing("endpoint 10.0.0.2:8000 ejected").len(),
+        1,
+        "{:?}",
+        host.logs_containing("ejected")
+    );
+    // From a second after the fault, nothing goes to it any more.
+    let late: Vec<u64> = all
+        .iter()
+        .filter(|(t, r)| *t >= 3000 && r.attempts > 1)
+        .map(|(t, _)| *t)
+        .collect();
+    assert!(late.is_empty(), "retried after the ejection: {late:?}");
+    // Every answer names its endpoint and why.
+    let (_, r) = &all[all.len() - 1];
+    let header = r.header("x-sluice-endpoint").unwrap();
+    assert!(header.ends_with("reason=p2c"), "{header}");
+    no_failures(&host);
+}
+
+#[test]
+fn a_throttled_endpoint_gets_no_request_until_its_retry_after() {
+    let throttled = healthy().with_fault(
+        Duration::from_secs(2),
+        Duration::from_millis(2500),
+        FaultKind::Throttled { retry_after_s: 5 },
+    );
+    let mut host = host("", vec![healthy(), healthy(), throttled, healthy()]);
+    load(&mut host, Duration::ZERO, 12, 40, || chat(false));
+    let all = responses(&host);
+    assert!(
+        all.iter().all(|(_, r)| r.status == 200),
+        "a client saw {:?}",
+        all.iter().find(|(_, r)| r.status != 200).map(|(_, r)| r.status)
+    );
+    let served: Vec<u64> = all
+        .iter()
+        .filter(|(_, r)| served_by(r) == ENDPOINTS[2])
+        .map(|(t, _)| *t)
+        .collect();
+    // Its first 429 came at about 2 s; the workers learn it within a tick
+    // (50 ms); then nothing until 7 s, and it is back after.
+    let benched: Vec<u64> = served
+        .iter()
+        .copied()
+        .filter(|t| (2200..6900).contains(t))
+        .collect();
+    assert!(benched.is_empty(), "served while benched: {benched:?}");
+    assert!(served.iter().any(|&t| t >= 7100), "never came back: {served:?}");
+    assert!(metric(&host, ENDPOINTS[2], "throttled") >= 1);
+    assert_eq!(metric(&host, ENDPOINTS[2], "ejections"), 0, "a 429 benches, it does not eject");
+    no_failures(&host);
+}
+
+#[test]
+fn a_blackholed_stream_is_abandoned_at_the_first_token_deadline() {
+    let blackhole = healthy().with_fault(
+        Duration::from_secs(1),
+        Duration::from_secs(3600),
+        FaultKind::Blackhole,
+    );
+    let mut host = host(
+        r#"first_token_timeout = "500ms""#,
+        vec![healthy(), healthy(), healthy(), blackhole],
+    );
+    load(&mut host, Duration::ZERO, 6, 40, || chat(true));
+    let all = responses(&host);
+    assert!(all.iter().all(|(_, r)| r.status == 200 && !r.reset));
+    // No client waited for its first byte longer than the deadline plus a
+    // healthy first token (50 ms + 20 %) and the router's back-off (25 ms).
+    let worst = all
+        .iter()
+        .filter_map(|(_, r)| r.time_to_headers())
+        .max()
+        .unwrap();
+    assert!(worst <= Duration::from_millis(500 + 60 + 50), "a client waited {worst:?}");
+    assert_eq!(metric(&host, ENDPOINTS[3], "ejections"), 1);
+    // The hold is the per-attempt instance's: the client never sees the
+    // internal header, and the endpoint never did either.
+    assert!(all.iter().all(|(_, r)| r.header("x-sluice-first-token").is_none()));
+    no_failures(&host);
+}
+
+#[test]
+fn a_slow_endpoint_is_shunned_at_once_and_then_ejected() {
+    let slow = healthy().with_fault(
+        Duration::from_secs(3),
+        Duration::from_secs(3600),
+        FaultKind::Slow(5.0),
+    );
+    let mut host = host("", vec![healthy(), slow, healthy(), healthy()]);
+    load(&mut host, Duration::ZERO, 10, 60, || chat(true));
+    let all = responses(&host);
+    let ttft = |from: u64, to: u64| {
+        p99(all
+            .iter()
+            .filter(|(t, _)| (from..to).contains(t))
+            .filter_map(|(_, r)| r.time_to_headers().map(|d| d.as_millis() as u64))
+            .collect())
+    };
+    let baseline = ttft(1000, 3000);
+    let after = ttft(5000, 10_000);
+    assert!(
+        after as f64 <= 1.2 * baseline as f64,
+        "p99 TTFT {after} ms from 2 s after the fault vs {baseline} ms before"
+    );
+    let to_slow = all
+        .iter()
+        .filter(|(t, r)| *t >= 3000 && served_by(r) == ENDPOINTS[1])
+        .count();
+    assert!(to_slow <= 10, "{to_slow} requests served by the slow endpoint");
+    assert_eq!(metric(&host, ENDPOINTS[1], "ejections"), 1);
+    assert!(
+        // Slow in both first token and per token (the fault multiplies
+        // every latency): either detector may be first.
+        host.logs_containing("10.0.0.2:8000 ejected")[0].contains("(slow-"),
+        "{:?}",
+        host.logs_containing("ejected")
+    );
+    no_failures(&host);
+}
+
+#[test]
+fn a_client_cannot_name_its_endpoint_or_its_hold() {
+    let broken = healthy().with_fault(Duration::ZERO, Duration::from_secs(3600), FaultKind::Status(503));
+    let mut host = host("", vec![broken, healthy(), healthy()]);
+    load(&mut host, Duration::ZERO, 2, 40, || chat(false));
+    assert_eq!(metric(&host, ENDPOINTS[0], "ejections"), 1);
+    let before = host.finished_count();
+    load(&mut host, Duration::from_secs(3), 1, 20, || {
+        chat(true)
+            .header("x-gateway-destination-endpoint", ENDPOINTS[0])
+            .header("x-sluice-first-token", "1")
+    });
+    let all = responses(&host);
+    for (_, r) in &all[before..] {
+        assert_eq!(r.status, 200);
+        assert_eq!(r.attempts, 1, "the ejected endpoint was tried");
+        let seen = r.upstream_request_headers.as_ref().unwrap();
+        assert!(!seen.get("x-gateway-destination-endpoint").unwrap().starts_with(ENDPOINTS[0]));
+    }
+    no_failures(&host);
+}
+
+#[test]
+fn when_every_endpoint_is_benched_envoy_decides_and_a_metric_says_so() {
+    let throttled = || {
+        healthy().with_fault(
+            Duration::from_secs(1),
+            Duration::from_secs(3600),
+            FaultKind::Throttled { retry_after_s: 30 },
+        )
+    };
+    let mut host = host("", vec![throttled(), throttled()]);
+    load(&mut host, Duration::ZERO, 3, 20, || chat(false));
+    assert!(host.metric("sluice_outlier.primary.panic") > 0);
+    let all = responses(&host);
+    // Answered (the upstreams' 429s pass through): nothing hangs, nothing
+    // is refused by sluice itself.
+    assert!(all.iter().all(|(_, r)| r.status == 200 || r.status == 429));
+    assert!(all.iter().all(|(_, r)| !r.local_reply));
+    no_failures(&host);
+}
