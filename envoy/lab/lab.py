@@ -1,10 +1,18 @@
-"""A whole lab: one llm-sim per backend zone of a policy, and Envoy in front.
+"""A whole lab: one llm-sim per endpoint of a policy, and Envoy in front.
 
 ::
 
     with Lab("my-scenario") as lab:            # policies/lab.toml by default
         lab.sims["primary", "zone-a"].set_faults(error_rate=0.5)
         httpx.get(f"{lab.base_url}/v1/models")
+
+Each ``[[backend.zone]]`` gets as many simulators as it lists ``endpoints``
+(one for a zone that lists none), and Envoy is rendered with all their
+addresses, so outlier detection has several hosts of a zone to tell apart.
+``lab.sims[backend, zone]`` and ``lab.sim(backend, zone)`` are the zone's
+first; ``lab.endpoint_sims(backend, zone)`` is all of them, in the policy's
+order. A zone's only simulator is named ``BACKEND-ZONE``; several are
+``BACKEND-ZONE-0``, ``BACKEND-ZONE-1``… (the ``x-llm-sim-instance`` header).
 
 Everything a lab writes goes to ``target/lab-logs/<name>/`` (Envoy's log,
 bootstrap, each process's stdout/stderr). When the lab is stopped because of
@@ -33,6 +41,8 @@ class Lab:
                  bootstrap_hook: BootstrapHook | None = None,
                  sim_args: dict[tuple[str, str], list[str]] | None = None,
                  seed: int = 0, keep_logs: bool = False, concurrency: int = 2):
+        """``sim_args[backend, zone]`` goes to every simulator of that zone;
+        simulators are seeded ``seed``, ``seed + 1``… in the policy's order."""
         self.name = paths.safe_name(name)
         self.policy = Path(policy)
         self.run_dir = paths.LOGS_DIR / self.name
@@ -43,6 +53,7 @@ class Lab:
         self.concurrency = concurrency
         self.zones: list[BackendZone] = []
         self.sims: dict[tuple[str, str], LlmSim] = {}
+        self._zone_sims: dict[tuple[str, str], list[LlmSim]] = {}
         self.envoy: Envoy | None = None
         self.bootstrap: str = ""
 
@@ -55,13 +66,21 @@ class Lab:
             self.zones = policy_zones(self.policy)
             if not self.zones:
                 raise ValueError(f"{self.policy} declares no backend zone")
-            for i, bz in enumerate(self.zones):
+            seed = self.seed
+            for bz in self.zones:
                 key = (bz.backend, bz.zone)
-                self.sims[key] = LlmSim(
-                    zone=bz.zone, models=list(bz.models) or ["sim-model"],
-                    instance=f"{bz.backend}-{bz.zone}", run_dir=self.run_dir,
-                    seed=self.seed + i, extra_args=self.sim_args.get(key))
-            endpoints = {key: [sim.listen] for key, sim in self.sims.items()}
+                count = max(1, len(bz.endpoints))
+                sims = self._zone_sims.setdefault(key, [])
+                for j in range(count):
+                    instance = f"{bz.backend}-{bz.zone}" + (f"-{j}" if count > 1 else "")
+                    sims.append(LlmSim(
+                        zone=bz.zone, models=list(bz.models) or ["sim-model"],
+                        instance=instance, run_dir=self.run_dir,
+                        seed=seed, extra_args=self.sim_args.get(key)))
+                    seed += 1
+                self.sims[key] = sims[0]
+            endpoints = {key: [sim.listen for sim in sims]
+                         for key, sims in self._zone_sims.items()}
             bootstrap = render_envoy(self.policy, endpoints=endpoints)
             if self.bootstrap_hook is not None:
                 bootstrap = self.bootstrap_hook(bootstrap)
@@ -80,7 +99,7 @@ class Lab:
                     self.envoy.dump_state(self.run_dir)
                 self.envoy.stop()
         finally:
-            for sim in self.sims.values():
+            for sim in self.all_sims():
                 sim.stop()
         if failed or self.keep_logs:
             (self.run_dir / "README.txt").write_text(
@@ -105,7 +124,16 @@ class Lab:
         return self.envoy.base_url
 
     def sim(self, backend: str, zone: str) -> LlmSim:
+        """The zone's first simulator (its only one, in most policies)."""
         return self.sims[backend, zone]
+
+    def endpoint_sims(self, backend: str, zone: str) -> list[LlmSim]:
+        """Every simulator of the zone, one per endpoint, in the policy's order."""
+        return list(self._zone_sims[backend, zone])
+
+    def all_sims(self) -> list[LlmSim]:
+        """Every simulator of the lab, zone by zone."""
+        return [sim for sims in self._zone_sims.values() for sim in sims]
 
     def models(self, backend: str) -> list[str]:
         for bz in self.zones:

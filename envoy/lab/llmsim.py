@@ -26,6 +26,7 @@ class LlmSim:
         self.zone = zone
         self.models = list(models)
         self.instance = instance
+        self.seed = seed
         argv = [
             paths.native_tool("llm-sim"),
             "--listen", "127.0.0.1:0",
@@ -69,7 +70,14 @@ class LlmSim:
         return f"http://{self.listen}"
 
     def set_faults(self, **faults: Any) -> dict[str, Any]:
-        """Replaces the fault set (``set_faults()`` clears every fault)."""
+        """Replaces the fault set (``set_faults()`` clears every fault).
+
+        The keywords are the control port's JSON fields, passed through (see
+        tools/llm-sim/README.md): ``error_rate=0.5``, ``fixed_status=429,
+        retry_after_s=5``, ``blackhole=True`` (inference requests read and
+        never answered; health and models still answer), ``dead=True``…
+        An unknown field or a bad value raises ``httpx.HTTPStatusError`` (400).
+        """
         response = self._client.post("/_sim/faults", json=faults)
         response.raise_for_status()
         return response.json() if response.content else {}

@@ -29,20 +29,24 @@ class BackendZone:
     backend: str
     zone: str
     models: tuple[str, ...]
+    #: The zone's ``endpoints`` as written (placeholders the lab replaces;
+    #: empty for a zone that names a ``cluster``).
+    endpoints: tuple[str, ...] = ()
 
 
 def policy_zones(policy: Path) -> list[BackendZone]:
     """Every ``[[backend]]`` × ``[[backend.zone]]`` of a policy file.
 
-    Only the names and models are read here; the policy crate validates the
-    rest (``sluice validate``).
+    Only the names, models and endpoints are read here; the policy crate
+    validates the rest (``sluice validate``).
     """
     doc = tomllib.loads(policy.read_text())
     out = []
     for backend in doc.get("backend", []):
         models = tuple(backend.get("models", []))
         for zone in backend.get("zone", []):
-            out.append(BackendZone(backend["name"], zone["name"], models))
+            out.append(BackendZone(backend["name"], zone["name"], models,
+                                   tuple(zone.get("endpoints", []))))
     return out
 
 

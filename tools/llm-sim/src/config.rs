@@ -128,6 +128,22 @@ pub struct Config {
     #[arg(long)]
     pub dead: bool,
 
+    /// Fault: read inference requests and never answer them (health and
+    /// models still answer).
+    #[arg(long)]
+    pub blackhole: bool,
+
+    /// Fault: every fault error answer carries `retry-after` with this many
+    /// seconds and the provider's rate-limit reset header (at most 86400).
+    #[arg(long)]
+    pub fault_retry_after_s: Option<u32>,
+
+    /// Longest time the blackhole holds a request before closing its
+    /// connection without an answer, in seconds; bounds what a client that
+    /// never gives up can pin.
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub blackhole_max_hold_s: u64,
+
     /// Worker threads (0 = one per CPU; 1 = a single-threaded runtime).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
@@ -157,6 +173,8 @@ impl Config {
             abort_rate: self.abort_rate,
             refuse_connections: self.refuse_connections,
             dead: self.dead,
+            blackhole: self.blackhole,
+            retry_after_s: self.fault_retry_after_s,
         };
         faults.validate()?;
         Ok(faults)
@@ -175,5 +193,10 @@ impl Config {
     /// How long a queued request may wait for a slot.
     pub fn queue_timeout(&self) -> Duration {
         Duration::from_millis(self.queue_timeout_ms)
+    }
+
+    /// How long the blackhole fault holds a request at most.
+    pub fn blackhole_max_hold(&self) -> Duration {
+        Duration::from_secs(self.blackhole_max_hold_s)
     }
 }

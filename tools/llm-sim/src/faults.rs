@@ -5,14 +5,20 @@
 //! one status (circuit breaking), added latency and slow decoding (latency-based
 //! ejection, degradation), streams cut mid-way (retries must not double-count
 //! tokens), refused connections and a dead-then-revived endpoint (zone
-//! failover, recovery).
+//! failover, recovery), a blackhole that reads requests and never answers
+//! (timeouts as the only signal, while health checks still pass), and
+//! rate-limit hints on error answers (`retry-after` and the provider's reset
+//! header, for retry back-off that honours the upstream).
 //!
 //! The fault set is replaced as a whole (flags at start-up, `POST /_sim/faults`
 //! at run time), and each replacement reseeds the PRNG with `--seed`: what
 //! happens after a given POST depends only on the seed and the order of the
 //! requests that follow, so a scenario replays identically. Every request
 //! draws the same number of random values whether or not a fault uses them,
-//! which keeps the sequence stable when one rate changes.
+//! which keeps the sequence stable when one rate changes. A request held by
+//! the blackhole draws nothing while held; if the blackhole is cleared while
+//! its client is still there, it draws when released, after the reseed, like
+//! any request that follows the POST.
 
 use std::time::Duration;
 
@@ -48,7 +54,21 @@ pub enum FaultError {
         /// The value given.
         value: f64,
     },
+    /// A number above its ceiling.
+    #[error("{field} must be at most {max}, got {value}")]
+    TooLarge {
+        /// The JSON field.
+        field: &'static str,
+        /// The value given.
+        value: u64,
+        /// The largest accepted value.
+        max: u64,
+    },
 }
+
+/// Largest `retry_after_s`, in seconds: one day. A longer hint is more
+/// likely a unit mistake (milliseconds given as seconds) than a drill.
+pub const MAX_RETRY_AFTER_S: u32 = 86_400;
 
 /// The active faults; the JSON body of `/_sim/faults`. A missing field means
 /// "no such fault", so `{}` clears everything.
@@ -74,6 +94,20 @@ pub struct Faults {
     /// The server is dead: listener closed and every open connection cut.
     /// Setting it back to false revives the server on the same port.
     pub dead: bool,
+    /// Inference requests are read and then never answered (no status, no
+    /// byte) until the client goes away, the fault is cleared (the request is
+    /// then served) or `--blackhole-max-hold-s` passes (the connection is
+    /// closed without an answer). `/health` and `/v1/models` still answer:
+    /// the host looks healthy to health checks, as a hung inference engine
+    /// behind a live HTTP front does.
+    pub blackhole: bool,
+    /// When set, every fault error answer (`error_rate`, `fixed_status`)
+    /// carries `retry-after` with this many seconds and the provider's reset
+    /// header (`x-ratelimit-reset-requests` or
+    /// `anthropic-ratelimit-requests-reset`), whatever its status; at most
+    /// [`MAX_RETRY_AFTER_S`]. Unset, 429/503/529 fault answers carry
+    /// `retry-after: --retry-after-s` and no reset header.
+    pub retry_after_s: Option<u32>,
 }
 
 impl Default for Faults {
@@ -89,6 +123,8 @@ impl Default for Faults {
             abort_rate: 1.0,
             refuse_connections: false,
             dead: false,
+            blackhole: false,
+            retry_after_s: None,
         }
     }
 }
@@ -110,7 +146,8 @@ fn error_status(field: &'static str, value: u16) -> Result<(), FaultError> {
 }
 
 impl Faults {
-    /// Checks ranges: probabilities in [0, 1], statuses in 400..=599, rates > 0.
+    /// Checks ranges: probabilities in [0, 1], statuses in 400..=599, rates > 0,
+    /// `retry_after_s` at most [`MAX_RETRY_AFTER_S`].
     pub fn validate(&self) -> Result<(), FaultError> {
         probability("error_rate", self.error_rate)?;
         probability("abort_rate", self.abort_rate)?;
@@ -124,6 +161,15 @@ impl Faults {
             return Err(FaultError::NotPositive {
                 field: "slow_tokens_per_sec",
                 value: rate,
+            });
+        }
+        if let Some(secs) = self.retry_after_s
+            && secs > MAX_RETRY_AFTER_S
+        {
+            return Err(FaultError::TooLarge {
+                field: "retry_after_s",
+                value: u64::from(secs),
+                max: u64::from(MAX_RETRY_AFTER_S),
             });
         }
         Ok(())
@@ -146,6 +192,8 @@ pub struct Decision {
     pub rate_override: Option<f64>,
     /// Cut the connection after this many tokens.
     pub abort_after_tokens: Option<u32>,
+    /// Rate-limit hint for the error answer, in seconds (the `retry_after_s` fault).
+    pub retry_after_s: Option<u32>,
 }
 
 /// The fault set and the seeded PRNG that decides each request.
@@ -192,6 +240,7 @@ impl FaultState {
             added_latency: Duration::from_millis(f.added_latency_ms),
             rate_override: f.slow_tokens_per_sec,
             abort_after_tokens,
+            retry_after_s: f.retry_after_s,
         }
     }
 }
@@ -234,6 +283,61 @@ mod tests {
             ..Faults::default()
         };
         assert!(bad.validate().is_err());
+        let bad = Faults {
+            retry_after_s: Some(MAX_RETRY_AFTER_S + 1),
+            ..Faults::default()
+        };
+        assert_eq!(
+            bad.validate(),
+            Err(FaultError::TooLarge {
+                field: "retry_after_s",
+                value: 86_401,
+                max: 86_400,
+            })
+        );
+        for secs in [0, 1, MAX_RETRY_AFTER_S] {
+            let ok = Faults {
+                retry_after_s: Some(secs),
+                ..Faults::default()
+            };
+            assert_eq!(ok.validate(), Ok(()), "{secs}");
+        }
+    }
+
+    #[test]
+    fn new_faults_read_from_json_and_default_off() {
+        let f: Faults = serde_json::from_str(r#"{"blackhole":true,"retry_after_s":7}"#).unwrap();
+        assert!(f.blackhole);
+        assert_eq!(f.retry_after_s, Some(7));
+        assert!(f.listener_open(), "a blackhole still accepts connections");
+        assert!(!Faults::default().blackhole);
+        assert_eq!(Faults::default().retry_after_s, None);
+        assert!(serde_json::from_str::<Faults>(r#"{"retry_after_s":-1}"#).is_err());
+        assert!(serde_json::from_str::<Faults>(r#"{"blackhole":1}"#).is_err());
+    }
+
+    #[test]
+    fn new_faults_do_not_change_the_draws() {
+        let plain = Faults {
+            error_rate: 0.3,
+            abort_after_tokens: Some(2),
+            abort_rate: 0.5,
+            ..Faults::default()
+        };
+        let hinted = Faults {
+            retry_after_s: Some(3),
+            blackhole: true,
+            ..plain.clone()
+        };
+        let mut a = FaultState::new(plain, 11);
+        let mut b = FaultState::new(hinted, 11);
+        for _ in 0..500 {
+            let (da, db) = (a.decide(), b.decide());
+            assert_eq!(da.error_status, db.error_status);
+            assert_eq!(da.abort_after_tokens, db.abort_after_tokens);
+            assert_eq!(da.retry_after_s, None);
+            assert_eq!(db.retry_after_s, Some(3));
+        }
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! One inference request, from request body to (possibly streamed) response.
 //!
-//! The order of checks follows a real server's: read and parse the body (400,
-//! 413), check the model (404), take a capacity slot (429), then the fault
-//! decision, then generation paced by the timing model. The slot is held until
+//! The order of checks follows a real server's: read the body (411, 413),
+//! parse it (400), check the model (404), take a capacity slot (429), then
+//! the fault decision, then generation paced by the timing model. The
+//! blackhole fault holds a request right after the read. The slot is held until
 //! the last token is written, so a slow stream occupies capacity the way a
 //! real sequence occupies a batch slot.
 //!
@@ -32,20 +33,29 @@ use crate::api::anthropic::{self, AnthropicStream};
 use crate::api::openai::{self, OpenAiStream};
 use crate::api::{ApiError, Body, Endpoint, ResponseMeta, json_response};
 use crate::capacity::Slot;
-use crate::server::Shared;
+use crate::server::{BlackholeExpired, Shared};
 use crate::timing::{Schedule, generated_text, token_text};
 
 /// Serves one inference request on `endpoint`; every failure is an answer in
-/// the endpoint's error shape.
+/// the endpoint's error shape, except a request the blackhole held until its
+/// limit, which gets no answer at all.
 pub(crate) async fn serve(
     shared: &Arc<Shared>,
     endpoint: Endpoint,
     req: Request<Incoming>,
-) -> Response<Body> {
-    match run(shared, endpoint, req).await {
+) -> Result<Response<Body>, BlackholeExpired> {
+    let body = read_request(shared, req).await;
+    // Held once read, as by a server that hangs mid-work; a request the read
+    // refused (411, 413) too: a blackholed server answers nothing.
+    shared.pass_blackhole().await?;
+    let result = match body {
+        Ok(body) => run(shared, endpoint, &body).await,
+        Err(err) => Err(err),
+    };
+    Ok(match result {
         Ok(resp) => resp,
         Err(err) => err.into_response(endpoint.flavor()),
-    }
+    })
 }
 
 async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, ApiError> {
@@ -58,19 +68,23 @@ async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, ApiError> {
     }
 }
 
-async fn run(
-    shared: &Arc<Shared>,
-    endpoint: Endpoint,
-    req: Request<Incoming>,
-) -> Result<Response<Body>, ApiError> {
+/// The request body, within `--max-body-bytes` and `--require-content-length`.
+async fn read_request(shared: &Shared, req: Request<Incoming>) -> Result<Bytes, ApiError> {
     if shared.config.require_content_length && !req.headers().contains_key(CONTENT_LENGTH) {
         return Err(ApiError::length_required());
     }
-    let body = read_body(req.into_body(), shared.config.max_body_bytes).await?;
+    read_body(req.into_body(), shared.config.max_body_bytes).await
+}
+
+async fn run(
+    shared: &Arc<Shared>,
+    endpoint: Endpoint,
+    body: &[u8],
+) -> Result<Response<Body>, ApiError> {
     let request = match endpoint {
-        Endpoint::ChatCompletions => openai::parse_chat(&body)?,
-        Endpoint::Completions => openai::parse_completions(&body)?,
-        Endpoint::Messages => anthropic::parse_messages(&body)?,
+        Endpoint::ChatCompletions => openai::parse_chat(body)?,
+        Endpoint::Completions => openai::parse_completions(body)?,
+        Endpoint::Messages => anthropic::parse_messages(body)?,
     };
     if !shared.config.models.contains(&request.model) {
         return Err(ApiError::model_not_found(&request.model));
@@ -84,7 +98,7 @@ async fn run(
     let decision = shared.decide();
     if let Some(status) = decision.error_status {
         sleep_until(admitted + decision.added_latency).await;
-        return Err(ApiError::fault(status, retry_after));
+        return Err(ApiError::fault(status, retry_after, decision.retry_after_s));
     }
 
     let (n, cut_short) = shared.timing.output_tokens(request.max_tokens);

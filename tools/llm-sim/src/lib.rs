@@ -7,8 +7,9 @@
 //! wire formats the real `openai` and `anthropic` SDKs parse, takes time the
 //! way a real server does (time to first token grows with the prompt, tokens
 //! stream at a fixed rate), refuses work beyond its capacity, and can be told
-//! to misbehave (errors, latency, cut streams, refused connections, death and
-//! revival), at start-up or at run time through a separate control port.
+//! to misbehave (errors with or without rate-limit hints, latency, cut
+//! streams, requests never answered, refused connections, death and revival),
+//! at start-up or at run time through a separate control port.
 //!
 //! Everything random is drawn from one seeded PRNG, so a scenario replays the
 //! same way given the same `--seed` and the same request order.

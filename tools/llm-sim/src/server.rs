@@ -1,4 +1,5 @@
-//! Listeners, connections, routing, and the refuse / die / revive faults.
+//! Listeners, connections, routing, the refuse / die / revive faults, and
+//! the blackhole's hold.
 //!
 //! The accept loop is owned here (rather than handed to a framework) because
 //! three faults act below HTTP:
@@ -14,8 +15,15 @@
 //! whether it should be open; a second channel reports whether it is, so the
 //! control port answers only once the change has taken effect. Each
 //! connection task watches a "kill epoch" that the dead fault bumps.
+//!
+//! The blackhole must answer nothing, not even a status line, so it is not
+//! an answer but a wait inside the request's service future, on a `watch` of
+//! the fault. A client that goes away ends it (hyper drops the future with
+//! the connection), clearing the fault ends it (the request is served), and
+//! so does the hold limit (the service fails, and hyper closes the
+//! connection without writing a byte): no held request outlives its client
+//! or the limit.
 
-use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -87,11 +95,19 @@ pub(crate) struct Shared {
     pub(crate) stats: Stats,
     faults: Mutex<FaultState>,
     listener: ListenerControl,
+    /// Whether the blackhole fault is on (held requests wait for false).
+    blackhole: watch::Sender<bool>,
     next_id: AtomicU64,
     id_salt: u64,
     zone: HeaderValue,
     instance: HeaderValue,
 }
+
+/// The blackhole held a request for `--blackhole-max-hold-s`: its connection
+/// is closed without an answer.
+#[derive(Debug, thiserror::Error)]
+#[error("blackholed request held for the longest hold; connection closed unanswered")]
+pub(crate) struct BlackholeExpired;
 
 /// A listener change the control port asked for did not take effect in time.
 #[derive(Debug, thiserror::Error)]
@@ -131,20 +147,42 @@ impl Shared {
             .clone()
     }
 
+    /// Holds an inference request while the blackhole fault is on: returns
+    /// once it is cleared, or fails after `--blackhole-max-hold-s`. A client
+    /// that goes away ends the wait by dropping this future.
+    pub(crate) async fn pass_blackhole(&self) -> Result<(), BlackholeExpired> {
+        let mut on = self.blackhole.subscribe();
+        if !*on.borrow_and_update() {
+            return Ok(());
+        }
+        self.stats.blackholed();
+        let cleared =
+            tokio::time::timeout(self.config.blackhole_max_hold(), on.wait_for(|on| !*on)).await;
+        match cleared {
+            Ok(Ok(_)) => Ok(()),
+            // Timed out (the sender lives as long as `self`, so never closed).
+            _ => Err(BlackholeExpired),
+        }
+    }
+
     /// Whether the API listener is open now.
     pub(crate) fn listening(&self) -> bool {
         *self.listener.listening.borrow()
     }
 
-    /// Replaces the faults (validated by the caller), then opens or closes the
+    /// Replaces the faults (validated by the caller), releases the requests
+    /// the blackhole holds unless it stays on, then opens or closes the
     /// listener to match and, for `dead`, cuts every open connection.
     pub(crate) async fn set_faults(&self, faults: Faults) -> Result<(), ListenerStuck> {
         let open = faults.listener_open();
         let dead = faults.dead;
+        let blackhole = faults.blackhole;
         self.faults
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .replace(faults);
+        // After the reseed: released requests draw like any that follow the change.
+        self.blackhole.send_replace(blackhole);
         self.listener.desired.send_replace(open);
         let mut listening = self.listener.listening.subscribe();
         let settled = tokio::time::timeout(
@@ -231,39 +269,47 @@ impl http_body::Body for Tracked {
     }
 }
 
-/// Routes one API request.
-async fn route(shared: &Arc<Shared>, req: Request<hyper::body::Incoming>) -> Response<Body> {
+/// Routes one API request; only inference requests can be blackholed.
+async fn route(
+    shared: &Arc<Shared>,
+    req: Request<hyper::body::Incoming>,
+) -> Result<Response<Body>, BlackholeExpired> {
     let endpoint = match (req.method(), req.uri().path()) {
         (&Method::POST, "/v1/chat/completions") => Endpoint::ChatCompletions,
         (&Method::POST, "/v1/completions") => Endpoint::Completions,
         (&Method::POST, "/v1/messages") => Endpoint::Messages,
         (&Method::GET, "/health") => {
-            return api::json_response(StatusCode::OK, br#"{"status":"ok"}"#.to_vec());
+            return Ok(api::json_response(
+                StatusCode::OK,
+                br#"{"status":"ok"}"#.to_vec(),
+            ));
         }
         (&Method::GET, "/v1/models") => {
             let body = api::openai::models_body(&shared.config.models, api::unix_now());
-            return api::json_response(StatusCode::OK, body);
+            return Ok(api::json_response(StatusCode::OK, body));
         }
         (_, "/v1/messages") => {
-            return ApiError::method_not_allowed().into_response(Flavor::Anthropic);
+            return Ok(ApiError::method_not_allowed().into_response(Flavor::Anthropic));
         }
         (_, "/v1/chat/completions" | "/v1/completions" | "/v1/models" | "/health") => {
-            return ApiError::method_not_allowed().into_response(Flavor::OpenAi);
+            return Ok(ApiError::method_not_allowed().into_response(Flavor::OpenAi));
         }
-        (_, path) => return ApiError::unknown_route(path).into_response(Flavor::OpenAi),
+        (_, path) => return Ok(ApiError::unknown_route(path).into_response(Flavor::OpenAi)),
     };
     crate::generate::serve(shared, endpoint, req).await
 }
 
 /// Serves one API request: counters, in-flight tracking, identity headers.
+/// An error (a blackhole hold that ran out) makes hyper close the
+/// connection without writing anything.
 async fn serve_api(
     shared: Arc<Shared>,
     req: Request<hyper::body::Incoming>,
-) -> Result<Response<Tracked>, Infallible> {
+) -> Result<Response<Tracked>, BlackholeExpired> {
     shared.stats.request_started();
     let in_flight = InFlight(Arc::clone(&shared));
     let gzip = shared.config.gzip_always || crate::gzip::accepts_gzip(req.headers());
-    let resp = route(&shared, req).await;
+    let resp = route(&shared, req).await?;
     shared.stats.status(resp.status().as_u16());
     let (mut parts, mut body) = resp.into_parts();
     parts.headers.insert(ZONE_HEADER, shared.zone.clone());
@@ -397,6 +443,7 @@ impl RunningServer {
         let zone = HeaderValue::from_str(&config.zone)?;
         let instance = HeaderValue::from_str(&config.instance)?;
         let open = faults.listener_open();
+        let blackhole = faults.blackhole;
         let (desired, desired_rx) = watch::channel(open);
         let shared = Arc::new(Shared {
             capacity: Capacity::new(
@@ -413,6 +460,7 @@ impl RunningServer {
                 listening: watch::Sender::new(open),
                 kill_epoch: watch::Sender::new(0),
             },
+            blackhole: watch::Sender::new(blackhole),
             next_id: AtomicU64::new(0),
             id_salt: fnv1a(&config.instance) ^ config.seed,
             zone,

@@ -26,6 +26,7 @@ pub struct Stats {
     aborted: AtomicU64,
     connections_accepted: AtomicU64,
     gzipped: AtomicU64,
+    blackholed: AtomicU64,
 }
 
 /// A point-in-time copy of [`Stats`], as served by the control port.
@@ -51,6 +52,8 @@ pub struct StatsSnapshot {
     pub connections_accepted: u64,
     /// Answers sent gzip-compressed (`accept-encoding: gzip` or `--gzip-always`).
     pub gzipped: u64,
+    /// Inference requests the blackhole fault held (counted when the hold starts).
+    pub blackholed: u64,
     /// Whether the API listener is open now.
     pub listening: bool,
 }
@@ -67,6 +70,7 @@ impl Default for Stats {
             aborted: AtomicU64::new(0),
             connections_accepted: AtomicU64::new(0),
             gzipped: AtomicU64::new(0),
+            blackholed: AtomicU64::new(0),
         }
     }
 }
@@ -116,6 +120,11 @@ impl Stats {
         self.gzipped.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts a request the blackhole starts holding.
+    pub fn blackholed(&self) {
+        self.blackholed.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Counts an accepted connection.
     pub fn connection(&self) {
         self.connections_accepted.fetch_add(1, Ordering::Relaxed);
@@ -143,6 +152,7 @@ impl Stats {
             aborted: self.aborted.load(Ordering::Relaxed),
             connections_accepted: self.connections_accepted.load(Ordering::Relaxed),
             gzipped: self.gzipped.load(Ordering::Relaxed),
+            blackholed: self.blackholed.load(Ordering::Relaxed),
             listening,
         }
     }

@@ -88,6 +88,44 @@ fn error_type(status: u16) -> &'static str {
     }
 }
 
+/// Anthropic's header for the instant the request limit is back to full.
+pub const REQUESTS_RESET_HEADER: &str = "anthropic-ratelimit-requests-reset";
+
+/// The instant `secs` after `now_unix` (seconds since the Unix epoch) as
+/// Anthropic writes a reset: RFC 3339, UTC, to the second
+/// (`2026-11-29T19:02:39Z`).
+///
+/// By hand rather than a date crate for this one format, and not borrowed
+/// from sluice-core (which formats the same header): the simulator is the
+/// independent side of the wire, so a bug in one formatter must not hide in
+/// both. Total over every input: no overflow, no panic.
+pub fn reset_instant(now_unix: u64, secs: u64) -> String {
+    let t = now_unix.saturating_add(secs);
+    let (year, month, day) = civil_from_days(t / 86_400);
+    let rem = t % 86_400;
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// (year, month, day) of a day count since 1970-01-01, proleptic Gregorian
+/// calendar (Howard Hinnant's `civil_from_days`, for days ≥ 0).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    (year, month, day)
+}
+
 /// The Anthropic error envelope for `err`.
 pub fn error_body(err: &ApiError) -> Vec<u8> {
     let envelope = ErrorEnvelope {
@@ -349,5 +387,17 @@ mod tests {
         let body: Value = serde_json::from_slice(&error_body(&err)).unwrap();
         assert_eq!(body["type"], "error");
         assert_eq!(body["error"]["type"], "invalid_request_error");
+    }
+
+    #[test]
+    fn reset_instants_are_rfc3339_utc() {
+        assert_eq!(reset_instant(0, 0), "1970-01-01T00:00:00Z");
+        // `date -u -d @1795978959` → 2026-11-29 19:02:39.
+        assert_eq!(reset_instant(1_795_978_950, 9), "2026-11-29T19:02:39Z");
+        // Across a leap day and a year end.
+        assert_eq!(reset_instant(951_782_399, 1), "2000-02-29T00:00:00Z");
+        assert_eq!(reset_instant(1_798_761_599, 1), "2027-01-01T00:00:00Z");
+        // Saturates instead of overflowing.
+        assert!(reset_instant(u64::MAX, 5).ends_with('Z'));
     }
 }

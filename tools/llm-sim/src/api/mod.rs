@@ -104,6 +104,10 @@ pub struct ApiError {
     pub code: Option<&'static str>,
     /// `retry-after` header value, in seconds.
     pub retry_after_s: Option<u64>,
+    /// When set, the provider's request rate-limit reset header says the
+    /// limit resets this many seconds from now (OpenAI
+    /// `x-ratelimit-reset-requests`, Anthropic `anthropic-ratelimit-requests-reset`).
+    pub requests_reset_s: Option<u64>,
 }
 
 impl ApiError {
@@ -114,6 +118,7 @@ impl ApiError {
             message: message.into(),
             code: None,
             retry_after_s: None,
+            requests_reset_s: None,
         }
     }
 
@@ -124,6 +129,7 @@ impl ApiError {
             message: format!("The model `{model}` does not exist or you do not have access to it."),
             code: Some("model_not_found"),
             retry_after_s: None,
+            requests_reset_s: None,
         }
     }
 
@@ -134,6 +140,7 @@ impl ApiError {
             message: format!("Unknown request URL: {path}"),
             code: Some("unknown_url"),
             retry_after_s: None,
+            requests_reset_s: None,
         }
     }
 
@@ -144,6 +151,7 @@ impl ApiError {
             message: "Method not allowed".to_owned(),
             code: None,
             retry_after_s: None,
+            requests_reset_s: None,
         }
     }
 
@@ -154,6 +162,7 @@ impl ApiError {
             message: format!("Request body exceeds {limit} bytes"),
             code: None,
             retry_after_s: None,
+            requests_reset_s: None,
         }
     }
 
@@ -165,6 +174,7 @@ impl ApiError {
                 .to_owned(),
             code: Some("length_required"),
             retry_after_s: None,
+            requests_reset_s: None,
         }
     }
 
@@ -176,18 +186,24 @@ impl ApiError {
                 .to_owned(),
             code: Some("rate_limit_exceeded"),
             retry_after_s: Some(retry_after_s),
+            requests_reset_s: None,
         }
     }
 
-    /// An error status injected by a fault; 429, 503 and 529 carry `retry-after`.
-    pub fn fault(status: u16, retry_after_s: u64) -> Self {
+    /// An error status injected by a fault. With a `hint_s` (the
+    /// `retry_after_s` fault) it carries `retry-after: hint_s` and the
+    /// provider's reset header, whatever the status; without, 429, 503 and
+    /// 529 carry `retry-after: retry_after_s` (`--retry-after-s`).
+    pub fn fault(status: u16, retry_after_s: u64, hint_s: Option<u32>) -> Self {
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        let hint_s = hint_s.map(u64::from);
         let retry = matches!(status.as_u16(), 429 | 503 | 529);
         Self {
             status,
             message: format!("Simulated fault: status {}", status.as_u16()),
             code: None,
-            retry_after_s: retry.then_some(retry_after_s),
+            retry_after_s: hint_s.or(retry.then_some(retry_after_s)),
+            requests_reset_s: hint_s,
         }
     }
 
@@ -198,9 +214,22 @@ impl ApiError {
             Flavor::Anthropic => anthropic::error_body(&self),
         };
         let mut resp = json_response(self.status, body);
+        let headers = resp.headers_mut();
         if let Some(secs) = self.retry_after_s {
-            resp.headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from(secs));
+            headers.insert(RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let Some(secs) = self.requests_reset_s {
+            let (name, value) = match flavor {
+                Flavor::OpenAi => (openai::REQUESTS_RESET_HEADER, openai::reset_duration(secs)),
+                Flavor::Anthropic => (
+                    anthropic::REQUESTS_RESET_HEADER,
+                    anthropic::reset_instant(unix_now(), secs),
+                ),
+            };
+            // Both formats are ASCII digits and letters: never invalid.
+            if let Ok(value) = HeaderValue::try_from(value) {
+                headers.insert(name, value);
+            }
         }
         resp
     }
@@ -263,5 +292,59 @@ mod tests {
         ]);
         assert_eq!(text_chars(&v), 9);
         assert_eq!(text_chars(&Value::Null), 0);
+    }
+
+    fn header<'a>(resp: &'a Response<Body>, name: &str) -> Option<&'a str> {
+        resp.headers().get(name).and_then(|v| v.to_str().ok())
+    }
+
+    #[test]
+    fn fault_without_hint_keeps_the_configured_retry_after_on_busy_statuses() {
+        for (status, retry) in [
+            (429, Some("2")),
+            (503, Some("2")),
+            (529, Some("2")),
+            (500, None),
+        ] {
+            let resp = ApiError::fault(status, 2, None).into_response(Flavor::OpenAi);
+            assert_eq!(header(&resp, "retry-after"), retry, "{status}");
+            assert_eq!(header(&resp, openai::REQUESTS_RESET_HEADER), None);
+            assert_eq!(header(&resp, anthropic::REQUESTS_RESET_HEADER), None);
+        }
+    }
+
+    #[test]
+    fn fault_hint_sets_retry_after_and_the_openai_reset() {
+        for status in [429, 500, 502, 503] {
+            let resp = ApiError::fault(status, 2, Some(90)).into_response(Flavor::OpenAi);
+            assert_eq!(resp.status().as_u16(), status);
+            assert_eq!(header(&resp, "retry-after"), Some("90"));
+            assert_eq!(header(&resp, "x-ratelimit-reset-requests"), Some("1m30s"));
+            assert_eq!(header(&resp, anthropic::REQUESTS_RESET_HEADER), None);
+        }
+    }
+
+    #[test]
+    fn fault_hint_sets_retry_after_and_the_anthropic_reset() {
+        let before = unix_now();
+        let resp = ApiError::fault(529, 2, Some(30)).into_response(Flavor::Anthropic);
+        let after = unix_now();
+        assert_eq!(header(&resp, "retry-after"), Some("30"));
+        assert_eq!(header(&resp, openai::REQUESTS_RESET_HEADER), None);
+        let reset = header(&resp, "anthropic-ratelimit-requests-reset").unwrap();
+        let candidates: Vec<String> = (before..=after)
+            .map(|now| anthropic::reset_instant(now, 30))
+            .collect();
+        assert!(
+            candidates.iter().any(|c| c == reset),
+            "{reset} not in {candidates:?}"
+        );
+    }
+
+    #[test]
+    fn other_errors_carry_no_reset() {
+        let resp = ApiError::overloaded(3).into_response(Flavor::Anthropic);
+        assert_eq!(header(&resp, "retry-after"), Some("3"));
+        assert_eq!(header(&resp, anthropic::REQUESTS_RESET_HEADER), None);
     }
 }

@@ -192,6 +192,22 @@ struct ErrorDetail<'a> {
     code: Option<&'a str>,
 }
 
+/// OpenAI's header for the time until the request limit is back to full.
+pub const REQUESTS_RESET_HEADER: &str = "x-ratelimit-reset-requests";
+
+/// Whole seconds as OpenAI writes a reset time, a Go-style duration:
+/// `0s`, `7s`, `1m30s`, `2h0m0s`.
+pub fn reset_duration(secs: u64) -> String {
+    let (h, m, s) = (secs / 3600, secs % 3600 / 60, secs % 60);
+    if h > 0 {
+        format!("{h}h{m}m{s}s")
+    } else if m > 0 {
+        format!("{m}m{s}s")
+    } else {
+        format!("{s}s")
+    }
+}
+
 /// The OpenAI error envelope for `err`.
 pub fn error_body(err: &ApiError) -> Vec<u8> {
     let kind = match err.status.as_u16() {
@@ -537,6 +553,17 @@ pub fn models_body(models: &[String], created: u64) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reset_durations_are_go_style() {
+        assert_eq!(reset_duration(0), "0s");
+        assert_eq!(reset_duration(7), "7s");
+        assert_eq!(reset_duration(59), "59s");
+        assert_eq!(reset_duration(60), "1m0s");
+        assert_eq!(reset_duration(90), "1m30s");
+        assert_eq!(reset_duration(7200), "2h0m0s");
+        assert_eq!(reset_duration(86_400), "24h0m0s");
+    }
 
     #[test]
     fn chat_request_fields() {

@@ -152,7 +152,8 @@ async fn request_inner(
     parse(&raw, elapsed)
 }
 
-fn parse(raw: &[u8], elapsed: Duration) -> std::io::Result<HttpResponse> {
+/// Parses a whole response read off the wire.
+pub fn parse(raw: &[u8], elapsed: Duration) -> std::io::Result<HttpResponse> {
     let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_owned());
     let split = raw
         .windows(4)

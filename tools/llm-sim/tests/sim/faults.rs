@@ -1,12 +1,15 @@
 //! Every fault kind, set at start-up or through the control port.
 
 use std::io::ErrorKind;
-use std::time::Duration;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use crate::capacity::wait_stat;
-use crate::client::{get, post, request};
+use crate::client::{TIMEOUT, get, parse, post, request};
 use crate::{chat, message, set_faults, start, stats};
 
 async fn chat_status(addr: std::net::SocketAddr) -> u16 {
@@ -253,6 +256,171 @@ async fn start_dead_then_revive() {
     assert_eq!(get(addr, "/health").await.status, 200);
 }
 
+/// Sends a whole chat request (`connection: close`) and leaves the
+/// connection open for the answer.
+async fn send_chat(addr: SocketAddr) -> TcpStream {
+    let body = chat("m", json!({})).to_string();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: {addr}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\
+         connection: close\r\n\r\n",
+        body.len()
+    );
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(body.as_bytes()).await.unwrap();
+    stream
+}
+
+/// The bytes that arrive on `stream` within `window` (before an end or error).
+async fn read_for(stream: &mut TcpStream, window: Duration) -> Vec<u8> {
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(window, stream.read_to_end(&mut got)).await;
+    got
+}
+
+/// Reads the rest of `stream` (bounded by `TIMEOUT`); a reset ends it too.
+async fn read_rest(stream: &mut TcpStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(TIMEOUT, stream.read_to_end(&mut got)).await;
+    assert!(read.is_ok(), "no end within {TIMEOUT:?}");
+    got
+}
+
+#[tokio::test]
+async fn blackhole_reads_requests_and_answers_none_until_cleared() {
+    let server = start(&["--seed", "3"]).await;
+    let addr = server.listen_addr();
+    let set = set_faults(&server, json!({"blackhole": true})).await;
+    assert_eq!(set["blackhole"], true);
+    // Not inference requests: they still answer, so health checks pass.
+    assert_eq!(get(addr, "/health").await.status, 200);
+    assert_eq!(get(addr, "/v1/models").await.status, 200);
+
+    // A client with a short timeout gets nothing at all: no status, no byte.
+    let mut impatient = send_chat(addr).await;
+    let got = read_for(&mut impatient, Duration::from_millis(300)).await;
+    assert!(got.is_empty(), "{}", String::from_utf8_lossy(&got));
+    assert_eq!(stats(&server).await["blackholed"], 1);
+    assert_eq!(stats(&server).await["in_flight"], 1);
+    // It gives up: the held request ends with its connection, nothing leaks.
+    drop(impatient);
+    wait_stat(&server, "in_flight", 0).await;
+
+    // A patient client is held too, and served once the fault is cleared.
+    let mut patient = send_chat(addr).await;
+    wait_stat(&server, "blackholed", 2).await;
+    assert!(
+        read_for(&mut patient, Duration::from_millis(100))
+            .await
+            .is_empty()
+    );
+    set_faults(&server, json!({})).await;
+    let resp = parse(&read_rest(&mut patient).await, Duration::ZERO).unwrap();
+    assert_eq!(resp.status, 200);
+    assert!(resp.complete);
+
+    // New requests answer at once; nothing is held any more.
+    let started = Instant::now();
+    assert_eq!(chat_status(addr).await, 200);
+    assert!(started.elapsed() < Duration::from_secs(1));
+    let s = stats(&server).await;
+    assert_eq!(s["blackholed"], 2);
+    assert_eq!(s["by_status"]["200"], 4, "{s}");
+    assert_eq!(s["in_flight"], 0);
+}
+
+#[tokio::test]
+async fn blackhole_hold_limit_closes_the_connection_unanswered() {
+    let server = start(&["--blackhole", "--blackhole-max-hold-s", "1"]).await;
+    let addr = server.listen_addr();
+    let started = Instant::now();
+    let mut held = send_chat(addr).await;
+    let got = read_rest(&mut held).await;
+    assert!(got.is_empty(), "{}", String::from_utf8_lossy(&got));
+    let elapsed = started.elapsed();
+    assert!(
+        (Duration::from_millis(900)..Duration::from_secs(5)).contains(&elapsed),
+        "{elapsed:?}"
+    );
+    wait_stat(&server, "in_flight", 0).await;
+    let s = stats(&server).await;
+    assert_eq!(s["blackholed"], 1);
+    assert_eq!(s["by_status"], json!({}), "no status was ever sent");
+}
+
+fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[tokio::test]
+async fn retry_after_fault_adds_the_providers_reset_headers() {
+    let server = start(&[]).await;
+    let addr = server.listen_addr();
+
+    set_faults(&server, json!({"fixed_status": 500, "retry_after_s": 7})).await;
+    let resp = post(addr, "/v1/chat/completions", &chat("m", json!({}))).await;
+    assert_eq!(resp.status, 500);
+    assert_eq!(resp.header("retry-after"), Some("7"));
+    assert_eq!(resp.header("x-ratelimit-reset-requests"), Some("7s"));
+    assert_eq!(resp.header("anthropic-ratelimit-requests-reset"), None);
+
+    let before = unix_secs();
+    let resp = post(addr, "/v1/messages", &message("m", json!({}))).await;
+    let after = unix_secs();
+    assert_eq!(resp.status, 500);
+    assert_eq!(resp.json()["type"], "error");
+    assert_eq!(resp.header("retry-after"), Some("7"));
+    assert_eq!(resp.header("x-ratelimit-reset-requests"), None);
+    let reset = resp.header("anthropic-ratelimit-requests-reset").unwrap();
+    assert!(
+        (before..=after).any(|now| llm_sim::api::anthropic::reset_instant(now, 7) == reset),
+        "{reset}"
+    );
+
+    // The error_rate fault too, with a Go-style duration past a minute.
+    set_faults(
+        &server,
+        json!({"error_rate": 1.0, "error_status": 429, "retry_after_s": 90}),
+    )
+    .await;
+    let resp = post(addr, "/v1/chat/completions", &chat("m", json!({}))).await;
+    assert_eq!(resp.status, 429);
+    assert_eq!(resp.header("retry-after"), Some("90"));
+    assert_eq!(resp.header("x-ratelimit-reset-requests"), Some("1m30s"));
+
+    // Successes carry no hint; without the fault, errors keep the old headers.
+    set_faults(&server, json!({"retry_after_s": 5})).await;
+    let resp = post(addr, "/v1/chat/completions", &chat("m", json!({}))).await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("retry-after"), None);
+    assert_eq!(resp.header("x-ratelimit-reset-requests"), None);
+    set_faults(&server, json!({"fixed_status": 500})).await;
+    let resp = post(addr, "/v1/chat/completions", &chat("m", json!({}))).await;
+    assert_eq!(resp.header("retry-after"), None);
+    assert_eq!(resp.header("x-ratelimit-reset-requests"), None);
+}
+
+#[tokio::test]
+async fn retry_after_fault_flag_applies_at_start_up() {
+    let server = start(&["--fixed-status", "503", "--fault-retry-after-s", "4"]).await;
+    let resp = post(
+        server.listen_addr(),
+        "/v1/chat/completions",
+        &chat("m", json!({})),
+    )
+    .await;
+    assert_eq!(resp.status, 503);
+    assert_eq!(resp.header("retry-after"), Some("4"));
+    assert_eq!(resp.header("x-ratelimit-reset-requests"), Some("4s"));
+    let current = get(server.control_addr(), "/_sim/faults").await.json();
+    assert_eq!(current["retry_after_s"], 4);
+    assert_eq!(current["blackhole"], false);
+}
+
 #[tokio::test]
 async fn control_rejects_bad_faults_and_keeps_the_old_ones() {
     let server = start(&[]).await;
@@ -263,6 +431,9 @@ async fn control_rejects_bad_faults_and_keeps_the_old_ones() {
         json!({"fixed_status": 200}),
         json!({"slow_tokens_per_sec": 0}),
         json!({"no_such_fault": true}),
+        json!({"retry_after_s": 86_401}),
+        json!({"retry_after_s": -1}),
+        json!({"blackhole": "yes"}),
         json!("not an object"),
     ] {
         let resp = post(control, "/_sim/faults", &bad).await;
