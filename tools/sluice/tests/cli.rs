@@ -168,6 +168,9 @@ fn explain_describes_state_errors_and_quota_names() {
         "[tokens] when the shared quota state cannot be read or written (host error, persistent contention), requests are turned away (on_state_error = \"deny\")",
         "[tokens] rule acme-gpt-4o: each tenant × model of tenant acme",
         "unnamed, so a change to its match or limits starts its state afresh",
+        "[outlier] backend primary: picks each request's endpoint (power of two choices on load and time to first token)",
+        "a stream with no first token after 15s is abandoned before the client sees a byte and tried elsewhere",
+        "an endpoint answering 429 gets no new request until its reset time",
         // As effective values:
         "on_state_error = \"deny\"",
         "name = \"acme-gpt-4o\"",
