@@ -114,6 +114,12 @@ mod abi {
             value_size: usize,
         ) -> u32;
         pub fn proxy_remove_header_map_value(map: u32, key: *const u8, key_size: usize) -> u32;
+        pub fn proxy_set_property(
+            path: *const u8,
+            path_size: usize,
+            value: *const u8,
+            value_size: usize,
+        ) -> u32;
         pub fn proxy_get_property(
             path: *const u8,
             path_size: usize,
@@ -409,9 +415,8 @@ pub fn replace_buffer(kind: Buffer, old_size: usize, bytes: &[u8]) -> Result<(),
     check(status)
 }
 
-/// A property's raw bytes (`["upstream", "address"]`, …).
-pub fn property(path: &[&str]) -> Option<Vec<u8>> {
-    // The ABI's path: the segments joined by NUL.
+/// A property path as the ABI wants it: the segments joined by NUL.
+fn property_path(path: &[&str]) -> Vec<u8> {
     let mut serialized = Vec::with_capacity(path.iter().map(|p| p.len() + 1).sum());
     for (i, part) in path.iter().enumerate() {
         if i > 0 {
@@ -419,6 +424,35 @@ pub fn property(path: &[&str]) -> Option<Vec<u8>> {
         }
         serialized.extend_from_slice(part.as_bytes());
     }
+    serialized
+}
+
+/// Sets a property of the current stream: in Envoy, filter state
+/// (`wasm.<name>`) that the stream's upstream filters read too, once per
+/// attempt, and that never leaves the proxy.
+pub fn set_property(path: &[&str], value: &[u8]) -> Result<(), HostError> {
+    let serialized = property_path(path);
+    #[cfg(target_arch = "wasm32")]
+    // SAFETY: pointers and lengths of live buffers.
+    let status = unsafe {
+        abi::proxy_set_property(
+            serialized.as_ptr(),
+            serialized.len(),
+            value.as_ptr(),
+            value.len(),
+        )
+    };
+    #[cfg(not(target_arch = "wasm32"))]
+    let status = {
+        let _ = (&serialized, value);
+        u32::MAX
+    };
+    check(status)
+}
+
+/// A property's raw bytes (`["upstream", "address"]`, …).
+pub fn property(path: &[&str]) -> Option<Vec<u8>> {
+    let serialized = property_path(path);
     #[cfg(target_arch = "wasm32")]
     let call = |d: *mut *mut u8, s: *mut usize| {
         // SAFETY: path pointer and length of a live Vec; out pointers valid.

@@ -13,15 +13,19 @@ use std::time::Duration;
 use sluice_core::outcome::ResponseFlags;
 use sluice_core::time::Timestamp;
 
-/// Request header by which the request's instance asks the per-attempt one
-/// to hold each attempt's response headers until its first body byte (the
-/// first token of a stream). Envoy's router stops an attempt's per-try
-/// timeout when it sees response headers; held back, they keep the timer
-/// running, so the per-try timeout becomes a first-token deadline and a
-/// silent endpoint is abandoned (and the request retried elsewhere) before
-/// any byte reaches the client. The per-attempt instance removes it before
-/// the request leaves.
-pub const FIRST_TOKEN_HEADER: &str = "x-sluice-first-token";
+/// Stream property (Envoy filter state) by which the request's instance
+/// asks the per-attempt one to hold each attempt's response headers until
+/// its first body byte (the first token of a stream). Envoy's router stops
+/// an attempt's per-try timeout when it sees response headers; held back,
+/// they keep the timer running, so the per-try timeout becomes a
+/// first-token deadline and a silent endpoint is abandoned (and the request
+/// retried elsewhere) before any byte reaches the client.
+///
+/// A property, not a header: every attempt of a request shares one header
+/// map in Envoy 1.40, so a header the first attempt removed (to keep it
+/// from the upstream) would be gone for the retries; filter state reaches
+/// every attempt and never leaves the proxy, and a client cannot set it.
+pub const FIRST_TOKEN_PROPERTY: &str = "sluice_first_token";
 
 /// The root id of the per-attempt instance (`sluice render envoy` gives it
 /// to the upstream filter; the request's instance has `sluice`).
@@ -82,7 +86,7 @@ pub(crate) struct AttemptHttp {
     metrics: Rc<AttemptMetrics>,
     attempt: Attempt,
     finished: bool,
-    /// Hold response headers until the first body byte ([`FIRST_TOKEN_HEADER`]).
+    /// Hold response headers until the first body byte ([`FIRST_TOKEN_PROPERTY`]).
     hold: bool,
     /// Response headers are held now.
     holding: bool,
@@ -132,10 +136,7 @@ impl HttpContext for AttemptHttp {
             .and_then(|n| u32::try_from(n).ok())
             .unwrap_or(1);
         self.attempt.endpoint = host::property_string(&["upstream", "address"]);
-        if host::header_bytes(Map::RequestHeaders, FIRST_TOKEN_HEADER).is_some() {
-            self.hold = true;
-            host::set_request_header(FIRST_TOKEN_HEADER, None);
-        }
+        self.hold = host::property(&[FIRST_TOKEN_PROPERTY]).is_some();
         if let Some(config) = &self.config {
             for cap in &config.caps {
                 cap.attempt_started(&self.attempt);

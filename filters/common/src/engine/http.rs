@@ -24,13 +24,9 @@ use crate::host::{self, Buffer, Headers, Map};
 
 /// Request headers only sluice may set: a client's copy is removed before
 /// anything reads the route table (a client naming its own endpoint would
-/// step around ejections; one asking for a first-token hold would change
-/// how its attempts are timed).
-pub const INTERNAL_REQUEST_HEADERS: &[&str] = &[
-    BACKEND_HEADER,
-    sluice_core::outlier::DESTINATION_HEADER,
-    super::attempt::FIRST_TOKEN_HEADER,
-];
+/// step around ejections).
+pub const INTERNAL_REQUEST_HEADERS: &[&str] =
+    &[BACKEND_HEADER, sluice_core::outlier::DESTINATION_HEADER];
 
 /// Where a request is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -300,6 +296,9 @@ impl Exchange {
     /// rewritten once, with its new `content-length` (Envoy does not
     /// recompute it: without one the request would go upstream chunked).
     fn apply_edits(&mut self) {
+        for (name, value) in self.edits.properties.drain(..) {
+            let _ = host::set_property(&[name], &value);
+        }
         for (name, value) in self.edits.request_headers.drain(..) {
             // Removing a header the request never had is a host call saved.
             if value.is_some() || self.headers.has(&name) {

@@ -63,7 +63,7 @@ use sluice_core::config::Policy;
 use sluice_core::llm::LocalReply;
 use sluice_core::time::Timestamp;
 
-pub use attempt::{ATTEMPT_ROOT_ID, Attempt, FIRST_TOKEN_HEADER};
+pub use attempt::{ATTEMPT_ROOT_ID, Attempt, FIRST_TOKEN_PROPERTY};
 pub use observe::Observation;
 pub use request::{BodyRead, RequestContext};
 pub use root::{Engine, start};
@@ -96,6 +96,9 @@ pub struct Edits {
     pub request_headers: Vec<(String, Option<String>)>,
     /// Headers to add to the response when it comes back.
     pub response_headers: Vec<(&'static str, String)>,
+    /// Properties of the stream to set (Envoy filter state): what the
+    /// per-attempt instance must know, without a header going upstream.
+    pub properties: Vec<(&'static str, Vec<u8>)>,
     /// A replacement body (a capability that rewrote the model itself).
     pub body: Option<Vec<u8>>,
     /// Body edits (include usage in streams, lower the completion cap),

@@ -46,7 +46,7 @@ use sluice_core::outlier::{
 use sluice_core::time::Timestamp;
 use sluice_filter_common::STATE;
 use sluice_filter_common::engine::{
-    Admission, Admitted, Attempt, Capability, FIRST_TOKEN_HEADER, Flow, Observation,
+    Admission, Admitted, Attempt, Capability, FIRST_TOKEN_PROPERTY, Flow, Observation,
 };
 
 use metrics::BackendMetrics;
@@ -347,7 +347,10 @@ impl Capability for Outlier {
                 "x-envoy-upstream-rq-per-try-timeout-ms".to_owned(),
                 Some(g.cfg.first_token_timeout.as_millis().to_string()),
             ));
-            edits.push((FIRST_TOKEN_HEADER.to_owned(), Some("1".to_owned())));
+            admission
+                .edits
+                .properties
+                .push((FIRST_TOKEN_PROPERTY, b"1".to_vec()));
         }
         if let Some(n) = g.load.borrow_mut().get_mut(first) {
             *n = n.saturating_add(1);
