@@ -172,7 +172,10 @@ impl Capability {
     /// the section is accepted but `explain` and `render` say plainly that it
     /// is not enforced: nothing may look protected that is not.
     pub fn is_enforced(self) -> bool {
-        matches!(self, Capability::Tokens | Capability::Breaker)
+        matches!(
+            self,
+            Capability::Tokens | Capability::Breaker | Capability::Outlier
+        )
     }
 
     /// Whether it learns from each upstream attempt (retries included), so
