@@ -72,14 +72,20 @@ fn main() -> ExitCode {
 /// including a file that is not UTF-8 (located at its first bad byte).
 pub fn load(path: &Path) -> anyhow::Result<(Result<Policy, Diagnostics>, String)> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let format = match path.extension().and_then(|e| e.to_str()) {
-        Some("json") => Format::Json,
-        _ => Format::Toml,
-    };
+    let format = format_of(path);
     let parsed = sluice_policy::parse_bytes(&path.display().to_string(), &bytes, format);
     // Exact when the policy is valid, which is when the text is used.
     let text = String::from_utf8_lossy(&bytes).into_owned();
     Ok((parsed, text))
+}
+
+/// The syntax of a policy file, by its extension: `.json` is JSON, anything
+/// else TOML.
+pub fn format_of(path: &Path) -> Format {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("json") => Format::Json,
+        _ => Format::Toml,
+    }
 }
 
 fn report(diagnostics: &Diagnostics) {

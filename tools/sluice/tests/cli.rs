@@ -247,10 +247,18 @@ fn render_envoy_writes_a_bootstrap_with_the_policy_topology() {
     let policy_text = std::fs::read_to_string(repo().join("policies/lab.toml")).unwrap();
     let policy = sluice_policy::parse_toml("lab.toml", &policy_text).unwrap();
     let config = &filters[1]["typed_config"]["config"];
+    // The filter gets the policy as rendered: the file with the endpoints
+    // of --endpoints, still valid, every other value as written.
+    let given = config["configuration"]["value"].as_str().unwrap();
+    let mut expected = policy.clone();
+    expected.backends[0].zones[0].endpoints =
+        vec!["127.0.0.1:5001".to_string(), "127.0.0.1:5002".to_string()];
     assert_eq!(
-        config["configuration"]["value"].as_str(),
-        Some(policy_text.as_str())
+        sluice_policy::parse_toml("given.toml", given).unwrap(),
+        expected
     );
+    assert!(given.contains(r#"endpoints = ["127.0.0.1:5001", "127.0.0.1:5002"]"#));
+    assert!(given.contains(r#"endpoints = ["127.0.0.1:18002"]"#));
     assert_eq!(
         config["vm_config"]["code"]["local"]["filename"].as_str(),
         Some("/nonexistent/sluice.wasm")
@@ -270,6 +278,81 @@ fn render_envoy_writes_a_bootstrap_with_the_policy_topology() {
             "{warning}"
         );
     }
+}
+
+#[test]
+fn render_without_overrides_gives_the_filter_the_file_as_is() {
+    let out = sluice(&[
+        "render",
+        "envoy",
+        "policies/gateway.toml",
+        "--wasm-dir",
+        "/x",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let yaml: serde_yaml::Value = serde_yaml::from_slice(&out.stdout).unwrap();
+    let hcm =
+        &yaml["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
+    let file = std::fs::read_to_string(repo().join("policies/gateway.toml")).unwrap();
+    assert_eq!(
+        hcm["http_filters"][1]["typed_config"]["config"]["configuration"]["value"].as_str(),
+        Some(file.as_str())
+    );
+}
+
+#[test]
+fn render_native_outlier_hands_the_section_to_envoy() {
+    let out = sluice(&[
+        "render",
+        "envoy",
+        "policies/gateway.toml",
+        "--wasm-dir",
+        "/x",
+        "--native-outlier",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("# [outlier]: Envoy's own outlier_detection"));
+    assert!(!text(&out.stderr).contains("[outlier] is NOT ENFORCED"));
+    let yaml: serde_yaml::Value = serde_yaml::from_slice(&out.stdout).unwrap();
+    for cluster in yaml["static_resources"]["clusters"].as_sequence().unwrap() {
+        assert_eq!(cluster["lb_policy"].as_str(), Some("LEAST_REQUEST"));
+        assert_eq!(
+            cluster["outlier_detection"]["consecutive_5xx"].as_u64(),
+            Some(5)
+        );
+        assert!(cluster.get("typed_extension_protocol_options").is_none());
+    }
+    let hcm =
+        &yaml["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
+    let given = hcm["http_filters"][1]["typed_config"]["config"]["configuration"]["value"]
+        .as_str()
+        .unwrap();
+    let policy = sluice_policy::parse_toml("given.toml", given).unwrap();
+    assert!(policy.outlier.is_none());
+    assert!(policy.backends.iter().all(|b| b.outlier.is_none()));
+    // Everything else as written.
+    assert!(policy.breaker.is_some() && policy.tokens.is_some());
+}
+
+#[test]
+fn render_refuses_an_endpoint_the_policy_language_refuses() {
+    // The filter validates the endpoints it is given: what the policy
+    // language refuses, the render refuses too, located in the text the
+    // filter would have been given.
+    let out = sluice(&[
+        "render",
+        "envoy",
+        "policies/lab.toml",
+        "--wasm-dir",
+        "/x",
+        "--endpoints",
+        "primary/zone-a=bad host:1",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("(as rendered for sluice.wasm)"), "{stderr}");
+    assert!(stderr.contains("is not a `host:port` endpoint"), "{stderr}");
 }
 
 #[test]

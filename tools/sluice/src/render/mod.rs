@@ -1,0 +1,837 @@
+//! `sluice render envoy`: a complete Envoy bootstrap from a policy.
+//!
+//! The output is a static bootstrap a local Envoy runs as is: the admin
+//! interface, one listener whose HTTP connection manager carries Envoy's gzip
+//! compressor (so sluice reads plain answers and clients still get gzip),
+//! `sluice.wasm` (every enforced capability in one filter, given the policy
+//! text as its configuration; always present, since it also resolves model
+//! routes and strips internal headers a client sent) and the router, with
+//! normalized paths and a buffer above the policy's `max_body`, a route per
+//! backend, and one cluster per
+//! Envoy cluster the policy names, its endpoints grouped by zone and region
+//! into localities so Envoy's own locality handling sees the topology.
+//!
+//! The filter is given the policy as rendered: with the endpoints of
+//! `--endpoints` ([`policy_text`]), so what it knows of a backend is what
+//! Envoy routes to. Backends with `[outlier]` get endpoint picking by sluice
+//! or, with `--native-outlier`, Envoy's own outlier detection ([`outlier`]).
+
+mod outlier;
+mod policy_text;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+use sluice_core::config::{Backend, OutlierConfig, Policy};
+use sluice_policy::{ATTEMPT_ROOT_ID, Capability, Diagnostics, MODULE, Source};
+
+use outlier::OutlierMode;
+use policy_text::{Edits, ZoneEndpoints};
+
+/// Request header naming the backend a request goes to; the route table
+/// matches it. Filters set it (fallback model, explicit routes).
+pub const BACKEND_HEADER: &str = "x-sluice-backend";
+
+#[derive(clap::Args)]
+pub struct EnvoyArgs {
+    /// The policy file (TOML or JSON).
+    policy: PathBuf,
+    /// Directory holding the filters' .wasm files.
+    #[arg(long)]
+    wasm_dir: PathBuf,
+    /// Address the listener binds (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:10000")]
+    listen: String,
+    /// Address of Envoy's admin interface.
+    #[arg(long, default_value = "127.0.0.1:9901")]
+    admin: String,
+    /// Replace a zone's endpoints: `BACKEND/ZONE=HOST:PORT[,HOST:PORT...]`.
+    #[arg(long = "endpoints", value_name = "BACKEND/ZONE=ADDRS")]
+    endpoints: Vec<String>,
+    /// What Envoy does when sluice's VM traps: FAIL_RELOAD (the default)
+    /// starts a new VM on the next request, FAIL_OPEN skips sluice on that
+    /// worker until a restart (unprotected), FAIL_CLOSED answers 503 until
+    /// then. Measured in envoy/failure-policy.md.
+    #[arg(long, default_value = "FAIL_RELOAD", value_parser = ["FAIL_OPEN", "FAIL_CLOSED", "FAIL_RELOAD"])]
+    failure_policy: String,
+    /// Add sluice.wasm to every cluster as an upstream filter, which sees
+    /// each attempt (retries included). Added anyway where an enforced
+    /// section learns from attempts: the clusters of backends with
+    /// `[outlier]`, every cluster for `[retry]`.
+    #[arg(long)]
+    attempt_filter: bool,
+    /// For side-by-side drills: enforce `[outlier]` with Envoy's own
+    /// `outlier_detection` on the clusters (from `interval`,
+    /// `consecutive_errors`, `failure_rate`, `min_requests`,
+    /// `base_ejection_time`, `max_ejection_time`, `max_ejection`; Envoy has
+    /// nothing for 429s and slowness) and a route retry policy (5xx, resets,
+    /// connect failures and 429, two retries on hosts not tried yet), with
+    /// least-request load balancing and no endpoint picking by sluice.
+    /// sluice.wasm gets the policy without `[outlier]`, so it does not act on
+    /// outliers too.
+    #[arg(long)]
+    native_outlier: bool,
+    /// Write to this file instead of standard output.
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+}
+
+pub fn envoy(args: &EnvoyArgs) -> anyhow::Result<ExitCode> {
+    let (parsed, text) = crate::load(&args.policy)?;
+    let mut policy = match parsed {
+        Ok(p) => p,
+        Err(d) => {
+            crate::report(&d);
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let overrides = args
+        .endpoints
+        .iter()
+        .map(|spec| override_endpoints(&mut policy, spec))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let outlier_mode = if args.native_outlier {
+        OutlierMode::Native
+    } else if Capability::Outlier.is_enforced() {
+        OutlierMode::Sluice
+    } else {
+        OutlierMode::Off
+    };
+    let has_outlier = Capability::Outlier.is_enabled_in(&policy);
+    if args.native_outlier && !has_outlier {
+        eprintln!(
+            "warning: --native-outlier: the policy enables no [outlier], so there is nothing to render for it"
+        );
+    }
+    let (filter_policy, filter_text) = match filter_policy_text(
+        &policy,
+        &text,
+        &args.policy,
+        Edits {
+            endpoints: &overrides,
+            // Only when there is something to drop: otherwise the text stays
+            // the file's, byte for byte.
+            drop_outlier: args.native_outlier && has_outlier,
+        },
+    )? {
+        Ok(rendered) => rendered,
+        Err(d) => {
+            crate::report(&d);
+            return Ok(ExitCode::from(1));
+        }
+    };
+    // What sluice.wasm is given decides what it enforces.
+    let not_enforced: Vec<Capability> = Capability::ALL
+        .into_iter()
+        .filter(|c| c.is_enabled_in(&filter_policy) && !c.is_enforced())
+        .collect();
+    for cap in &not_enforced {
+        eprintln!(
+            "warning: [{}] is NOT ENFORCED YET: sluice.wasm does not implement it, so the rendered Envoy does not apply it",
+            cap.section()
+        );
+    }
+    let bootstrap = bootstrap(&policy, &filter_policy, &filter_text, args, outlier_mode)?;
+    let mut out = format!(
+        "# Envoy bootstrap rendered by `sluice render envoy` from {}.\n",
+        args.policy.display()
+    );
+    if args.native_outlier && has_outlier {
+        out.push_str("# [outlier]: Envoy's own outlier_detection and route retries (--native-outlier); sluice.wasm is given the policy without it\n");
+    }
+    for cap in &not_enforced {
+        out.push_str(&format!(
+            "# NOT ENFORCED YET: [{}] (sluice.wasm does not implement it)\n",
+            cap.section()
+        ));
+    }
+    out.push_str(&serde_yaml::to_string(&bootstrap).context("cannot print YAML")?);
+    match &args.output {
+        Some(path) => {
+            std::fs::write(path, out).with_context(|| format!("cannot write {}", path.display()))?
+        }
+        None => print!("{out}"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The policy text for sluice.wasm (`edits` applied to the file's `text`)
+/// and the policy it compiles to, which is `policy` with the same edits.
+///
+/// `Ok(Err(_))`: the edited text does not validate (an `--endpoints`
+/// address the policy language refuses), located in the edited text.
+fn filter_policy_text(
+    policy: &Policy,
+    text: &str,
+    path: &Path,
+    edits: Edits<'_>,
+) -> anyhow::Result<Result<(Policy, String), Diagnostics>> {
+    let mut expected = policy.clone();
+    if edits.drop_outlier {
+        expected.outlier = None;
+        for b in &mut expected.backends {
+            b.outlier = None;
+        }
+    }
+    if edits.is_empty() {
+        return Ok(Ok((expected, text.to_string())));
+    }
+    let format = crate::format_of(path);
+    let edited = policy_text::edit(text, format, edits)
+        .with_context(|| format!("cannot edit the policy text of {}", path.display()))?;
+    let name = format!("{} (as rendered for sluice.wasm)", path.display());
+    let compiled = match sluice_policy::parse(Source::new(name, edited.as_str(), format)) {
+        Ok(p) => p,
+        Err(d) => return Ok(Err(d)),
+    };
+    // The filter must enforce exactly what the render used: a difference
+    // here is a bug of the editor, never something to ship.
+    if compiled != expected {
+        bail!(
+            "the policy text edited for sluice.wasm does not compile to the rendered policy (a bug of `sluice render`)"
+        );
+    }
+    Ok(Ok((compiled, edited)))
+}
+
+/// Applies one `--endpoints BACKEND/ZONE=ADDRS` override to `policy`; the
+/// same edit for the policy text.
+fn override_endpoints(policy: &mut Policy, spec: &str) -> anyhow::Result<ZoneEndpoints> {
+    let Some((target, addrs)) = spec.split_once('=') else {
+        bail!("--endpoints `{spec}`: expected BACKEND/ZONE=HOST:PORT[,HOST:PORT...]");
+    };
+    let Some((backend, zone)) = target.split_once('/') else {
+        bail!("--endpoints `{spec}`: expected BACKEND/ZONE before `=`");
+    };
+    let Some(b) = policy.backends.iter_mut().find(|b| b.name == backend) else {
+        bail!("--endpoints `{spec}`: the policy has no backend `{backend}`");
+    };
+    let Some(z) = b.zones.iter_mut().find(|z| z.name == zone) else {
+        bail!("--endpoints `{spec}`: backend `{backend}` has no zone `{zone}`");
+    };
+    z.endpoints = addrs
+        .split(',')
+        .map(|a| a.trim().to_string())
+        .filter(|a| !a.is_empty())
+        .collect();
+    for ep in &z.endpoints {
+        split_host_port(ep).with_context(|| format!("--endpoints `{spec}`"))?;
+    }
+    Ok(ZoneEndpoints {
+        backend: backend.to_string(),
+        zone: zone.to_string(),
+        endpoints: z.endpoints.clone(),
+    })
+}
+
+fn split_host_port(addr: &str) -> anyhow::Result<(String, u16)> {
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        bail!("`{addr}` is not HOST:PORT")
+    };
+    let port: u16 = port
+        .parse()
+        .with_context(|| format!("`{addr}` has no valid port"))?;
+    Ok((
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string(),
+        port,
+    ))
+}
+
+fn socket_address(addr: &str) -> anyhow::Result<Value> {
+    let (host, port) = split_host_port(addr)?;
+    Ok(json!({ "socket_address": { "address": host, "port_value": port } }))
+}
+
+/// The bootstrap: `policy` drives the listener, routes and clusters;
+/// `filter_policy` is what sluice.wasm is given as `filter_text` (the same
+/// policy, without `[outlier]` under `--native-outlier`).
+fn bootstrap(
+    policy: &Policy,
+    filter_policy: &Policy,
+    filter_text: &str,
+    args: &EnvoyArgs,
+    outlier_mode: OutlierMode,
+) -> anyhow::Result<Value> {
+    // Outlier detection needs the attempts of its own backends' clusters
+    // only (see `clusters`); other enforced sections that learn from
+    // attempts, on every cluster.
+    let every_cluster = args.attempt_filter
+        || Capability::ALL.into_iter().any(|c| {
+            c != Capability::Outlier
+                && c.learns_from_attempts()
+                && c.is_enforced()
+                && c.is_enabled_in(filter_policy)
+        });
+    let mut attempt_filter = wasm_filter(&args.wasm_dir, filter_text, &args.failure_policy);
+    attempt_filter["name"] = json!(ATTEMPT_ROOT_ID);
+    attempt_filter["typed_config"]["config"]["root_id"] = json!(ATTEMPT_ROOT_ID);
+    let mut http_filters = vec![
+        compressor_filter(),
+        wasm_filter(&args.wasm_dir, filter_text, &args.failure_policy),
+    ];
+    http_filters.push(json!({
+        "name": "envoy.filters.http.router",
+        "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" }
+    }));
+
+    Ok(json!({
+        "node": { "id": "sluice", "cluster": "sluice",
+                  "metadata": { "sluice_policy": policy.name.clone().unwrap_or_default() } },
+        "admin": { "address": socket_address(&args.admin)? },
+        "static_resources": {
+            "listeners": [{
+                "name": "sluice",
+                "address": socket_address(&args.listen)?,
+                "per_connection_buffer_limit_bytes": buffer_limit(policy),
+                "filter_chains": [{ "filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "sluice",
+                        "codec_type": "AUTO",
+                        // sluice.wasm tells the API from the path (and meters
+                        // only the inference paths), the route table matches
+                        // path prefixes, and the upstream serves a path its own
+                        // way: all three must see one spelling of a path, or
+                        // `/v1/chat/%63ompletions`, `//v1/chat/completions` and
+                        // `/v1/x/../chat/completions` would reach an upstream that
+                        // serves them as chat without being metered. Envoy
+                        // normalizes before any filter runs (RFC 3986: dot
+                        // segments, percent-decoding of unreserved characters),
+                        // and merges slashes.
+                        "normalize_path": true,
+                        "merge_slashes": true,
+                        // An encoded slash (`%2F`, `%5C`) is not normalized by
+                        // the above, and many upstream frameworks decode it before
+                        // routing (`/v1/chat%2Fcompletions` is chat to them, not
+                        // to sluice). Rejecting it (400) keeps metering sound with
+                        // one answer and nothing sent upstream; no SDK encodes a
+                        // slash. UNESCAPE_AND_REDIRECT would also be sound, but
+                        // asks the client to send the body again and leaves a
+                        // client that does not follow redirects (httpx's default)
+                        // with a 3xx in place of an answer.
+                        "path_with_escaped_slashes_action": "REJECT_REQUEST",
+                        "route_config": { "name": "sluice", "virtual_hosts": [{
+                            "name": "llm", "domains": ["*"], "routes": routes(policy, outlier_mode),
+                        }]},
+                        "http_filters": http_filters,
+                    }
+                }]}],
+            }],
+            "clusters": clusters(policy, outlier_mode, &attempt_filter, every_cluster)?,
+        },
+    }))
+}
+
+/// What sluice.wasm buffers of a request body when the policy has no
+/// `[tokens] max_body` (filter-common's `DEFAULT_MAX_BODY`).
+const DEFAULT_MAX_BODY: u64 = 1024 * 1024;
+
+/// Envoy's own default `per_connection_buffer_limit_bytes`.
+const ENVOY_DEFAULT_BUFFER_LIMIT: u64 = 1024 * 1024;
+
+/// Room above `max_body` for the data Envoy hands the filter in one body
+/// callback (a socket read or an HTTP/2 frame, at most tens of KiB).
+const BUFFER_SLACK: u64 = 256 * 1024;
+
+/// The listener's `per_connection_buffer_limit_bytes`: above the body size
+/// sluice.wasm buffers, with slack, never below Envoy's default.
+///
+/// sluice.wasm holds a request's body until its end (or until it crosses
+/// `max_body`, when it answers its own 413 in the client's API shape).
+/// Envoy answers a held body that outgrows this buffer with a plain-text
+/// 413 before the filter can judge it: a chunked body (no content-length)
+/// over `max_body` got that answer, which no SDK parses, and a body the
+/// policy allows between 1 MiB and `max_body` was refused outright.
+fn buffer_limit(policy: &Policy) -> u64 {
+    let max_body = policy
+        .tokens
+        .as_ref()
+        .map_or(DEFAULT_MAX_BODY, |t| t.max_body.0);
+    max_body
+        .saturating_add(BUFFER_SLACK)
+        .max(ENVOY_DEFAULT_BUFFER_LIMIT)
+}
+
+/// Routes: a backend named by [`BACKEND_HEADER`] first (filters set it),
+/// then the policy's explicit routes on what Envoy can match by itself
+/// (path prefix, authority), then the default backend.
+fn routes(policy: &Policy, outlier_mode: OutlierMode) -> Vec<Value> {
+    let mut routes = Vec::new();
+    for b in &policy.backends {
+        routes.push(json!({
+            "name": format!("backend-{}", b.name),
+            "match": { "prefix": "/", "headers": [{ "name": BACKEND_HEADER, "string_match": { "exact": b.name } }] },
+            "route": route_action(policy, &b.name, outlier_mode),
+        }));
+    }
+    for (i, r) in policy.routes.iter().enumerate() {
+        // Model and tenant matches need the request body or identity, which a
+        // sluice filter resolves into BACKEND_HEADER; Envoy matches the rest.
+        if !r.matcher.models.is_empty() || !r.matcher.tenants.is_empty() {
+            continue;
+        }
+        let prefixes = if r.matcher.path_prefix.is_empty() {
+            vec!["/".to_string()]
+        } else {
+            r.matcher.path_prefix.clone()
+        };
+        for prefix in prefixes {
+            let mut m = json!({ "prefix": prefix });
+            if !r.matcher.authority.is_empty() {
+                let pattern = r
+                    .matcher
+                    .authority
+                    .iter()
+                    .map(|a| regex_escape(a))
+                    .collect::<Vec<_>>()
+                    .join("|");
+                m["headers"] = json!([{ "name": ":authority", "string_match": { "safe_regex": { "regex": format!("^({pattern})$") } } }]);
+            }
+            routes.push(json!({ "name": format!("route-{i}"), "match": m, "route": route_action(policy, &r.backend, outlier_mode) }));
+        }
+    }
+    routes.push(json!({ "name": "default", "match": { "prefix": "/" }, "route": route_action(policy, &policy.default_backend, outlier_mode) }));
+    routes
+}
+
+/// The route to a backend's first cluster, with its timeout; with native
+/// outlier detection for the backend, the retries that go with it.
+fn route_action(policy: &Policy, backend: &str, outlier_mode: OutlierMode) -> Value {
+    let Some(b) = policy.backend(backend) else {
+        return json!({ "cluster": backend });
+    };
+    let cluster = b
+        .zones
+        .first()
+        .map_or(b.name.as_str(), |z| z.cluster.as_str());
+    let mut action = json!({ "cluster": cluster, "timeout": format!("{}s", b.timeout.as_secs()) });
+    if outlier_mode == OutlierMode::Native && b.outlier.is_some() {
+        action["retry_policy"] = outlier::native_retry_policy();
+    }
+    action
+}
+
+fn regex_escape(s: &str) -> String {
+    s.chars().fold(String::new(), |mut out, c| {
+        if "\\.+*?()|[]{}^$".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+        out
+    })
+}
+
+/// The backends whose zones a cluster serves, in policy order.
+type ClusterBackends<'p> = Vec<(&'p Backend, &'p sluice_core::config::Zone)>;
+
+/// One cluster per cluster name; each zone becomes a locality. A cluster
+/// runs `attempt_filter` as an upstream HTTP filter (once per attempt; same
+/// `vm_id` as the listener's, so one shared state) when `every_cluster`, or
+/// when sluice picks its endpoints.
+fn clusters(
+    policy: &Policy,
+    outlier_mode: OutlierMode,
+    attempt_filter: &Value,
+    every_cluster: bool,
+) -> anyhow::Result<Vec<Value>> {
+    let mut by_name: BTreeMap<&str, ClusterBackends<'_>> = BTreeMap::new();
+    for b in &policy.backends {
+        for z in &b.zones {
+            by_name.entry(z.cluster.as_str()).or_default().push((b, z));
+        }
+    }
+    by_name
+        .into_iter()
+        .map(|(name, members)| {
+            let outlier = cluster_outlier(name, &members);
+            let mut all_ips = true;
+            let mut localities = Vec::new();
+            for (_, z) in &members {
+                if z.endpoints.is_empty() {
+                    eprintln!("warning: zone `{}` of cluster `{name}` has no endpoints: the cluster is rendered empty (pass --endpoints)", z.name);
+                }
+                let mut lb_endpoints = Vec::new();
+                for ep in &z.endpoints {
+                    let (host, _) = split_host_port(ep)?;
+                    all_ips &= host.parse::<IpAddr>().is_ok();
+                    lb_endpoints.push(json!({ "endpoint": { "address": socket_address(ep)? } }));
+                }
+                localities.push(json!({
+                    "locality": { "region": z.region, "zone": z.name },
+                    "lb_endpoints": lb_endpoints,
+                }));
+            }
+            let mut cluster = json!({
+                "name": name,
+                "type": if all_ips { "STATIC" } else { "STRICT_DNS" },
+                "connect_timeout": "5s",
+                "lb_policy": "ROUND_ROBIN",
+                "load_assignment": { "cluster_name": name, "endpoints": localities },
+            });
+            let mut with_attempts = every_cluster;
+            match (outlier_mode, outlier) {
+                (OutlierMode::Sluice, Some(_)) => {
+                    if !all_ips {
+                        eprintln!("warning: cluster `{name}` has host names: sluice names endpoints by address for `override_host`, so its requests fall back to least request");
+                    }
+                    // `load_balancing_policy` replaces `lb_policy`.
+                    if let Some(c) = cluster.as_object_mut() {
+                        c.remove("lb_policy");
+                    }
+                    cluster["load_balancing_policy"] = outlier::override_host_policy();
+                    with_attempts = true;
+                }
+                (OutlierMode::Native, Some(o)) => {
+                    cluster["lb_policy"] = json!("LEAST_REQUEST");
+                    cluster["outlier_detection"] = outlier::native_outlier_detection(o);
+                }
+                _ => {}
+            }
+            if with_attempts {
+                cluster["typed_extension_protocol_options"] = json!({
+                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                        "explicit_http_config": { "http_protocol_options": {} },
+                        "http_filters": [
+                            attempt_filter,
+                            {
+                                "name": "envoy.filters.http.upstream_codec",
+                                "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec" }
+                            }
+                        ],
+                    }
+                });
+            }
+            Ok(cluster)
+        })
+        .collect()
+}
+
+/// The `[outlier]` settings of a cluster: those of the first backend (in
+/// policy order) that enables the section for one of its zones. Envoy has
+/// one setting per cluster; backends sharing a cluster with different
+/// settings are warned about.
+fn cluster_outlier<'p>(name: &str, members: &ClusterBackends<'p>) -> Option<&'p OutlierConfig> {
+    let mut configs = members.iter().filter_map(|(b, _)| b.outlier.as_ref());
+    let first = configs.next()?;
+    if configs.any(|other| other != first) {
+        eprintln!(
+            "warning: backends sharing cluster `{name}` set [outlier] differently: the cluster follows the first of them"
+        );
+    }
+    Some(first)
+}
+
+/// Envoy's gzip compressor, for responses, placed before sluice.wasm.
+///
+/// sluice reads a response's usage to settle what it reserved, which it
+/// cannot do in a compressed answer, so it asks the upstream for none on
+/// the requests it meters. Responses pass the filters in reverse order:
+/// sluice reads the plain answer from the upstream, then this filter
+/// compresses it for a client that sent `accept-encoding: gzip`, streams
+/// included (it flushes every data frame). `remove_accept_encoding_header`
+/// makes the upstream answer plain for every path, not only the metered
+/// ones, since compressing is this filter's job here.
+fn compressor_filter() -> Value {
+    json!({
+        "name": "envoy.filters.http.compressor",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.compressor.v3.Compressor",
+            "response_direction_config": {
+                "common_config": {
+                    "content_type": ["application/json", "text/event-stream", "text/plain"],
+                },
+                "remove_accept_encoding_header": true,
+            },
+            "compressor_library": {
+                "name": "gzip",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.compression.gzip.compressor.v3.Gzip",
+                },
+            },
+        }
+    })
+}
+
+/// The `sluice.wasm` filter, configured with the policy text so the filter
+/// validates exactly what `sluice validate` did.
+fn wasm_filter(wasm_dir: &Path, policy_text: &str, failure_policy: &str) -> Value {
+    let filename = wasm_dir.join(format!("{MODULE}.wasm"));
+    json!({
+        "name": MODULE,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": {
+                "name": MODULE,
+                "root_id": MODULE,
+                "failure_policy": failure_policy,
+                // Filters hold a request's headers while they read its body
+                // (what a request costs, which model it names). Without this
+                // (Envoy >= 1.35) a paused header phase is turned into
+                // StopAllIteration and the body callbacks never run.
+                "allow_on_headers_stop_iteration": true,
+                "vm_config": {
+                    "vm_id": MODULE,
+                    "runtime": "envoy.wasm.runtime.v8",
+                    "code": { "local": { "filename": filename.display().to_string() } },
+                },
+                "configuration": {
+                    "@type": "type.googleapis.com/google.protobuf.StringValue",
+                    "value": policy_text,
+                },
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `primary` (four endpoints, `[outlier]` on) and `small` (its own
+    /// cluster, `[outlier]` off for it).
+    const WITH_OUTLIER: &str = r#"
+[[backend]]
+name = "primary"
+models = ["big"]
+  [[backend.zone]]
+  name = "zone-a"
+  endpoints = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3", "127.0.0.1:4"]
+
+[[backend]]
+name = "small"
+models = ["small"]
+  [[backend.zone]]
+  name = "zone-a"
+  endpoints = ["127.0.0.1:5"]
+  [backend.outlier]
+  enabled = false
+
+[outlier]
+consecutive_errors = 3
+interval = "5s"
+"#;
+
+    fn args(native_outlier: bool) -> EnvoyArgs {
+        EnvoyArgs {
+            policy: PathBuf::from("p.toml"),
+            wasm_dir: PathBuf::from("/wasm"),
+            listen: "127.0.0.1:0".into(),
+            admin: "127.0.0.1:0".into(),
+            endpoints: Vec::new(),
+            failure_policy: "FAIL_RELOAD".into(),
+            attempt_filter: false,
+            native_outlier,
+            output: None,
+        }
+    }
+
+    /// The bootstrap of `text` as `envoy` renders it, in `mode`.
+    fn render(text: &str, mode: OutlierMode) -> Value {
+        let policy = sluice_policy::parse_toml("p.toml", text).unwrap();
+        let native = mode == OutlierMode::Native;
+        let edits = Edits {
+            endpoints: &[],
+            drop_outlier: native && Capability::Outlier.is_enabled_in(&policy),
+        };
+        let (filter_policy, filter_text) =
+            filter_policy_text(&policy, text, Path::new("p.toml"), edits)
+                .unwrap()
+                .unwrap();
+        bootstrap(&policy, &filter_policy, &filter_text, &args(native), mode).unwrap()
+    }
+
+    fn cluster<'v>(b: &'v Value, name: &str) -> &'v Value {
+        b["static_resources"]["clusters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap()
+    }
+
+    fn upstream_filters(cluster: &Value) -> Option<Vec<&str>> {
+        let options = cluster.get("typed_extension_protocol_options")?;
+        Some(
+            options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["http_filters"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| f["name"].as_str().unwrap())
+                .collect(),
+        )
+    }
+
+    fn route<'v>(b: &'v Value, name: &str) -> &'v Value {
+        b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+            ["route_config"]["virtual_hosts"][0]["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == name)
+            .unwrap()
+    }
+
+    fn filter_text(b: &Value) -> &str {
+        b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+            ["http_filters"][1]["typed_config"]["config"]["configuration"]["value"]
+            .as_str()
+            .unwrap()
+    }
+
+    #[test]
+    fn sluice_picks_the_endpoints_of_outlier_backends() {
+        let b = render(WITH_OUTLIER, OutlierMode::Sluice);
+        let primary = cluster(&b, "primary");
+        assert!(primary.get("lb_policy").is_none());
+        let lb = &primary["load_balancing_policy"]["policies"][0]["typed_extension_config"];
+        assert_eq!(lb["name"], "envoy.load_balancing_policies.override_host");
+        assert_eq!(
+            lb["typed_config"]["override_host_sources"],
+            json!([{ "header": "x-gateway-destination-endpoint" }])
+        );
+        assert_eq!(
+            lb["typed_config"]["fallback_policy"]["policies"][0]["typed_extension_config"]["name"],
+            "envoy.load_balancing_policies.least_request"
+        );
+        assert_eq!(
+            upstream_filters(primary).unwrap(),
+            [ATTEMPT_ROOT_ID, "envoy.filters.http.upstream_codec"]
+        );
+        assert!(primary.get("outlier_detection").is_none());
+        // The attempt instance gets the same policy text as the listener's.
+        let attempt = &primary["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+            ["http_filters"][0];
+        assert_eq!(
+            attempt["typed_config"]["config"]["configuration"]["value"].as_str(),
+            Some(filter_text(&b))
+        );
+        // sluice sets the router's retries per request: no route policy.
+        assert!(
+            route(&b, "backend-primary")["route"]
+                .get("retry_policy")
+                .is_none()
+        );
+        // A backend that switches the section off keeps the plain cluster.
+        let small = cluster(&b, "small");
+        assert_eq!(small["lb_policy"], "ROUND_ROBIN");
+        assert!(small.get("load_balancing_policy").is_none());
+        assert!(upstream_filters(small).is_none());
+        assert_eq!(filter_text(&b), WITH_OUTLIER);
+    }
+
+    #[test]
+    fn native_outlier_renders_what_envoy_alone_would_do() {
+        let b = render(WITH_OUTLIER, OutlierMode::Native);
+        let primary = cluster(&b, "primary");
+        assert_eq!(primary["lb_policy"], "LEAST_REQUEST");
+        assert!(primary.get("load_balancing_policy").is_none());
+        assert!(upstream_filters(primary).is_none());
+        let detection = &primary["outlier_detection"];
+        assert_eq!(detection["consecutive_5xx"], 3);
+        assert_eq!(detection["interval"], "5s");
+        assert_eq!(detection["enforcing_failure_percentage"], 100);
+        let retry = &route(&b, "backend-primary")["route"]["retry_policy"];
+        assert_eq!(
+            retry["retry_on"],
+            "5xx,reset,connect-failure,retriable-status-codes"
+        );
+        assert_eq!(retry["retriable_status_codes"], json!([429]));
+        assert_eq!(retry["num_retries"], 2);
+        assert_eq!(
+            retry["retry_host_predicate"][0]["name"],
+            "envoy.retry_host_predicates.previous_hosts"
+        );
+        // No first-token timeout in the policy language yet: no per-try
+        // timeout.
+        assert!(retry.get("per_try_timeout").is_none());
+        // The default route goes to primary too.
+        assert_eq!(route(&b, "default")["route"]["retry_policy"], *retry);
+        assert!(
+            route(&b, "backend-small")["route"]
+                .get("retry_policy")
+                .is_none()
+        );
+        let small = cluster(&b, "small");
+        assert_eq!(small["lb_policy"], "ROUND_ROBIN");
+        assert!(small.get("outlier_detection").is_none());
+        // sluice.wasm does not act on outliers.
+        let given = sluice_policy::parse_toml("given.toml", filter_text(&b)).unwrap();
+        assert!(given.outlier.is_none());
+        assert!(given.backends.iter().all(|b| b.outlier.is_none()));
+        assert!(!filter_text(&b).contains("[outlier]"));
+    }
+
+    #[test]
+    fn an_outlier_section_not_enforced_changes_nothing() {
+        let without = WITH_OUTLIER.split("[outlier]").next().unwrap();
+        let plain = render(without, OutlierMode::Off);
+        let off = render(WITH_OUTLIER, OutlierMode::Off);
+        // Same bootstrap but for the policy text.
+        let strip = |mut b: Value| {
+            for f in b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+                ["typed_config"]["http_filters"]
+                .as_array_mut()
+                .unwrap()
+            {
+                if let Some(c) = f["typed_config"].get_mut("config") {
+                    c["configuration"]["value"] = json!("");
+                }
+            }
+            b
+        };
+        assert_eq!(strip(plain), strip(off));
+    }
+
+    #[test]
+    fn policies_without_outlier_render_the_same_in_every_mode() {
+        let without = WITH_OUTLIER.split("[outlier]").next().unwrap();
+        let off = render(without, OutlierMode::Off);
+        assert_eq!(render(without, OutlierMode::Sluice), off);
+        assert_eq!(render(without, OutlierMode::Native), off);
+        for name in ["primary", "small"] {
+            let c = cluster(&off, name);
+            assert_eq!(c["lb_policy"], "ROUND_ROBIN");
+            assert!(c.get("load_balancing_policy").is_none());
+            assert!(c.get("outlier_detection").is_none());
+            assert!(upstream_filters(c).is_none());
+        }
+        assert_eq!(filter_text(&off), without);
+    }
+
+    #[test]
+    fn a_cluster_shared_with_an_outlier_backend_follows_it() {
+        let text = r#"
+[[backend]]
+name = "a"
+models = ["a"]
+  [[backend.zone]]
+  name = "z"
+  cluster = "pool"
+  endpoints = ["127.0.0.1:1"]
+  [backend.outlier]
+  enabled = false
+
+[[backend]]
+name = "b"
+models = ["b"]
+  [[backend.zone]]
+  name = "z"
+  cluster = "pool"
+  endpoints = ["127.0.0.1:2"]
+
+[outlier]
+"#;
+        let b = render(text, OutlierMode::Sluice);
+        assert!(cluster(&b, "pool").get("load_balancing_policy").is_some());
+        let b = render(text, OutlierMode::Native);
+        assert!(cluster(&b, "pool").get("outlier_detection").is_some());
+    }
+}
