@@ -41,7 +41,7 @@ min_requests = 20
 base_ejection_time = "10s"
 max_ejection_time = "1m"
 max_ejection = "25%"
-slow_ttft = "5s"
+first_token_timeout = "5s"
 """)
 
 
@@ -130,7 +130,10 @@ def test_native_outlier_bootstrap_is_accepted(policy, tmp_path):
         "failure_percentage_request_volume": 20,
         "failure_percentage_minimum_hosts": 1,
         "enforcing_failure_percentage": 100,
-        "enforcing_success_rate": 0,
+        "enforcing_success_rate": 100,
+        "success_rate_minimum_hosts": 3,
+        "success_rate_request_volume": 20,
+        "success_rate_stdev_factor": 1900,
     }
     routes = hcm(doc)["route_config"]["virtual_hosts"][0]["routes"]
     for route in routes:
@@ -138,6 +141,7 @@ def test_native_outlier_bootstrap_is_accepted(policy, tmp_path):
         assert retry["retry_on"] == "5xx,reset,connect-failure,retriable-status-codes"
         assert retry["retriable_status_codes"] == [429]
         assert retry["num_retries"] == 2
+        assert retry["per_try_timeout"] == "5s"  # the policy's first_token_timeout
         assert retry["retry_host_predicate"][0]["name"] == \
             "envoy.retry_host_predicates.previous_hosts"
     (text,) = [given_policy(f) for f in hcm(doc)["http_filters"] if f["name"] == "sluice"]

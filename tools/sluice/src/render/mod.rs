@@ -412,8 +412,10 @@ fn route_action(policy: &Policy, backend: &str, outlier_mode: OutlierMode) -> Va
         .first()
         .map_or(b.name.as_str(), |z| z.cluster.as_str());
     let mut action = json!({ "cluster": cluster, "timeout": format!("{}s", b.timeout.as_secs()) });
-    if outlier_mode == OutlierMode::Native && b.outlier.is_some() {
-        action["retry_policy"] = outlier::native_retry_policy();
+    if outlier_mode == OutlierMode::Native
+        && let Some(o) = &b.outlier
+    {
+        action["retry_policy"] = outlier::native_retry_policy(o);
     }
     action
 }

@@ -12,9 +12,9 @@
 //! `--native-outlier` renders instead what a user would write with Envoy
 //! alone from the same section: `outlier_detection` on the clusters and a
 //! route retry policy that moves to another host. Envoy has no counterpart
-//! for `consecutive_429`, `slow_ttft`, `slow_tpot` or `slow_rate`, so those
-//! keys are not rendered, and the filter is given the policy without
-//! `[outlier]` so that it does not act on outliers too.
+//! for the latency detectors, phi accrual or the 429 cool-down, so those keys
+//! are not rendered, and the filter is given the policy without `[outlier]`
+//! so that it does not act on outliers too.
 
 use std::time::Duration;
 
@@ -23,9 +23,8 @@ use sluice_core::config::OutlierConfig;
 use sluice_core::units::Ratio;
 
 /// Request header naming the endpoints of a request, first choice first
-/// (`ip:port,ip:port,…`): the Gateway API Inference Extension's name, which
-/// Envoy's `override_host` policy documents.
-pub const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
+/// (`ip:port,ip:port,…`): the Gateway API Inference Extension's name.
+pub use sluice_core::outlier::DESTINATION_HEADER;
 
 /// How the render treats a backend's `[outlier]` section.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,12 +61,11 @@ pub fn override_host_policy() -> Value {
 /// Envoy's `outlier_detection` from the section's keys.
 ///
 /// Errors in a row (5xx, resets, connect failures and timeouts: Envoy counts
-/// local-origin failures as 5xx unless told to split them) and the error
-/// rate over each interval, nothing else: success-rate ejection, on by
-/// default in Envoy, is switched off because the policy does not ask for it.
-/// `failure_percentage_minimum_hosts` is 1 (Envoy's default, 5, would
-/// silently disable the rate for smaller pools, which the policy does not
-/// say); `consecutive_errors = 0` disables that rule, as in the policy.
+/// local-origin failures as 5xx unless told to split them), the error rate
+/// over each interval, and success rate against the peers (mean − k·σ),
+/// each as the policy sets it (0 disables). `failure_percentage_minimum_hosts`
+/// is 1 (Envoy's default, 5, would silently disable the rate for smaller
+/// pools, which the policy does not say).
 pub fn native_outlier_detection(o: &OutlierConfig) -> Value {
     let mut detection = json!({
         "interval": duration(o.interval),
@@ -77,8 +75,11 @@ pub fn native_outlier_detection(o: &OutlierConfig) -> Value {
         "failure_percentage_threshold": percent(o.failure_rate),
         "failure_percentage_request_volume": o.min_requests,
         "failure_percentage_minimum_hosts": 1,
-        "enforcing_failure_percentage": 100,
-        "enforcing_success_rate": 0,
+        "enforcing_failure_percentage": if o.failure_rate.get() > 0.0 { 100 } else { 0 },
+        "enforcing_success_rate": if o.success_rate_stdev > 0.0 { 100 } else { 0 },
+        "success_rate_minimum_hosts": o.min_hosts,
+        "success_rate_request_volume": o.min_requests,
+        "success_rate_stdev_factor": (o.success_rate_stdev * 1000.0).round() as u32,
     });
     if o.consecutive_errors == 0 {
         detection["enforcing_consecutive_5xx"] = json!(0);
@@ -91,15 +92,18 @@ pub fn native_outlier_detection(o: &OutlierConfig) -> Value {
 
 /// The route retry policy that goes with native outlier detection: what
 /// sluice's engine asks of the router per request, written once for the
-/// route. Two retries, each on a host not tried yet, for 5xx, resets,
-/// connect failures and 429s.
+/// route. `retries` retries, each on a host not tried yet, for 5xx, resets,
+/// connect failures and 429s; with a `first_token_timeout`, that as the
+/// `per_try_timeout`.
 ///
-/// `per_try_timeout` would bound the time to first token on streams, but
-/// the policy has no first-token timeout yet, so it is left out. (Natively
-/// it would stop at the response headers, which an LLM server sends before
-/// the first token; see filters/README.md.)
-pub fn native_retry_policy() -> Value {
-    json!({
+/// Natively a per-try timeout stops at the response headers, which an LLM
+/// server sends before the first token of a stream: it catches an endpoint
+/// that sends nothing (a blackhole), not one that stalls after its headers
+/// (see filters/README.md). It also applies to non-streaming requests, whose
+/// headers come with the whole answer: a user who sets it accepts that a
+/// long non-streaming generation is cut at it.
+pub fn native_retry_policy(o: &OutlierConfig) -> Value {
+    let mut policy = json!({
         "retry_on": "5xx,reset,connect-failure,retriable-status-codes",
         "retriable_status_codes": [429],
         "num_retries": 2,
@@ -112,7 +116,12 @@ pub fn native_retry_policy() -> Value {
         // Envoy's default re-picks once when the predicate refuses a host; a
         // few more keep a small pool from landing on a tried host again.
         "host_selection_retry_max_attempts": 3,
-    })
+    });
+    policy["num_retries"] = json!(o.retries);
+    if !o.first_token_timeout.is_zero() {
+        policy["per_try_timeout"] = json!(duration(o.first_token_timeout));
+    }
+    policy
 }
 
 /// A protobuf JSON duration: `"10s"`, `"0.250s"`.
@@ -134,19 +143,21 @@ mod tests {
     use super::*;
 
     fn config() -> OutlierConfig {
-        OutlierConfig {
-            interval: Duration::from_millis(2500),
-            consecutive_errors: 3,
-            consecutive_429: 10,
-            failure_rate: Ratio::from_percent(85.4).unwrap(),
-            min_requests: 20,
-            slow_ttft: Duration::from_secs(10),
-            slow_tpot: Duration::from_millis(200),
-            slow_rate: Ratio::percent(50),
-            base_ejection_time: Duration::from_secs(30),
-            max_ejection_time: Duration::from_secs(300),
-            max_ejection: Ratio::percent(25),
-        }
+        let text = r#"
+            [[backend]]
+            name = "b"
+            models = ["*"]
+            [[backend.zone]]
+            name = "z"
+            [outlier]
+            interval = "2500ms"
+            consecutive_errors = 3
+            failure_rate = "85.4%"
+            min_requests = 20
+            success_rate_stdev = 0
+            max_ejection = "25%"
+        "#;
+        sluice_policy::parse_toml("t.toml", text).unwrap().outlier.unwrap()
     }
 
     #[test]
@@ -166,6 +177,9 @@ mod tests {
                 "failure_percentage_minimum_hosts": 1,
                 "enforcing_failure_percentage": 100,
                 "enforcing_success_rate": 0,
+                "success_rate_minimum_hosts": 3,
+                "success_rate_request_volume": 20,
+                "success_rate_stdev_factor": 0,
             })
         );
     }

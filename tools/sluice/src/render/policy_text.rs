@@ -194,7 +194,7 @@ models = ["m"]
 
   # Slow to first token is normal here.
   [backend.outlier]
-  slow_ttft = "15s"
+  first_token_timeout = "15s"
 
 [[backend]]
 name = "small"
@@ -261,7 +261,7 @@ consecutive_errors = 3
         )
         .unwrap();
         assert!(!out.contains("outlier"), "{out}");
-        assert!(!out.contains("slow_ttft"), "{out}");
+        assert!(!out.contains("first_token_timeout"), "{out}");
         let policy = sluice_policy::parse_toml("out.toml", &out).unwrap();
         assert!(policy.outlier.is_none());
         assert!(policy.backends.iter().all(|b| b.outlier.is_none()));
@@ -290,7 +290,7 @@ consecutive_errors = 3
     fn json_policies_are_edited_as_json() {
         let text = r#"{"backend": [{"name": "b", "models": ["*"],
             "zone": [{"name": "z", "endpoints": ["10.0.0.1:1"]}],
-            "outlier": {"slow_ttft": "15s"}}],
+            "outlier": {"first_token_timeout": "15s"}}],
             "outlier": {"consecutive_errors": 3}}"#;
         let eps = [zone("b", "z", &["127.0.0.1:5", "127.0.0.1:6"])];
         let edited = |drop_outlier| {
