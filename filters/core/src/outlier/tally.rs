@@ -71,6 +71,11 @@ pub struct Tally {
     pub last_success: Option<Timestamp>,
     /// The latest 429's reset time, if one came.
     pub throttled_until: Option<Timestamp>,
+    /// Failures taken back: attempts that ended without an answer because
+    /// the client left, not because of the endpoint (the per-attempt
+    /// instance cannot tell: Envoy shows it no flags; the request's
+    /// instance can, and takes them back).
+    pub retracted: u32,
 }
 
 impl Tally {
@@ -118,6 +123,11 @@ impl Tally {
         self.tpot_ms += tpot.as_secs_f64() * 1000.0;
         self.tpot_samples += 1;
         self.tpot_run.push(slow);
+    }
+
+    /// An attempt counted as failed ended because the client left.
+    pub fn retract(&mut self) {
+        self.retracted = self.retracted.saturating_add(1);
     }
 
     /// A 429 asked for no requests until `until`.
