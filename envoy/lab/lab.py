@@ -40,7 +40,8 @@ class Lab:
     def __init__(self, name: str, policy: Path = paths.LAB_POLICY, *,
                  bootstrap_hook: BootstrapHook | None = None,
                  sim_args: dict[tuple[str, str], list[str]] | None = None,
-                 seed: int = 0, keep_logs: bool = False, concurrency: int = 2):
+                 seed: int = 0, keep_logs: bool = False, concurrency: int = 2,
+                 render_args: tuple[str, ...] = ()):
         """``sim_args[backend, zone]`` goes to every simulator of that zone;
         simulators are seeded ``seed``, ``seed + 1``… in the policy's order."""
         self.name = paths.safe_name(name)
@@ -51,6 +52,7 @@ class Lab:
         self.seed = seed
         self.keep_logs = keep_logs
         self.concurrency = concurrency
+        self.render_args = render_args
         self.zones: list[BackendZone] = []
         self.sims: dict[tuple[str, str], LlmSim] = {}
         self._zone_sims: dict[tuple[str, str], list[LlmSim]] = {}
@@ -81,7 +83,7 @@ class Lab:
                 self.sims[key] = sims[0]
             endpoints = {key: [sim.listen for sim in sims]
                          for key, sims in self._zone_sims.items()}
-            bootstrap = render_envoy(self.policy, endpoints=endpoints)
+            bootstrap = render_envoy(self.policy, endpoints=endpoints, extra=self.render_args)
             if self.bootstrap_hook is not None:
                 bootstrap = self.bootstrap_hook(bootstrap)
             self.bootstrap = bootstrap

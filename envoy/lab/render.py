@@ -61,10 +61,12 @@ def sluice(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str
 
 def render_envoy(policy: Path, *, wasm_dir: Path = paths.WASM_DIR,
                  endpoints: dict[tuple[str, str], Iterable[str]] | None = None,
-                 listen: str = "127.0.0.1:0", admin: str = "127.0.0.1:0") -> str:
-    """``sluice render envoy POLICY`` with run-time endpoints; the YAML text."""
+                 listen: str = "127.0.0.1:0", admin: str = "127.0.0.1:0",
+                 extra: Iterable[str] = ()) -> str:
+    """``sluice render envoy POLICY`` with run-time endpoints (and ``extra``
+    arguments, e.g. ``--native-outlier``); the YAML text."""
     args = ["render", "envoy", str(policy), "--wasm-dir", str(wasm_dir),
-            "--listen", listen, "--admin", admin]
+            "--listen", listen, "--admin", admin, *extra]
     for (backend, zone), hosts in sorted((endpoints or {}).items()):
         args += ["--endpoints", f"{backend}/{zone}={','.join(hosts)}"]
     done = sluice(*args)
