@@ -19,8 +19,10 @@ assertions hold sluice to its targets with room for a loaded machine:
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from lab import drills, paths
@@ -138,3 +140,35 @@ def test_throttled_endpoint(lab_factory, tmp_path, variant):
         # Benched for its retry-after: nothing while it lasts (a request
         # already picked when the first 429 came may still land).
         assert during <= 1, RESULTS[f"429/{variant}"]
+
+
+def test_clients_that_hang_up_do_not_eject_healthy_endpoints(lab_factory, tmp_path):
+    """Clients whose timeout is shorter than a generation leave before any
+    answer: the per-attempt instance sees an attempt end without a status
+    (Envoy shows it no flags), which looks like a dead endpoint. The
+    request's instance sees the client left (``DC``) and takes the failure
+    back: a client cannot eject healthy endpoints by hanging up."""
+    lab, sims = drill_lab(lab_factory, tmp_path, "sluice")
+    body = {"model": "sim-large", "max_tokens": 32,   # ~0.7 s at llm-sim's 50 tokens/s
+            "messages": [{"role": "user", "content": "a long answer please"}]}
+    hung_up = 0
+    with httpx.Client(base_url=lab.base_url, timeout=httpx.Timeout(0.15),
+                      headers={"x-tenant-id": "impatient"}, trust_env=False) as client:
+        for _ in range(60):
+            try:
+                client.post("/v1/chat/completions", json=body)
+            except httpx.TimeoutException:
+                hung_up += 1
+    assert hung_up >= 50, hung_up
+    # The hang-ups are over; give the workers' ticks time to flush them.
+    time.sleep(0.5)
+    with httpx.Client(base_url=lab.base_url, timeout=httpx.Timeout(30.0),
+                      headers={"x-tenant-id": "patient"}, trust_env=False) as client:
+        for _ in range(8):
+            assert client.post("/v1/chat/completions", json={**body, "max_tokens": 2}).status_code == 200
+    stats = lab.envoy.stats(filter="sluice_outlier")
+    ejections = {k: v for k, v in stats.items() if k.endswith(".ejections")}
+    assert len(ejections) == 4, stats
+    assert sum(ejections.values()) == 0, ejections
+    log = lab.envoy.log_path.read_text(errors="replace")
+    assert "ejected for" not in log, "an endpoint was ejected"
