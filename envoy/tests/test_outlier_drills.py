@@ -144,10 +144,10 @@ def test_throttled_endpoint(lab_factory, tmp_path, variant):
 
 def test_clients_that_hang_up_do_not_eject_healthy_endpoints(lab_factory, tmp_path):
     """Clients whose timeout is shorter than a generation leave before any
-    answer: the per-attempt instance sees an attempt end without a status
-    (Envoy shows it no flags), which looks like a dead endpoint. The
-    request's instance sees the client left (``DC``) and takes the failure
-    back: a client cannot eject healthy endpoints by hanging up."""
+    answer: their attempts end without a status, as a dead endpoint's do.
+    The per-attempt instance reads the request's ``DC`` flag (set before
+    Envoy resets the attempt) and does not judge them: a client cannot eject
+    healthy endpoints by hanging up."""
     lab, sims = drill_lab(lab_factory, tmp_path, "sluice")
     body = {"model": "sim-large", "max_tokens": 32,   # ~0.7 s at llm-sim's 50 tokens/s
             "messages": [{"role": "user", "content": "a long answer please"}]}

@@ -111,14 +111,6 @@ impl EndpointRecord {
     pub fn absorb(&mut self, t: &Tally) {
         self.attempts += f64::from(t.judged);
         self.failures += f64::from(t.failures);
-        if t.retracted > 0 {
-            // A client that leaves must not make its endpoint look sick:
-            // what it cut short is taken back (never below nothing).
-            let r = f64::from(t.retracted);
-            self.attempts = (self.attempts - r).max(0.0);
-            self.failures = (self.failures - r).max(0.0);
-            self.consecutive = self.consecutive.saturating_sub(t.retracted);
-        }
         self.consecutive = if t.successes > 0 {
             t.trailing_failures
         } else {

@@ -22,7 +22,10 @@ pub enum Verdict {
     /// failure; it benches the endpoint until its reset time instead.
     Throttled,
     /// The client left before anything showed the endpoint's fault: says
-    /// nothing about it.
+    /// nothing about it. (In Envoy 1.40 the per-attempt instance reads the
+    /// request's `DC` flag when the client's leaving ends the attempt; the
+    /// flags are otherwise 0 there, so an attempt the router abandoned
+    /// reads as no answer: a failure.)
     Unjudged,
 }
 
@@ -71,11 +74,6 @@ pub struct Tally {
     pub last_success: Option<Timestamp>,
     /// The latest 429's reset time, if one came.
     pub throttled_until: Option<Timestamp>,
-    /// Failures taken back: attempts that ended without an answer because
-    /// the client left, not because of the endpoint (the per-attempt
-    /// instance cannot tell: Envoy shows it no flags; the request's
-    /// instance can, and takes them back).
-    pub retracted: u32,
 }
 
 impl Tally {
@@ -123,11 +121,6 @@ impl Tally {
         self.tpot_ms += tpot.as_secs_f64() * 1000.0;
         self.tpot_samples += 1;
         self.tpot_run.push(slow);
-    }
-
-    /// An attempt counted as failed ended because the client left.
-    pub fn retract(&mut self) {
-        self.retracted = self.retracted.saturating_add(1);
     }
 
     /// A 429 asked for no requests until `until`.

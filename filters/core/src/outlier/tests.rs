@@ -413,33 +413,6 @@ fn a_reload_that_reorders_endpoints_keeps_their_records() {
     assert_eq!(state.endpoints.len(), 1);
 }
 
-#[test]
-fn clients_that_leave_do_not_make_an_endpoint_look_sick() {
-    // Attempts cut short by their client look like failures to the
-    // per-attempt instance; the request's instance takes them back.
-    let cfg = config();
-    let mut state = BackendState::default();
-    let list: Vec<(String, String)> = (0..3).map(|i| (format!("10.0.0.{i}:80"), "z".into())).collect();
-    state.align(&list);
-    let now = Timestamp::from_millis(1_000_000);
-    for round in 0..20 {
-        let at = now + Duration::from_millis(100 * round);
-        let mut attempts = Tally::default();
-        let mut requests = Tally::default();
-        for _ in 0..4 {
-            attempts.start();
-            attempts.end(Verdict::Failure, None, None, at);
-            requests.retract();
-        }
-        let events = state.flush(&[(list[0].0.clone(), attempts)], &cfg, at, || 0.5);
-        assert!(events.is_empty(), "{events:?}");
-        let events = state.flush(&[(list[0].0.clone(), requests)], &cfg, at, || 0.5);
-        assert!(events.is_empty(), "{events:?}");
-    }
-    assert_eq!(state.endpoints[0].health, Health::Healthy);
-    assert_eq!(state.endpoints[0].consecutive, 0);
-}
-
 proptest! {
     /// Whatever the endpoints do, one stays in rotation, ejections are
     /// bounded (both checked on every tick), and a healthy endpoint is never

@@ -274,10 +274,6 @@ impl Capability for Outlier {
         true
     }
 
-    fn reads_flags(&self) -> bool {
-        true
-    }
-
     fn needs_attempts(&self) -> bool {
         true
     }
@@ -455,16 +451,6 @@ impl Flow for OutlierFlow {
             if self.reason == Some(PickReason::Probe) {
                 g.probing.set(false);
             }
-        }
-        // The client left before any answer: the attempt it cut short was
-        // counted as a failure by the per-attempt instance (which sees no
-        // flags in Envoy); take it back, or clients that hang up could
-        // eject healthy endpoints.
-        if observation.flags.downstream_disconnect
-            && observation.status.is_none()
-            && let Some(i) = observation.upstream_address.as_deref().and_then(|a| g.index(a))
-        {
-            g.tallies.borrow_mut()[i].retract();
         }
         // A stream's time per output token, on the endpoint that served it.
         if let (Some(tpot), Some(i)) = (
