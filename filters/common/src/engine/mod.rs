@@ -26,7 +26,7 @@
 //!    trailers of a request that ends with trailers (HTTP/2, gRPC-web):
 //!    the decision is the same either way.
 //! 3. **Admission**, capability by capability in the order the module gives
-//!    them (tokens, then breaker): each may let the request go, answer it
+//!    them (tokens, breaker, outlier): each may let the request go, answer it
 //!    ([`Verdict::Reply`], which ends the pass: later capabilities never see
 //!    it, earlier ones see it as done without an upstream), or make it wait
 //!    ([`Verdict::Wait`]: the capability wakes it from its tick). Each may
