@@ -322,3 +322,92 @@ fn when_every_endpoint_is_benched_envoy_decides_and_a_metric_says_so() {
     assert!(all.iter().all(|(_, r)| !r.local_reply));
     no_failures(&host);
 }
+
+#[test]
+fn a_request_the_breaker_reroutes_is_picked_among_the_fallback_backends_endpoints() {
+    let text = r#"
+name = "outlier-reroute"
+
+[[backend]]
+name = "primary"
+models = ["big"]
+  [[backend.zone]]
+  name = "zone-a"
+  region = "region"
+  endpoints = ["10.0.0.1:8000"]
+
+[[backend]]
+name = "fallback"
+models = ["small"]
+  [[backend.zone]]
+  name = "zone-a"
+  region = "region"
+  endpoints = ["10.0.1.1:8000", "10.0.1.2:8000"]
+  [backend.breaker]
+  enabled = false
+
+[outlier]
+
+[breaker]
+mode = "consecutive"
+consecutive_failures = 2
+open_for = "30s"
+  [breaker.degrade]
+  action = "fallback-model"
+  fallback_model = "small"
+"#;
+    let mut host = Host::new(HostOptions {
+        workers: 1,
+        route: RouteConfig {
+            cluster_header: Some("x-sluice-backend".into()),
+            default_cluster: Some("primary".into()),
+            ..RouteConfig::default()
+        },
+        ..HostOptions::default()
+    });
+    let failing = healthy().with_fault(Duration::ZERO, Duration::from_secs(3600), FaultKind::Status(500));
+    host.add_cluster(Cluster::new(
+        "primary",
+        vec![Endpoint::new("10.0.0.1:8000", "zone-a", failing)],
+    ));
+    host.add_cluster(Cluster::new(
+        "fallback",
+        vec![
+            Endpoint::new("10.0.1.1:8000", "zone-a", healthy()),
+            Endpoint::new("10.0.1.2:8000", "zone-a", healthy()),
+        ],
+    ));
+    let filter = |name: &str, root: &str| {
+        PluginConfig::new(module())
+            .name(name)
+            .root_id(root)
+            .vm_id("sluice")
+            .configuration(text)
+            .allow_on_headers_stop_iteration(true)
+    };
+    host.add_filter(filter("sluice", "sluice")).unwrap();
+    for cluster in ["primary", "fallback"] {
+        host.add_upstream_filter(cluster, filter("sluice.attempt", "sluice.attempt"))
+            .unwrap();
+    }
+    let ask = || {
+        Request::post_json(
+            "/v1/chat/completions",
+            r#"{"model":"big","messages":[{"role":"user","content":"hello"}]}"#,
+        )
+    };
+    for _ in 0..2 {
+        assert_eq!(host.send(ask()).status, 500);
+    }
+    let r = host.send(ask());
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    let sent = r.upstream_request_headers.as_ref().unwrap();
+    assert_eq!(sent.get("x-sluice-backend"), Some("fallback"));
+    let named = sent.get("x-gateway-destination-endpoint").unwrap();
+    assert!(
+        named.split(',').all(|e| e.starts_with("10.0.1.")),
+        "the fallback's endpoints only, got {named}"
+    );
+    assert!(served_by(&r).starts_with("10.0.1."), "{:?}", r.header("x-sluice-endpoint"));
+    no_failures(&host);
+}

@@ -38,6 +38,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use log::{info, warn};
+use sluice_core::breaker::BACKEND_HEADER;
 use sluice_core::config::{OutlierConfig, Policy};
 use sluice_core::outlier::{
     self, BackendState, Candidate, DESTINATION_HEADER, Event, PickReason, Standing, Tally,
@@ -295,12 +296,25 @@ impl Capability for Outlier {
     }
 
     fn admit(&self, admission: &mut Admission<'_>) -> Admitted {
-        let Some(g) = admission
-            .request
-            .backend
-            .and_then(|i| self.backends.get(i))
-            .and_then(Option::as_ref)
-        else {
+        // The backend the request goes to: the breaker may have rerouted it
+        // to its fallback backend (an `x-sluice-backend` edit) after the
+        // engine routed it.
+        let rerouted = admission
+            .edits
+            .request_headers
+            .iter()
+            .rev()
+            .find(|(name, _)| name == BACKEND_HEADER)
+            .map(|(_, value)| value.as_deref().unwrap_or_default());
+        let guarded = match rerouted {
+            Some(name) => self.backends.iter().flatten().find(|g| g.name == name),
+            None => admission
+                .request
+                .backend
+                .and_then(|i| self.backends.get(i))
+                .and_then(Option::as_ref),
+        };
+        let Some(g) = guarded else {
             return Admitted::pass();
         };
         let mut x = admission.rand.to_bits() | 1;
