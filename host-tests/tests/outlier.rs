@@ -157,7 +157,12 @@ fn an_erroring_endpoint_is_ejected_and_no_client_sees_its_errors() {
     let all = responses(&host);
     assert_eq!(all.len(), 320);
     let failed: Vec<_> = all.iter().filter(|(_, r)| r.status != 200).collect();
-    assert!(failed.is_empty(), "{} failed, first: {:?}", failed.len(), failed.first());
+    assert!(
+        failed.is_empty(),
+        "{} failed, first: {:?}",
+        failed.len(),
+        failed.first()
+    );
     assert_eq!(metric(&host, ENDPOINTS[1], "ejections"), 1);
     assert_eq!(
         host.logs_containing("endpoint 10.0.0.2:8000 ejected").len(),
@@ -192,7 +197,9 @@ fn a_throttled_endpoint_gets_no_request_until_its_retry_after() {
     assert!(
         all.iter().all(|(_, r)| r.status == 200),
         "a client saw {:?}",
-        all.iter().find(|(_, r)| r.status != 200).map(|(_, r)| r.status)
+        all.iter()
+            .find(|(_, r)| r.status != 200)
+            .map(|(_, r)| r.status)
     );
     let served: Vec<u64> = all
         .iter()
@@ -207,9 +214,16 @@ fn a_throttled_endpoint_gets_no_request_until_its_retry_after() {
         .filter(|t| (2200..6900).contains(t))
         .collect();
     assert!(benched.is_empty(), "served while benched: {benched:?}");
-    assert!(served.iter().any(|&t| t >= 7100), "never came back: {served:?}");
+    assert!(
+        served.iter().any(|&t| t >= 7100),
+        "never came back: {served:?}"
+    );
     assert!(metric(&host, ENDPOINTS[2], "throttled") >= 1);
-    assert_eq!(metric(&host, ENDPOINTS[2], "ejections"), 0, "a 429 benches, it does not eject");
+    assert_eq!(
+        metric(&host, ENDPOINTS[2], "ejections"),
+        0,
+        "a 429 benches, it does not eject"
+    );
     no_failures(&host);
 }
 
@@ -234,11 +248,17 @@ fn a_blackholed_stream_is_abandoned_at_the_first_token_deadline() {
         .filter_map(|(_, r)| r.time_to_headers())
         .max()
         .unwrap();
-    assert!(worst <= Duration::from_millis(500 + 60 + 50), "a client waited {worst:?}");
+    assert!(
+        worst <= Duration::from_millis(500 + 60 + 50),
+        "a client waited {worst:?}"
+    );
     assert_eq!(metric(&host, ENDPOINTS[3], "ejections"), 1);
     // The hold is the per-attempt instance's: the client never sees the
     // internal header, and the endpoint never did either.
-    assert!(all.iter().all(|(_, r)| r.header("x-sluice-first-token").is_none()));
+    assert!(
+        all.iter()
+            .all(|(_, r)| r.header("x-sluice-first-token").is_none())
+    );
     no_failures(&host);
 }
 
@@ -269,7 +289,10 @@ fn a_slow_endpoint_is_shunned_at_once_and_then_ejected() {
         .iter()
         .filter(|(t, r)| *t >= 3000 && served_by(r) == ENDPOINTS[1])
         .count();
-    assert!(to_slow <= 10, "{to_slow} requests served by the slow endpoint");
+    assert!(
+        to_slow <= 10,
+        "{to_slow} requests served by the slow endpoint"
+    );
     assert_eq!(metric(&host, ENDPOINTS[1], "ejections"), 1);
     assert!(
         // Slow in both first token and per token (the fault multiplies
@@ -283,7 +306,11 @@ fn a_slow_endpoint_is_shunned_at_once_and_then_ejected() {
 
 #[test]
 fn a_client_cannot_name_its_endpoint_or_its_hold() {
-    let broken = healthy().with_fault(Duration::ZERO, Duration::from_secs(3600), FaultKind::Status(503));
+    let broken = healthy().with_fault(
+        Duration::ZERO,
+        Duration::from_secs(3600),
+        FaultKind::Status(503),
+    );
     let mut host = host("", vec![broken, healthy(), healthy()]);
     load(&mut host, Duration::ZERO, 2, 40, || chat(false));
     assert_eq!(metric(&host, ENDPOINTS[0], "ejections"), 1);
@@ -298,7 +325,12 @@ fn a_client_cannot_name_its_endpoint_or_its_hold() {
         assert_eq!(r.status, 200);
         assert_eq!(r.attempts, 1, "the ejected endpoint was tried");
         let seen = r.upstream_request_headers.as_ref().unwrap();
-        assert!(!seen.get("x-gateway-destination-endpoint").unwrap().starts_with(ENDPOINTS[0]));
+        assert!(
+            !seen
+                .get("x-gateway-destination-endpoint")
+                .unwrap()
+                .starts_with(ENDPOINTS[0])
+        );
     }
     no_failures(&host);
 }
@@ -365,7 +397,11 @@ open_for = "30s"
         },
         ..HostOptions::default()
     });
-    let failing = healthy().with_fault(Duration::ZERO, Duration::from_secs(3600), FaultKind::Status(500));
+    let failing = healthy().with_fault(
+        Duration::ZERO,
+        Duration::from_secs(3600),
+        FaultKind::Status(500),
+    );
     host.add_cluster(Cluster::new(
         "primary",
         vec![Endpoint::new("10.0.0.1:8000", "zone-a", failing)],
@@ -408,6 +444,10 @@ open_for = "30s"
         named.split(',').all(|e| e.starts_with("10.0.1.")),
         "the fallback's endpoints only, got {named}"
     );
-    assert!(served_by(&r).starts_with("10.0.1."), "{:?}", r.header("x-sluice-endpoint"));
+    assert!(
+        served_by(&r).starts_with("10.0.1."),
+        "{:?}",
+        r.header("x-sluice-endpoint")
+    );
     no_failures(&host);
 }

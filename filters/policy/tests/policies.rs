@@ -145,8 +145,24 @@ fn a_backend_override_changes_only_that_backend() {
     let policy = parse(read(&policies_dir().join("gateway.toml"))).unwrap();
     let primary = policy.backend("primary").unwrap();
     let fallback = policy.backend("fallback").unwrap();
-    assert_eq!(primary.outlier.as_ref().unwrap().first_token_timeout.as_secs(), 15);
-    assert_eq!(fallback.outlier.as_ref().unwrap().first_token_timeout.as_secs(), 10);
+    assert_eq!(
+        primary
+            .outlier
+            .as_ref()
+            .unwrap()
+            .first_token_timeout
+            .as_secs(),
+        15
+    );
+    assert_eq!(
+        fallback
+            .outlier
+            .as_ref()
+            .unwrap()
+            .first_token_timeout
+            .as_secs(),
+        10
+    );
     // The fallback switches the breaker off for itself only.
     assert!(fallback.breaker.is_none());
     assert_eq!(primary.breaker, policy.breaker);

@@ -106,7 +106,8 @@ pub fn suspects(
             let mean = judged.iter().map(|(_, s)| s).sum::<f64>() / n;
             let var = judged.iter().map(|(_, s)| (s - mean).powi(2)).sum::<f64>() / n;
             let threshold = mean - cfg.success_rate_stdev * var.sqrt();
-            let mut low: Vec<&(usize, f64)> = judged.iter().filter(|(_, s)| *s < threshold).collect();
+            let mut low: Vec<&(usize, f64)> =
+                judged.iter().filter(|(_, s)| *s < threshold).collect();
             low.sort_by(|a, b| a.1.total_cmp(&b.1));
             for (i, _) in low {
                 flag(*i, Reason::SuccessRate);
@@ -191,7 +192,10 @@ mod tests {
             suspects(&records, &all, &cfg, Timestamp::ZERO),
             vec![(3, Reason::SlowTokens), (2, Reason::SlowFirstToken)]
         );
-        let off = OutlierConfig { latency_factor: 0.0, ..config() };
+        let off = OutlierConfig {
+            latency_factor: 0.0,
+            ..config()
+        };
         assert!(suspects(&records, &all, &off, Timestamp::ZERO).is_empty());
     }
 

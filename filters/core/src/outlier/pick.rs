@@ -35,7 +35,11 @@ pub struct Candidate {
 
 /// The other candidates' estimates (`ttft_ms` or `tpot_ms`), for judging a
 /// sample of candidate `me` ([`super::is_slow`]).
-pub fn peers(candidates: &[Candidate], me: usize, estimate: impl Fn(&Candidate) -> Option<f64>) -> Vec<f64> {
+pub fn peers(
+    candidates: &[Candidate],
+    me: usize,
+    estimate: impl Fn(&Candidate) -> Option<f64>,
+) -> Vec<f64> {
     candidates
         .iter()
         .enumerate()
@@ -116,7 +120,10 @@ pub fn pick(
                 b += 1;
             }
             let (a, b) = (live[a], live[b]);
-            (if cost(b) < cost(a) { b } else { a }, PickReason::TwoChoices)
+            (
+                if cost(b) < cost(a) { b } else { a },
+                PickReason::TwoChoices,
+            )
         }
     };
     let mut rest: Vec<usize> = live.into_iter().filter(|&i| i != first).collect();
@@ -196,7 +203,13 @@ mod tests {
         c[0].standing = Standing::Out;
         c[1].standing = Standing::Out;
         let choice = pick(&c, &[0, 0, 0], (0.0, 0.0), false, 5).unwrap();
-        assert_eq!(choice, Choice { order: vec![2], reason: PickReason::Only });
+        assert_eq!(
+            choice,
+            Choice {
+                order: vec![2],
+                reason: PickReason::Only
+            }
+        );
         c[2].standing = Standing::Out;
         assert_eq!(pick(&c, &[0, 0, 0], (0.3, 0.3), true, 5), None);
     }
@@ -206,7 +219,13 @@ mod tests {
         let mut c = cands(&[Some(50.0), None, Some(60.0)]);
         c[1].standing = Standing::Probe;
         let choice = pick(&c, &[0, 0, 0], (0.0, 0.5), true, 2).unwrap();
-        assert_eq!(choice, Choice { order: vec![1, 0, 2], reason: PickReason::Probe });
+        assert_eq!(
+            choice,
+            Choice {
+                order: vec![1, 0, 2],
+                reason: PickReason::Probe
+            }
+        );
         // Without the right to probe, it is skipped.
         let choice = pick(&c, &[0, 0, 0], (0.0, 0.5), false, 2).unwrap();
         assert!(!choice.order.contains(&1));

@@ -169,7 +169,10 @@ impl EndpointRecord {
             let i = now.since(self.returned_at).as_secs_f64() / cfg.interval.as_secs_f64();
             i.max(0.0).min(f64::from(u32::MAX)) as u32
         };
-        let k = self.ejections.saturating_sub(healthy_intervals).saturating_add(1);
+        let k = self
+            .ejections
+            .saturating_sub(healthy_intervals)
+            .saturating_add(1);
         self.ejections = k;
         let length = cfg
             .base_ejection_time

@@ -28,7 +28,11 @@ pub const RESET_HEADERS: [&str; 9] = [
 /// wins; otherwise the latest of the limit resets (whichever limit was hit
 /// ends last at the latest). `None` when no header parses.
 pub fn cooldown<'a>(header: impl Fn(&str) -> Option<&'a [u8]>, now: Timestamp) -> Option<Duration> {
-    let text = |name: &str| header(name).and_then(|v| std::str::from_utf8(v).ok()).map(str::trim);
+    let text = |name: &str| {
+        header(name)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .map(str::trim)
+    };
     if let Some(ms) = text("retry-after-ms").and_then(|v| v.parse::<f64>().ok())
         && ms.is_finite()
         && ms >= 0.0
@@ -77,7 +81,9 @@ fn go_duration(v: &str) -> Option<Duration> {
             .filter(|&i| i > 0)?;
         let number: f64 = rest[..digits].parse().ok()?;
         rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let scale = match &rest[..unit_len] {
             "h" => 3600.0,
             "m" => 60.0,
@@ -106,7 +112,9 @@ pub fn rfc3339(v: &str) -> Option<Timestamp> {
     let mut rest = v.get(19..)?;
     let mut nanos = 0u64;
     if let Some(frac) = rest.strip_prefix('.') {
-        let end = frac.find(|c: char| !c.is_ascii_digit()).unwrap_or(frac.len());
+        let end = frac
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(frac.len());
         let digits = &frac[..end.min(9)];
         nanos = digits.parse::<u64>().ok()? * 10u64.pow(9 - digits.len() as u32);
         rest = &frac[end..];
@@ -163,7 +171,9 @@ fn at(year: u64, month: u64, day: u64, secs: u64, nanos: u64) -> Option<Timestam
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     let days = (era * 146_097 + doe).checked_sub(719_468)?;
     let total = days.checked_mul(86_400)?.checked_add(secs)?;
-    Some(Timestamp(total.checked_mul(1_000_000_000)?.checked_add(nanos)?))
+    Some(Timestamp(
+        total.checked_mul(1_000_000_000)?.checked_add(nanos)?,
+    ))
 }
 
 #[cfg(test)]
@@ -188,11 +198,17 @@ mod tests {
             Some(Duration::from_secs(5))
         );
         assert_eq!(
-            cooldown(headers(&[("retry-after", "Sun, 29 Nov 2026 19:02:49 GMT")]), NOW),
+            cooldown(
+                headers(&[("retry-after", "Sun, 29 Nov 2026 19:02:49 GMT")]),
+                NOW
+            ),
             Some(Duration::from_secs(10))
         );
         assert_eq!(
-            cooldown(headers(&[("retry-after-ms", "1500"), ("retry-after", "9")]), NOW),
+            cooldown(
+                headers(&[("retry-after-ms", "1500"), ("retry-after", "9")]),
+                NOW
+            ),
             Some(Duration::from_millis(1500))
         );
     }
@@ -245,14 +261,26 @@ mod tests {
     #[test]
     fn garbage_is_no_hint_and_never_panics() {
         for v in [
-            "", "-1", "abc", "1e999", "NaN", "2026-13-01T00:00:00Z", "9999999999999999999999",
-            "Sun, 99 Foo 2026 99:99:99 GMT", "2026-11-29T19:02:39", "2026-11-29T19:02:39+1",
+            "",
+            "-1",
+            "abc",
+            "1e999",
+            "NaN",
+            "2026-13-01T00:00:00Z",
+            "9999999999999999999999",
+            "Sun, 99 Foo 2026 99:99:99 GMT",
+            "2026-11-29T19:02:39",
+            "2026-11-29T19:02:39+1",
             "\u{00e9}\u{00e9}\u{00e9}\u{00e9}-11-29T19:02:39Z",
         ] {
             for name in RESET_HEADERS {
                 let _ = cooldown(headers(&[(name, v)]), NOW);
             }
-            assert_eq!(cooldown(headers(&[("x-ratelimit-reset-requests", v)]), NOW), None, "{v}");
+            assert_eq!(
+                cooldown(headers(&[("x-ratelimit-reset-requests", v)]), NOW),
+                None,
+                "{v}"
+            );
         }
         assert_eq!(cooldown(|_| Some(&[0xff, 0xfe][..]), NOW), None);
     }

@@ -173,7 +173,13 @@ impl Run {
 /// current estimates: above `factor` × their median and above `floor`.
 /// `None` (not judged) when fewer than `min_hosts − 1` peers have an
 /// estimate or the detector is off (`factor` 0).
-pub fn is_slow(sample_ms: f64, peers: &mut [f64], factor: f64, floor_ms: f64, min_hosts: u32) -> Option<bool> {
+pub fn is_slow(
+    sample_ms: f64,
+    peers: &mut [f64],
+    factor: f64,
+    floor_ms: f64,
+    min_hosts: u32,
+) -> Option<bool> {
     if factor <= 0.0 || peers.is_empty() || peers.len() + 1 < min_hosts as usize {
         return None;
     }
@@ -219,7 +225,12 @@ mod tests {
         t.start();
         t.end(Verdict::Failure, None, None, now);
         t.start();
-        t.end(Verdict::Success, Some(Duration::from_millis(40)), Some(true), now);
+        t.end(
+            Verdict::Success,
+            Some(Duration::from_millis(40)),
+            Some(true),
+            now,
+        );
         t.start();
         t.end(Verdict::Failure, None, None, now);
         assert_eq!((t.judged, t.failures, t.trailing_failures), (3, 2, 1));

@@ -120,7 +120,13 @@ impl Sim {
     /// round-robin over the workers, endpoints behaving as `behave` says.
     /// Requests are short (the first token is the answer), which keeps the
     /// simulation a loop over arrivals.
-    fn run(&mut self, from_ms: u64, seconds: u64, rps: u64, behave: impl Fn(usize, u64) -> Behaviour) {
+    fn run(
+        &mut self,
+        from_ms: u64,
+        seconds: u64,
+        rps: u64,
+        behave: impl Fn(usize, u64) -> Behaviour,
+    ) {
         let gap = 1000 / rps;
         let end = from_ms + seconds * 1000;
         let mut t = from_ms;
@@ -183,16 +189,31 @@ impl Sim {
             let mut peers = peers(&self.workers[w].view, e, |c| c.ttft_ms);
             let cfg = &self.cfg;
             let floor = cfg.ttft_floor.as_secs_f64() * 1000.0;
-            let mut judge = |ms: u64| is_slow(ms as f64, &mut peers, cfg.latency_factor, floor, cfg.min_hosts);
+            let mut judge = |ms: u64| {
+                is_slow(
+                    ms as f64,
+                    &mut peers,
+                    cfg.latency_factor,
+                    floor,
+                    cfg.min_hosts,
+                )
+            };
             let worker = &mut self.workers[w];
-            worker.outstanding.push((t + elapsed + behave_ms(behave(e, t), deadline), e));
+            worker
+                .outstanding
+                .push((t + elapsed + behave_ms(behave(e, t), deadline), e));
             let tally = &mut worker.tallies[e];
             tally.start();
             match behave(e, t) {
                 Behaviour::Fine { ttft_ms } if ttft_ms < deadline => {
                     elapsed += ttft_ms;
                     let slow = judge(ttft_ms);
-                    tally.end(Verdict::Success, Some(Duration::from_millis(ttft_ms)), slow, now);
+                    tally.end(
+                        Verdict::Success,
+                        Some(Duration::from_millis(ttft_ms)),
+                        slow,
+                        now,
+                    );
                     answered = true;
                 }
                 Behaviour::Fine { .. } | Behaviour::Blackhole => {
@@ -208,7 +229,8 @@ impl Sim {
                     let until = now + Duration::from_millis(reset_ms);
                     tally.throttle(until);
                     // The worker that saw it writes it at once.
-                    self.shared.throttle(&self.shared.endpoints[e].addr.clone(), until);
+                    self.shared
+                        .throttle(&self.shared.endpoints[e].addr.clone(), until);
                     self.workers[w].view = candidates(&self.shared, now);
                 }
             }
@@ -216,7 +238,10 @@ impl Sim {
                 break;
             }
         }
-        if tried.first().is_some_and(|&e| self.workers[w].view[e].standing == Standing::Probe) {
+        if tried
+            .first()
+            .is_some_and(|&e| self.workers[w].view[e].standing == Standing::Probe)
+        {
             self.workers[w].probing = false;
         }
         self.log.push((t, elapsed, tried, answered));
@@ -233,7 +258,9 @@ impl Sim {
                 .map(|(i, t)| (self.shared.endpoints[i].addr.clone(), std::mem::take(t)))
                 .collect();
             let mut draws: Vec<f64> = (0..8).map(|_| self.rand()).collect();
-            let events = self.shared.flush(&tallies, &self.cfg, now, || draws.pop().unwrap_or(0.5));
+            let events = self
+                .shared
+                .flush(&tallies, &self.cfg, now, || draws.pop().unwrap_or(0.5));
             self.events.extend(events.into_iter().map(|e| (ms, e)));
             self.workers[w].view = candidates(&self.shared, now);
         }
@@ -248,7 +275,10 @@ impl Sim {
             .filter(|r| r.health != Health::Healthy)
             .count();
         assert!(out < self.shared.endpoints.len(), "every endpoint ejected");
-        let longest = self.cfg.max_ejection_time.mul_f64(1.0 + self.cfg.jitter.get());
+        let longest = self
+            .cfg
+            .max_ejection_time
+            .mul_f64(1.0 + self.cfg.jitter.get());
         for r in &self.shared.endpoints {
             if let Health::Ejected { until, .. } = r.health {
                 assert!(until.since(now) <= longest, "ejection longer than the cap");
@@ -304,7 +334,10 @@ fn a_slow_endpoint_is_shunned_then_ejected_within_two_seconds() {
         .expect("the slow endpoint is ejected");
     assert!(ejected_at <= 7000, "ejected at {ejected_at} ms");
     let after = p99(&sim.latencies(7000, 15000));
-    assert!(after as f64 <= 1.2 * baseline as f64, "p99 {after} ms vs baseline {baseline} ms");
+    assert!(
+        after as f64 <= 1.2 * baseline as f64,
+        "p99 {after} ms vs baseline {baseline} ms"
+    );
     // Nobody else was touched.
     for e in [0, 1, 3] {
         assert!(!sim.ejected(e));
@@ -317,12 +350,27 @@ fn a_blackholed_endpoint_costs_at_most_one_deadline_and_is_ejected() {
     let deadline = cfg.first_token_timeout.as_millis() as u64;
     let mut sim = Sim::new(4, 2, cfg);
     sim.run(0, 3, 40, |_, _| fine(50));
-    sim.run(3000, 10, 40, |e, _| if e == 1 { Behaviour::Blackhole } else { fine(50) });
+    sim.run(3000, 10, 40, |e, _| {
+        if e == 1 {
+            Behaviour::Blackhole
+        } else {
+            fine(50)
+        }
+    });
     assert!(sim.ejected(1));
     let worst = *sim.latencies(3000, 13000).last().unwrap();
     assert!(worst <= deadline + 75, "a client waited {worst} ms"); // one healthy first token (50 ms ± 50%) after the deadline
-    assert!(sim.log.iter().all(|(.., answered)| *answered), "a request failed");
-    let ejected_at = sim.events.iter().find_map(|(ms, e)| matches!(e, Event::Ejected { addr, .. } if addr == "10.0.0.1:8000").then_some(*ms)).unwrap();
+    assert!(
+        sim.log.iter().all(|(.., answered)| *answered),
+        "a request failed"
+    );
+    let ejected_at = sim
+        .events
+        .iter()
+        .find_map(|(ms, e)| {
+            matches!(e, Event::Ejected { addr, .. } if addr == "10.0.0.1:8000").then_some(*ms)
+        })
+        .unwrap();
     let after_ejection = sim.received[1].iter().filter(|&&t| t > ejected_at).count();
     // Its outstanding attempts already steer most requests away (load);
     // the ones it still gets end it within a few seconds.
@@ -337,13 +385,27 @@ fn a_throttled_endpoint_gets_nothing_until_its_reset() {
     // From 2 s, endpoint 3 answers 429 "for 5 s" — and keeps doing so
     // until 2.5 s, then recovers.
     sim.run(2000, 10, 40, |e, t| {
-        if e == 3 && t < 2500 { Behaviour::Throttles { reset_ms: 5000 } } else { fine(50) }
+        if e == 3 && t < 2500 {
+            Behaviour::Throttles { reset_ms: 5000 }
+        } else {
+            fine(50)
+        }
     });
     let first = *sim.received[3].iter().find(|&&t| t >= 2000).unwrap();
-    let during: Vec<u64> = sim.received[3].iter().copied().filter(|&t| t > first && t < first + 5000).collect();
+    let during: Vec<u64> = sim.received[3]
+        .iter()
+        .copied()
+        .filter(|&t| t > first && t < first + 5000)
+        .collect();
     // Another worker may send one before its next tick; no more.
-    assert!(during.len() <= 1, "requests during the cool-down: {during:?}");
-    assert!(sim.received[3].iter().any(|&t| t > first + 5000), "it came back");
+    assert!(
+        during.len() <= 1,
+        "requests during the cool-down: {during:?}"
+    );
+    assert!(
+        sim.received[3].iter().any(|&t| t > first + 5000),
+        "it came back"
+    );
     assert!(sim.log.iter().all(|(.., answered)| *answered));
     assert!(!sim.ejected(3), "a 429 benches, it does not eject");
 }
@@ -352,12 +414,22 @@ fn a_throttled_endpoint_gets_nothing_until_its_reset() {
 fn when_all_are_slow_nobody_is_ejected_beyond_the_cap() {
     let mut sim = Sim::new(4, 2, config());
     sim.run(0, 10, 40, |e, _| fine(200 + 150 * e as u64));
-    let out = sim.shared.endpoints.iter().filter(|r| r.health != Health::Healthy).count();
+    let out = sim
+        .shared
+        .endpoints
+        .iter()
+        .filter(|r| r.health != Health::Healthy)
+        .count();
     assert!(out <= sim.shared.ejection_cap(&sim.cfg));
     // Every endpoint errors: the cap holds (never the last, checked on
     // every tick), and requests still go out (panic mode or the survivor).
     sim.run(10_000, 10, 40, |_, _| Behaviour::Errors { after_ms: 5 });
-    assert!(sim.log.iter().filter(|(t, ..)| *t >= 10_000).all(|(_, _, tried, _)| !tried.is_empty()));
+    assert!(
+        sim.log
+            .iter()
+            .filter(|(t, ..)| *t >= 10_000)
+            .all(|(_, _, tried, _)| !tried.is_empty())
+    );
 }
 
 #[test]
@@ -366,7 +438,13 @@ fn a_flapping_endpoint_is_ejected_for_longer_each_time() {
     let mut lengths = Vec::new();
     let mut t = 0;
     for _ in 0..3 {
-        sim.run(t, 1, 40, |e, _| if e == 0 { Behaviour::Errors { after_ms: 5 } } else { fine(50) });
+        sim.run(t, 1, 40, |e, _| {
+            if e == 0 {
+                Behaviour::Errors { after_ms: 5 }
+            } else {
+                fine(50)
+            }
+        });
         t += 1000;
         // Wait out the ejection (long, cheap: no traffic needed until the
         // probe), then let it fail its probe.
@@ -378,7 +456,10 @@ fn a_flapping_endpoint_is_ejected_for_longer_each_time() {
         t += length.unwrap().as_millis() as u64 + 200;
         sim.tick(t);
     }
-    assert!(lengths[1] > lengths[0] && lengths[2] > lengths[1], "{lengths:?}");
+    assert!(
+        lengths[1] > lengths[0] && lengths[2] > lengths[1],
+        "{lengths:?}"
+    );
     // It recovers: probes succeed and it returns.
     sim.run(t, 2, 40, |_, _| fine(50));
     assert_eq!(sim.shared.endpoints[0].health, Health::Healthy);
@@ -387,7 +468,13 @@ fn a_flapping_endpoint_is_ejected_for_longer_each_time() {
 #[test]
 fn a_clock_jump_neither_panics_nor_strands_an_endpoint() {
     let mut sim = Sim::new(3, 1, config());
-    sim.run(0, 1, 40, |e, _| if e == 0 { Behaviour::Errors { after_ms: 5 } } else { fine(50) });
+    sim.run(0, 1, 40, |e, _| {
+        if e == 0 {
+            Behaviour::Errors { after_ms: 5 }
+        } else {
+            fine(50)
+        }
+    });
     assert!(sim.ejected(0));
     // Backwards by an hour: nothing ages, nothing breaks.
     sim.tick(0);
@@ -396,7 +483,10 @@ fn a_clock_jump_neither_panics_nor_strands_an_endpoint() {
     // Forwards by a day: the ejection is over, the endpoint is probed.
     let later = Sim::at(86_400_000);
     let _ = sim.shared.flush(&[], &sim.cfg, later, || 0.5);
-    assert!(matches!(sim.shared.endpoints[0].health, Health::Probing { .. }));
+    assert!(matches!(
+        sim.shared.endpoints[0].health,
+        Health::Probing { .. }
+    ));
 }
 
 #[test]

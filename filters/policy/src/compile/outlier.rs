@@ -70,7 +70,12 @@ impl Compiler {
                 .max(2),
             latency_factor: self.latency_factor(raw, l),
             min_samples: self
-                .nonzero(&raw.min_samples, "min_samples", dflt::OUTLIER_MIN_SAMPLES, l)
+                .nonzero(
+                    &raw.min_samples,
+                    "min_samples",
+                    dflt::OUTLIER_MIN_SAMPLES,
+                    l,
+                )
                 .get(),
             ttft_floor: or(&raw.ttft_floor, dflt::OUTLIER_TTFT_FLOOR),
             tpot_floor: or(&raw.tpot_floor, dflt::OUTLIER_TPOT_FLOOR),
@@ -107,7 +112,12 @@ impl Compiler {
     ) -> f64 {
         let value = or(field, default);
         if !(0.0..=100.0).contains(&value) {
-            self.out_of_range(key, "0 (off) or a number up to 100", value, &loc_of(field, table));
+            self.out_of_range(
+                key,
+                "0 (off) or a number up to 100",
+                value,
+                &loc_of(field, table),
+            );
             return default;
         }
         value

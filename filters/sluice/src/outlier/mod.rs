@@ -41,8 +41,8 @@ use log::{info, warn};
 use sluice_core::breaker::BACKEND_HEADER;
 use sluice_core::config::{OutlierConfig, Policy};
 use sluice_core::outlier::{
-    self, BackendState, Candidate, DESTINATION_HEADER, Event, PickReason, Standing, Tally,
-    Verdict, is_slow, peers, pick,
+    self, BackendState, Candidate, DESTINATION_HEADER, Event, PickReason, Standing, Tally, Verdict,
+    is_slow, peers, pick,
 };
 use sluice_core::time::Timestamp;
 use sluice_filter_common::STATE;
@@ -129,7 +129,10 @@ impl Guarded {
             }
             // Contention or a host failure: keep the tallies for the next
             // tick and pick from the view we have.
-            Err(e) => warn!("sluice outlier: backend {}: state not flushed: {e}", self.name),
+            Err(e) => warn!(
+                "sluice outlier: backend {}: state not flushed: {e}",
+                self.name
+            ),
         }
     }
 
@@ -322,7 +325,13 @@ impl Capability for Outlier {
         let choice = {
             let view = g.view.borrow();
             let load = g.load.borrow();
-            pick(&view, &load, draws, !g.probing.get(), g.cfg.retries as usize)
+            pick(
+                &view,
+                &load,
+                draws,
+                !g.probing.get(),
+                g.cfg.retries as usize,
+            )
         };
         let Some(choice) = choice else {
             g.metrics.panic.inc();
@@ -350,7 +359,10 @@ impl Capability for Outlier {
                 "x-envoy-retry-on".to_owned(),
                 Some("5xx,reset,connect-failure,retriable-status-codes".to_owned()),
             ));
-            edits.push(("x-envoy-retriable-status-codes".to_owned(), Some("429".to_owned())));
+            edits.push((
+                "x-envoy-retriable-status-codes".to_owned(),
+                Some("429".to_owned()),
+            ));
             edits.push((
                 "x-envoy-max-retries".to_owned(),
                 Some((list.len() - 1).to_string()),
@@ -469,7 +481,10 @@ impl Flow for OutlierFlow {
         // A stream's time per output token, on the endpoint that served it.
         if let (Some(tpot), Some(i)) = (
             observation.tpot(),
-            observation.upstream_address.as_deref().and_then(|a| g.index(a)),
+            observation
+                .upstream_address
+                .as_deref()
+                .and_then(|a| g.index(a)),
         ) {
             let slow = g.judge(i, tpot.as_secs_f64() * 1000.0, false);
             g.tallies.borrow_mut()[i].per_token(tpot, slow);

@@ -157,7 +157,10 @@ mod tests {
             success_rate_stdev = 0
             max_ejection = "25%"
         "#;
-        sluice_policy::parse_toml("t.toml", text).unwrap().outlier.unwrap()
+        sluice_policy::parse_toml("t.toml", text)
+            .unwrap()
+            .outlier
+            .unwrap()
     }
 
     #[test]
