@@ -499,7 +499,7 @@ fn a_reload_that_reorders_endpoints_keeps_their_records() {
     state.align(&[b.clone(), a.clone()]);
     assert_eq!(state.endpoints[0].addr, b.0);
     assert_eq!(state.endpoints[0].ejections, 3);
-    state.align(&[a.clone()]);
+    state.align(std::slice::from_ref(&a));
     assert_eq!(state.endpoints.len(), 1);
 }
 
