@@ -11,6 +11,7 @@ pub mod config;
 pub mod llm;
 pub mod outcome;
 pub mod outlier;
+pub mod retry;
 pub mod shared;
 pub mod tenant;
 pub mod time;
