@@ -96,8 +96,12 @@
 //! decides each retry itself.
 
 pub mod budget;
+pub mod plan;
 
 pub use budget::{BUCKETS, MAX_WEIGHT, MIN_WEIGHT, RetryBudget, reserve};
+pub use plan::{
+    MAX_RETRIES_HEADER, RETRIABLE_STATUS_CODES_HEADER, RETRY_ON_HEADER, RetryPlan, plan,
+};
 
 /// The shared-data key of a backend × zone's budget. Names are
 /// length-prefixed: a `/` in one cannot make two pairs share a key.
