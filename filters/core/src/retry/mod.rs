@@ -108,3 +108,6 @@ pub use plan::{
 pub fn state_key(backend: &str, zone: &str) -> String {
     format!("retry/{}/{backend}/{zone}", backend.len())
 }
+
+#[cfg(test)]
+mod tests;
