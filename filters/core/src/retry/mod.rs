@@ -47,7 +47,8 @@
 //! share, whatever fails and however often (property tests in
 //! `tests.rs`; the storm scenario there shows 3 retries per request
 //! quadrupling the load on an upstream that fails more the more it is
-//! asked, while the budget keeps it near 1.2×).
+//! asked, and keeping it down after a brief dip in its capacity, while
+//! under the budget it sees 1.06× the traffic over the run and recovers).
 //!
 //! # Why ten slices, not a decaying sum
 //!
