@@ -174,7 +174,7 @@ impl Capability {
     pub fn is_enforced(self) -> bool {
         matches!(
             self,
-            Capability::Tokens | Capability::Breaker | Capability::Outlier
+            Capability::Tokens | Capability::Breaker | Capability::Outlier | Capability::Retry
         )
     }
 

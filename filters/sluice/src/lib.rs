@@ -10,12 +10,14 @@
 //! upstream is called; the tokens reserved for it are refunded when the
 //! request is done), then outlier detection, which picks the endpoint of a
 //! request every earlier capability let go (a refused request takes no
-//! endpoint's load).
+//! endpoint's load), and last the retry budget, which bounds the router's
+//! retries over the endpoints the outlier capability named.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod breaker;
 pub mod outlier;
+pub mod retry;
 pub mod tokens;
 
 use sluice_core::config::Policy;
@@ -36,6 +38,9 @@ pub fn capabilities(policy: &Policy) -> Vec<Box<dyn Capability>> {
     }
     if let Some(outlier) = outlier::Outlier::from_policy(policy) {
         caps.push(Box::new(outlier));
+    }
+    if let Some(retry) = retry::Retry::from_policy(policy) {
+        caps.push(Box::new(retry));
     }
     caps
 }

@@ -106,6 +106,25 @@ pub struct Edits {
     pub rewrite: sluice_core::llm::Rewrite,
 }
 
+impl Edits {
+    /// The last value an earlier capability gave request header `name`
+    /// (`Some(None)`: removed), `None` when none touched it.
+    pub fn request_header(&self, name: &str) -> Option<Option<&str>> {
+        self.request_headers
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_deref())
+    }
+
+    /// Sets request header `name`, replacing what an earlier capability
+    /// asked for it.
+    pub fn set_request_header(&mut self, name: &str, value: Option<String>) {
+        self.request_headers.retain(|(n, _)| n != name);
+        self.request_headers.push((name.to_owned(), value));
+    }
+}
+
 /// One capability's admission of one request.
 pub struct Admission<'a> {
     pub request: &'a RequestContext,
@@ -116,6 +135,22 @@ pub struct Admission<'a> {
     /// This request's stream (context) id: the key a capability keeps it
     /// under while it waits.
     pub context_id: u32,
+}
+
+impl Admission<'_> {
+    /// The backend the request goes to: the one an earlier capability
+    /// rerouted it to (the breaker's fallback, through `x-sluice-backend`),
+    /// else the one the policy routed it to. `None` for a reroute to a
+    /// backend the policy does not have.
+    pub fn backend<'p>(&self, policy: &'p Policy) -> Option<&'p sluice_core::config::Backend> {
+        match self
+            .edits
+            .request_header(sluice_core::breaker::BACKEND_HEADER)
+        {
+            Some(name) => policy.backend(name.unwrap_or_default()),
+            None => self.request.backend.and_then(|i| policy.backends.get(i)),
+        }
+    }
 }
 
 /// What a capability returns for one request.

@@ -38,7 +38,6 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use log::{info, warn};
-use sluice_core::breaker::BACKEND_HEADER;
 use sluice_core::config::{OutlierConfig, Policy};
 use sluice_core::outlier::{
     self, BackendState, Candidate, DESTINATION_HEADER, Event, PickReason, Standing, Tally, Verdict,
@@ -67,6 +66,7 @@ pub const ENDPOINT_HEADER: &str = "x-sluice-endpoint";
 
 /// The `[outlier]` capability of one policy.
 pub struct Outlier {
+    policy: Policy,
     /// By the policy's backend index; `None` where the section is off or
     /// the backend lists no endpoint.
     backends: Vec<Option<Rc<Guarded>>>,
@@ -245,6 +245,7 @@ impl Outlier {
             })
             .collect();
         backends.iter().any(Option::is_some).then(|| Outlier {
+            policy: policy.clone(),
             backends,
             ticks: Cell::new(0),
             rng: Cell::new(0x9e37_79b9_7f4a_7c15),
@@ -299,24 +300,10 @@ impl Capability for Outlier {
     }
 
     fn admit(&self, admission: &mut Admission<'_>) -> Admitted {
-        // The backend the request goes to: the breaker may have rerouted it
-        // to its fallback backend (an `x-sluice-backend` edit) after the
-        // engine routed it.
-        let rerouted = admission
-            .edits
-            .request_headers
-            .iter()
-            .rev()
-            .find(|(name, _)| name == BACKEND_HEADER)
-            .map(|(_, value)| value.as_deref().unwrap_or_default());
-        let guarded = match rerouted {
-            Some(name) => self.backends.iter().flatten().find(|g| g.name == name),
-            None => admission
-                .request
-                .backend
-                .and_then(|i| self.backends.get(i))
-                .and_then(Option::as_ref),
-        };
+        // The backend the request goes to, after a reroute by the breaker.
+        let guarded = admission
+            .backend(&self.policy)
+            .and_then(|b| self.backends.iter().flatten().find(|g| g.name == b.name));
         let Some(g) = guarded else {
             return Admitted::pass();
         };
