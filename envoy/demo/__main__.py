@@ -1,10 +1,11 @@
 """``cargo xtask demo``: sluice's story told through a real Envoy.
 
-Starts the lab (one llm-sim per backend zone of policies/lab.toml, Envoy
-rendered by ``sluice render envoy``), runs the chapters in order with a live
-view, writes ``target/sluice-demo/report.md`` and ``requests.png``, stops
-everything and exits 0 when every claim of every built chapter held (1 if
-one did not).
+Starts the lab (one llm-sim per endpoint of policies/demo.toml, which is
+policies/lab.toml plus an endpoint pool; Envoy rendered by ``sluice render
+envoy``), runs the chapters in order with a live view, writes
+``target/sluice-demo/report.md``, ``requests.png`` and, for a chapter about
+one backend's endpoints, ``<chapter>.png``, stops everything and exits 0
+when every claim of every built chapter held (1 if one did not).
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ from lab import Lab, install_cleanup_handlers, paths
 
 from . import report
 from .chapters import CHAPTERS, DemoContext
-from .live import LiveView
+from .live import LiveView, endpoint_label
 from .traffic import Recorder, summarize
 
 STAT_PATTERNS = re.compile(
-    r"^(cluster\.[^.]+\.upstream_rq_(total|2xx|4xx|5xx|retry)"
+    r"^(cluster\.[^.]+\.upstream_rq_(total|2xx|4xx|5xx|retry|retry_overflow|per_try_timeout)"
     r"|http\.(?!admin\.)[^.]+\.downstream_rq_[2-5]xx"
     r"|wasmcustom\..*)$")
 
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", default=[],
                         help="run only this chapter (by key; repeatable)")
     parser.add_argument("--out", type=Path, default=paths.TARGET_DIR / "sluice-demo",
-                        help="where report.md and requests.png go")
+                        help="where report.md and the plots go")
     args = parser.parse_args(argv)
     install_cleanup_handlers()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -53,17 +54,21 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown chapter(s) {sorted(unknown)}; known: {[c.key for c in chapters]}")
 
-    print(f"sluice demo: starting the lab from {paths.LAB_POLICY.relative_to(paths.REPO_ROOT)}",
-          flush=True)
+    policy = paths.DEMO_POLICY.resolve()
+    shown = policy.relative_to(paths.REPO_ROOT) if policy.is_relative_to(paths.REPO_ROOT) else policy
+    print(f"sluice demo: starting the lab from {shown}", flush=True)
     recorder = Recorder()
     live = LiveView(recorder)
     envoy_stats: dict[str, int] = {}
-    with Lab("demo", keep_logs=False) as lab:
+    endpoints: dict[str, list[tuple[str, str]]] = {}  # chapter key -> (instance, ip:port)
+    with Lab("demo", policy, keep_logs=False) as lab:
         lab_info = {
-            "policy": str(paths.LAB_POLICY.relative_to(paths.REPO_ROOT)),
+            "policy": str(shown),
             "envoy_version": envoy_version(),
             "envoy": lab.envoy.address,
-            "sims": {f"{b}/{z}": sim.listen for (b, z), sim in lab.sims.items()},
+            "sims": {(f"{b}/{z}" if len(sims) == 1 else f"{b}/{z}/{endpoint_label(i)}"): sim.listen
+                     for (b, z) in lab.sims
+                     for sims in [lab.endpoint_sims(b, z)] for i, sim in enumerate(sims)},
         }
         print(f"  Envoy {lab_info['envoy_version']} on {lab.envoy.address} "
               f"(admin {lab.envoy.admin_url})")
@@ -87,7 +92,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{heading}\n   {chapter.story}", flush=True)
             chapter.started = recorder.now()
             recorder.mark(f"{chapter.key} start")
-            live.header(chapter.started)
+            pool = chapter.endpoints
+            if pool is not None:
+                endpoints[chapter.key] = [(sim.instance, sim.listen)
+                                          for sim in lab.endpoint_sims(pool.backend, pool.zone)]
+            live.header(chapter.started,
+                        endpoints=[i for i, _ in endpoints.get(chapter.key, [])])
             chapter.checks = chapter.run(ctx)
             chapter.ended = recorder.now()
             recorder.mark(f"{chapter.key} end")
@@ -100,14 +110,23 @@ def main(argv: list[str] | None = None) -> int:
     # The lab is stopped here: write the report.
     plot_path = args.out / "requests.png"
     report.plot(recorder, chapters, plot_path)
+    endpoint_plots = {}
+    for chapter in chapters:
+        if chapter.key in endpoints:
+            path = args.out / f"{chapter.key}.png"
+            report.plot_endpoints(recorder, chapter, endpoints[chapter.key], path)
+            endpoint_plots[chapter.key] = path.name
     report_path = args.out / "report.md"
     report.write(report_path, chapters=chapters, recorder=recorder, lab_info=lab_info,
-                 envoy_stats=envoy_stats, plot_file=plot_path.name)
+                 envoy_stats=envoy_stats, plot_file=plot_path.name,
+                 endpoints=endpoints, endpoint_plots=endpoint_plots)
     failed = [c for c in chapters if c.started is not None and not all(h.held for h in c.checks)]
     total = summarize(recorder.snapshot())
     print(f"\nsluice demo: {total['requests']} requests, ok {total['ok']}, 429 {total['429']}, "
           f"fallback {total['fallback']}, errors {total['error']}")
     print(f"report: {report_path}\nplot:   {plot_path}")
+    for name in endpoint_plots.values():
+        print(f"plot:   {args.out / name}")
     if failed:
         print("sluice demo: claims that did not hold in: " + ", ".join(c.title for c in failed))
         return 1

@@ -8,13 +8,19 @@ capability by writing its function and putting it in :data:`CHAPTERS`.
 
 from __future__ import annotations
 
+import datetime as dt
+import re
+import threading
+import time
+from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
-from lab import Lab
+from lab import Lab, LlmSim
 
-from .live import LiveView
-from .traffic import Recorder, TrafficSpec, run_traffic, summarize
+from .live import LiveView, endpoint_label
+from .traffic import Outcome, Recorder, TrafficSpec, percentile, run_traffic, summarize
 
 
 @dataclass(frozen=True)
@@ -33,11 +39,35 @@ class DemoContext:
     live: LiveView
     scale: float = 1.0  # multiplies every chapter's duration (short smoke runs)
 
-    def seconds(self, nominal: float) -> float:
-        return max(2.0, nominal * self.scale)
+    def seconds(self, nominal: float, floor: float = 2.0) -> float:
+        """``nominal`` seconds at this scale, never under ``floor``."""
+        return max(floor, nominal * self.scale)
 
-    def traffic(self, specs: list[TrafficSpec], seconds: float) -> None:
-        run_traffic(self.lab.base_url, specs, seconds, self.recorder, on_tick=self.live.tick)
+    def traffic(self, specs: list[TrafficSpec], seconds: float,
+                on_tick: Callable[[], None] | None = None) -> None:
+        """Runs the clients; each second the live view prints a line, then
+        ``on_tick`` runs (a chapter's own watchers)."""
+        def tick() -> None:
+            self.live.tick()
+            if on_tick is not None:
+                on_tick()
+
+        run_traffic(self.lab.base_url, specs, seconds, self.recorder, on_tick=tick)
+
+    def mark(self, text: str) -> None:
+        """Marks a moment in the record (the plot shows it) and in the live view."""
+        self.recorder.mark(text)
+        self.live.note(text)
+
+
+@dataclass(frozen=True)
+class EndpointPool:
+    """A backend zone of several endpoints, as a chapter shows it."""
+
+    backend: str
+    zone: str
+    #: The zone's first-token deadline (seconds), drawn on the chapter's plot.
+    first_token_timeout: float | None = None
 
 
 @dataclass
@@ -46,6 +76,8 @@ class Chapter:
     title: str
     story: str
     run: Callable[[DemoContext], list[Check]] | None = None
+    # A backend zone whose endpoints the live view and a plot show one by one.
+    endpoints: EndpointPool | None = None
     # Filled in when the chapter runs:
     started: float | None = None
     ended: float | None = None
@@ -189,6 +221,333 @@ def circuit_breaker(ctx: DemoContext) -> list[Check]:
     ]
 
 
+# The pool of chapter 4 (policies/demo.toml): one model, four endpoints in
+# one zone, [backend.outlier] with a 1 s first-token deadline.
+FIRST_TOKEN_TIMEOUT_S = 1.0
+POOL = EndpointPool("pool", "zone-a", first_token_timeout=FIRST_TOKEN_TIMEOUT_S)
+POOL_MODEL = "sim-pool"
+RETRY_AFTER_S = 5
+
+
+def stat_label(address: str) -> str:
+    """An endpoint's ``ip:port`` as sluice's metrics name it (``127_0_0_1_8000``)."""
+    return address.replace(".", "_").replace(":", "_")
+
+
+def _outlier_stats(lab: Lab, backend: str) -> dict[str, int]:
+    """A backend's outlier stats from Envoy, by short name (``served_by_fallback``,
+    ``127_0_0_1_8000.ejections``…)."""
+    prefix = f"sluice_outlier.{backend}."
+    return {name.split(prefix, 1)[1]: value
+            for name, value in lab.envoy.stats("sluice_outlier").items() if prefix in name}
+
+
+@dataclass(frozen=True)
+class OutlierEvent:
+    t: float  # the record's time
+    endpoint: str  # the live view's label (ep0…)
+    what: str  # ejected, probing, returned or spared
+    detail: str = ""  # for an ejection: "9.1s (slow-first-token)"
+
+
+class OutlierLog:
+    """sluice's outlier events for one backend, read from Envoy's log as it
+    grows (ejections are logged at warn, probing and returns at info)."""
+
+    LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+)\].*sluice outlier: "
+                      r"backend (\S+): endpoint (\S+) (.*)$")
+
+    def __init__(self, log_path: Path, backend: str, labels: dict[str, str],
+                 recorder: Recorder, live: LiveView):
+        self.path = log_path
+        self.backend = backend
+        self.labels = labels  # ip:port -> ep0…
+        self.recorder = recorder
+        self.live = live
+        self.offset = log_path.stat().st_size if log_path.exists() else 0
+        self.events: list[OutlierEvent] = []
+
+    def poll(self) -> None:
+        """Reads the lines written since the last poll; prints their events."""
+        try:
+            with self.path.open("rb") as log:
+                log.seek(self.offset)
+                data = log.read()
+        except FileNotFoundError:
+            return
+        complete = data.rfind(b"\n") + 1
+        self.offset += complete
+        for line in data[:complete].decode(errors="replace").splitlines():
+            match = self.LINE.match(line)
+            if not match or match.group(2) != self.backend:
+                continue
+            text = match.group(4)
+            if text.startswith("ejected for "):
+                what, detail = "ejected", text.removeprefix("ejected for ")
+            elif "probing" in text:
+                what, detail = "probing", ""
+            elif "back in rotation" in text:
+                what, detail = "returned", ""
+            elif "looks sick" in text:
+                what, detail = "spared", text
+            else:
+                continue
+            endpoint = self.labels.get(match.group(3), match.group(3))
+            event = OutlierEvent(self._when(match.group(1)), endpoint, what, detail)
+            self.events.append(event)
+            if what in ("ejected", "returned"):
+                self.recorder.detail(f"{endpoint} {'ejected' if what == 'ejected' else 'back'}",
+                                     at=event.t)
+            words = {"ejected": f"ejected for {detail}",
+                     "probing": "ejection over, probing it",
+                     "returned": "back in rotation",
+                     "spared": "looks sick, but max_ejection keeps it"}[what]
+            self.live.note(f"Envoy: {endpoint} {words}", at=event.t)
+
+    def _when(self, stamp: str) -> float:
+        """Envoy's local-time stamp in the record's time (now if it is off)."""
+        now = self.recorder.now()
+        try:
+            wall = dt.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S.%f").timestamp()
+        except ValueError:
+            return now
+        t = now - (time.time() - wall)
+        return t if abs(t - now) < 60 else now
+
+    def first(self, endpoint: str, what: str, t0: float, t1: float) -> OutlierEvent | None:
+        return next((e for e in self.events
+                     if e.endpoint == endpoint and e.what == what and t0 <= e.t < t1), None)
+
+
+class Arrivals:
+    """When requests reach one simulator: its request and 429 counters,
+    sampled every ``period`` seconds by a thread of its own (bounded)."""
+
+    def __init__(self, sim: LlmSim, recorder: Recorder, period: float = 0.1,
+                 limit: float = 180.0):
+        import httpx
+
+        self.client = httpx.Client(base_url=f"http://{sim.control}", timeout=2.0,
+                                   trust_env=False)
+        self.recorder = recorder
+        self.period = period
+        self.limit = limit
+        self.samples: list[tuple[float, int, int]] = []  # (t, requests, 429s)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="arrivals")
+
+    def start(self) -> "Arrivals":
+        self._sample()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5.0)
+        self.client.close()
+
+    def _sample(self) -> None:
+        import httpx
+
+        try:
+            stats = self.client.get("/_sim/stats").json()
+        except (httpx.HTTPError, ValueError):
+            return
+        self.samples.append((self.recorder.now(), int(stats.get("requests", 0)),
+                             int(stats.get("by_status", {}).get("429", 0))))
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.limit
+        while not self._stop.wait(self.period) and time.monotonic() < deadline:
+            self._sample()
+
+    def bursts(self, within: float = 0.5) -> list[tuple[float, int, int]]:
+        """Arrivals grouped when they come within ``within`` s of a group's
+        first: ``(t, requests, 429s)`` per group (two Envoy workers may both
+        send one before either has seen the other's 429)."""
+        groups: list[list] = []
+        for (_, r0, n0), (t, r1, n1) in zip(self.samples, self.samples[1:]):
+            if r1 == r0:
+                continue
+            if groups and t - groups[-1][0] <= within:
+                groups[-1][1] += r1 - r0
+                groups[-1][2] += n1 - n0
+            else:
+                groups.append([t, r1 - r0, n1 - n0])
+        return [(t, r, n) for t, r, n in groups]
+
+
+def _by_endpoint(outcomes: list[Outcome]) -> Counter:
+    return Counter(o.instance for o in outcomes if o.instance)
+
+
+def _pct(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.0f}%" if whole else "-"
+
+
+def outlier_detection(ctx: DemoContext) -> list[Check]:
+    """Four endpoints serve sim-pool; one turns slow, one goes silent, one
+    answers 429, one after the other; clients stream throughout.
+
+    sluice picks each request's endpoint (the cheaper of two by recent time
+    to first token × load) and names fallbacks for the router's retries;
+    the pool's [backend.outlier] (policies/demo.toml) ejects an endpoint
+    after three slow first tokens or three failed attempts in a row, for
+    10 s, cuts a stream with no first token after 1 s to retry it
+    elsewhere, and benches an endpoint that answers 429 until its
+    retry-after. Every client streams, so every request has the deadline.
+    """
+    lab = ctx.lab
+    sims = lab.endpoint_sims(POOL.backend, POOL.zone)
+    label = {sim.instance: endpoint_label(i) for i, sim in enumerate(sims)}
+    slow, silent, limited = sims[0], sims[1], sims[2]
+    log = OutlierLog(lab.envoy.log_path, POOL.backend,
+                     {sim.listen: endpoint_label(i) for i, sim in enumerate(sims)},
+                     ctx.recorder, ctx.live)
+    specs = [TrafficSpec(tenant="globex", model=POOL_MODEL, stream_every=1, workers=6,
+                         pause=(0.02, 0.1))]
+
+    def run(seconds: float) -> tuple[float, float]:
+        t0 = ctx.recorder.now()
+        ctx.traffic(specs, seconds, on_tick=log.poll)
+        log.poll()
+        return t0, ctx.recorder.now()
+
+    def between(t0: float, t1: float) -> list[Outcome]:
+        return ctx.recorder.between(t0, t1)
+
+    before = _outlier_stats(lab, POOL.backend)
+    breaker_before = lab.envoy.stats("sluice_breaker")
+    chapter_t0 = ctx.recorder.now()
+
+    # All four healthy.
+    warm = between(*run(ctx.seconds(5, floor=3)))
+
+    # One endpoint's first token comes 5x later.
+    slow.set_faults(added_latency_ms=200)
+    ctx.mark("ep0 5x slower to first token")
+    t_slow, t_slow_end = run(ctx.seconds(8, floor=8))
+    slow_after = between(t_slow + 2, t_slow_end)
+
+    # One endpoint reads requests and never answers.
+    slow.set_faults()
+    silent.set_faults(blackhole=True)
+    ctx.mark("ep0 healthy; ep1 blackholed")
+    mid = _outlier_stats(lab, POOL.backend)
+    t_hole, t_hole_end = run(ctx.seconds(8, floor=6))
+    after_hole = _outlier_stats(lab, POOL.backend)
+
+    # One endpoint answers 429 with a retry-after.
+    silent.set_faults()
+    arrivals = Arrivals(limited, ctx.recorder).start()
+    try:
+        limited.set_faults(fixed_status=429, retry_after_s=RETRY_AFTER_S)
+        ctx.mark(f"ep1 healthy; ep2 429s, retry-after {RETRY_AFTER_S}")
+        run(ctx.seconds(12, floor=7))
+
+        # Every fault cleared: ejections end, probes succeed, all four return.
+        limited.set_faults()
+        ctx.mark("ep2 healthy")
+        run(ctx.seconds(5, floor=3))
+        everyone = set(label)
+        for _ in range(10):
+            now = ctx.recorder.now()
+            if set(_by_endpoint(between(now - 2, now + 1))) >= everyone:
+                break
+            run(2.0)
+        _, end = run(3.0)
+    finally:
+        arrivals.stop()
+    after = _outlier_stats(lab, POOL.backend)
+    breaker_after = lab.envoy.stats("sluice_breaker")
+    chapter = between(chapter_t0, end + 1)
+    tail = between(end - 3, end + 1)
+    totals = summarize(chapter)
+
+    def grew(stats: dict[str, int], key: str, since: dict[str, int] = before) -> int:
+        return stats.get(key, 0) - since.get(key, 0)
+
+    def ejection(sim: LlmSim, t0: float, t1: float, since: str) -> tuple[bool, str]:
+        event = log.first(label[sim.instance], "ejected", t0, t1)
+        count = grew(after, f"{stat_label(sim.listen)}.ejections")
+        if event is None:
+            return count > 0, f"ejections counter +{count}, no ejection logged in time"
+        return True, f"ejected {event.t - t0:.1f} s after {since}, for {event.detail}"
+
+    # 1. Healthy: shared.
+    warm_by = _by_endpoint(warm)
+    shared = all(warm_by.get(i, 0) >= 0.05 * len(warm) for i in label)
+
+    # 2. Slow: shunned, then ejected.
+    slow_share = _by_endpoint(slow_after).get(slow.instance, 0)
+    slow_ttft = percentile([o.ttft for o in slow_after if o.ttft is not None], 0.99)
+    slow_ejected, slow_seen = ejection(slow, t_slow, t_slow_end, "it slowed")
+
+    # 3. Silent: cut at the deadline, retried, ejected.
+    held = silent.stats().get("blackholed", 0)
+    rescued = grew(after_hole, "served_by_fallback", mid)
+    hole_ejected, hole_seen = ejection(silent, t_hole, t_hole_end, "it went silent")
+    ttfts = [o.ttft for o in chapter if o.ttft is not None]
+    longest = max(ttfts, default=0.0)
+    waited = sum(1 for t in ttfts if t >= FIRST_TOKEN_TIMEOUT_S)
+    bound = FIRST_TOKEN_TIMEOUT_S + 1.0
+
+    # 4. Throttled: benched for its retry-after after each 429.
+    bursts = arrivals.bursts()
+    quiet = [(t, nxt[0] - t) for (t, _, n429), nxt in zip(bursts, bursts[1:]) if n429]
+    throttled = grew(after, f"{stat_label(limited.listen)}.throttled")
+    benched = bool(quiet) and all(gap >= RETRY_AFTER_S - 0.5 for _, gap in quiet)
+    sent_429 = sum(n for _, _, n in bursts)
+
+    def trips(stats: dict[str, int]) -> int:
+        return sum(v for k, v in stats.items()
+                   if f"sluice_breaker.{POOL.backend}." in k and k.endswith(".transition.open"))
+
+    opened = trips(breaker_after) - trips(breaker_before)
+    tail_by = _by_endpoint(tail)
+
+    return [
+        Check("while healthy, the four endpoints shared the traffic",
+              shared and len(warm) >= 10,
+              ", ".join(f"{label[i]} {_pct(warm_by.get(i, 0), len(warm))}" for i in label)
+              + f" of {len(warm)} answers"),
+        Check("traffic moved away from the slow ep0 within 2 s (≤ 10% of answers, fair is 25%)",
+              bool(slow_after) and slow_share <= 0.10 * len(slow_after),
+              f"ep0 answered {slow_share} of {len(slow_after)} ({_pct(slow_share, len(slow_after))}) "
+              f"from 2 s after it slowed; clients' first token p99 "
+              + (f"{slow_ttft * 1000:.0f} ms" if slow_ttft is not None else "-")),
+        Check("the slow ep0 was ejected", slow_ejected, slow_seen),
+        Check("streams the silent ep1 held were cut at the 1 s first-token deadline and "
+              "retried elsewhere; ep1 was ejected",
+              held > 0 and rescued > 0 and hole_ejected,
+              f"ep1 held {held} attempts; {rescued} answers came from a fallback endpoint; "
+              f"{hole_seen}"),
+        Check(f"no client waited more than {bound:.0f} s for its first token "
+              f"(the {FIRST_TOKEN_TIMEOUT_S:.0f} s deadline + a healthy first token)",
+              bool(ttfts) and longest <= bound,
+              f"longest {longest * 1000:.0f} ms of {len(ttfts)} streams; "
+              f"{waited} waited past the deadline, then got their first token from another "
+              "endpoint"),
+        Check(f"ep2 got no request for {RETRY_AFTER_S} s after each 429 (its retry-after)",
+              benched and throttled > 0,
+              (f"{sent_429} requests answered 429 ({throttled} benched it); the next came "
+               + ", ".join(f"{gap:.1f} s" for _, gap in quiet) + " after each")
+              if quiet else f"{sent_429} requests answered 429; no later arrival seen"),
+        Check("no client saw a 429, an error or the fallback model; the pool's circuit stayed closed",
+              totals["429"] == 0 and totals["error"] == 0 and totals["fallback"] == 0
+              and opened == 0 and totals["ok"] > 0,
+              f"ok {totals['ok']}, 429 {totals['429']}, fallback {totals['fallback']}, "
+              f"errors {totals['error']}" + (f" {totals['errors']}" if totals["errors"] else "")
+              + "".join(f" ({n} from {label.get(i, i or '?')}, pick {p or '-'})"
+                        for (i, p), n in Counter((o.instance, o.pick) for o in chapter
+                                                 if o.outcome != "ok").items())
+              + f"; circuit opened {opened} times"),
+        Check("with every fault cleared, all four endpoints answer again",
+              set(tail_by) >= set(label),
+              "last 3 s: " + ", ".join(f"{label[i]} {tail_by.get(i, 0)}" for i in label)),
+    ]
+
+
 CHAPTERS: list[Chapter] = [
     Chapter("normal-traffic", "Normal traffic",
             "Two tenants (acme, globex) send chat completions through Envoy, streaming "
@@ -205,7 +564,13 @@ CHAPTERS: list[Chapter] = [
             "the primary recovers, two probes succeed and the breaker closes.",
             circuit_breaker),
     Chapter("outlier-detection", "Outlier detection",
-            "One endpoint turns slow; it is ejected and traffic moves to the healthy one."),
+            "Four endpoints serve sim-pool to streaming clients. One turns 5x slower to its "
+            "first token: sluice's picks shun it within seconds and it is ejected. One "
+            "blackholes: streams it holds are cut at the 1 s first-token deadline and retried "
+            "on another endpoint before the client sees anything, and it is ejected. One "
+            "answers 429 with retry-after 5: it is benched for 5 s after each, and no client "
+            "sees a 429. Cleared, all four serve again.",
+            outlier_detection, endpoints=POOL),
     Chapter("retry-budget", "Retry budgets",
             "Errors are retried within a budget, so a bad upstream is not hit with a retry storm."),
     Chapter("zone-failover", "Zone failover",

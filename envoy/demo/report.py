@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import textwrap
 from collections import Counter
 from pathlib import Path
 
 from .chapters import Chapter
-from .traffic import OUTCOMES, Recorder, summarize
+from .live import endpoint_label
+from .traffic import OUTCOMES, Recorder, percentile, summarize
 
 COLORS = {"ok": "#2e7d32", "429": "#f9a825", "fallback": "#1565c0", "error": "#c62828"}
+ENDPOINT_COLORS = ("#1565c0", "#ef6c00", "#6a1b9a", "#2e7d32", "#00838f", "#ad1457")
 
 
 def plot(recorder: Recorder, chapters: list[Chapter], path: Path) -> None:
@@ -55,8 +58,86 @@ def plot(recorder: Recorder, chapters: list[Chapter], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_endpoints(recorder: Recorder, chapter: Chapter, endpoints: list[tuple[str, str]],
+                   path: Path) -> None:
+    """One chapter about a backend's endpoints: answers per second by the
+    endpoint that gave them (stacked) over the clients' time to first token
+    per second (p50, p99), with the chapter's marks and details."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t0 = chapter.started or 0.0
+    t1 = chapter.ended if chapter.ended is not None else recorder.now()
+    outcomes = recorder.between(t0, t1 + 1e-9)
+    seconds = list(range(int(math.ceil(t1 - t0)) + 1))
+    per_second: dict[str, Counter] = {instance: Counter() for instance, _ in endpoints}
+    ttfts: dict[int, list[float]] = {}
+    for o in outcomes:
+        second = int(o.t - t0)
+        if o.instance in per_second:
+            per_second[o.instance][second] += 1
+        if o.ttft is not None:
+            ttfts.setdefault(second, []).append(o.ttft * 1000)
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 7), dpi=110, sharex=True,
+                                      gridspec_kw={"height_ratios": [3, 2]})
+    bottom_of = [0] * len(seconds)
+    for i, (instance, address) in enumerate(endpoints):
+        values = [per_second[instance][s] for s in seconds]
+        top.bar(seconds, values, bottom=bottom_of, width=0.9, align="edge",
+                color=ENDPOINT_COLORS[i % len(ENDPOINT_COLORS)],
+                label=f"{endpoint_label(i)} = {instance} ({address})")
+        bottom_of = [b + v for b, v in zip(bottom_of, values)]
+    peak = max(bottom_of + [1])
+    # Marks (faults injected) across both panels, their words in the
+    # headroom; details (ejections, returns) as dotted lines, staggered.
+    for t, text in recorder.events:
+        if t0 < t < t1 and not text.endswith((" start", " end")):
+            for ax in (top, bottom):
+                ax.axvline(t - t0, color="#555", linestyle="--", linewidth=1)
+            parts = text.split("; ")
+            words = "\n".join(line for i, part in enumerate(parts)
+                              for line in textwrap.wrap(part + (";" if i < len(parts) - 1
+                                                                else ""), 20,
+                                                        break_on_hyphens=False))
+            top.text(t - t0 + 0.2, peak * 1.58, words, fontsize=7, va="top")
+    details = [(t, text) for t, text in recorder.details if t0 <= t <= t1]
+    for n, (t, text) in enumerate(details):
+        color = "#c62828" if "ejected" in text else "#2e7d32"
+        top.axvline(t - t0, ymax=(1.08 + 0.08 * (n % 3)) / 1.6, color=color, linestyle=":",
+                    linewidth=1.2)
+        top.text(t - t0 + 0.15, peak * (1.08 + 0.08 * (n % 3)), text, fontsize=7,
+                 color=color, va="bottom")
+    top.set_ylim(0, peak * 1.6)
+    top.set_ylabel("answers per second\nby endpoint")
+    top.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=len(endpoints), fontsize=7,
+               frameon=False)
+    fig.suptitle(f"{chapter.title}: which endpoint answered each second, and how soon",
+                 fontsize=11)
+
+    xs = [s + 0.5 for s in seconds if s in ttfts]
+    for q, name in ((0.5, "p50"), (0.99, "p99")):
+        bottom.plot(xs, [percentile(ttfts[s], q) for s in seconds if s in ttfts],
+                    marker=".", linewidth=1.2, label=name)
+    pool = chapter.endpoints
+    if pool is not None and pool.first_token_timeout:
+        bottom.axhline(pool.first_token_timeout * 1000, color="#c62828", linestyle="--",
+                       linewidth=1, label="first-token deadline")
+    bottom.set_yscale("log")
+    bottom.set_ylabel("clients' time to\nfirst token (ms)")
+    bottom.set_xlabel(f"seconds since the chapter started ({t0:.0f} s into the demo)")
+    bottom.legend(loc="center right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def write(path: Path, *, chapters: list[Chapter], recorder: Recorder, lab_info: dict,
-          envoy_stats: dict[str, int], plot_file: str | None) -> None:
+          envoy_stats: dict[str, int], plot_file: str | None,
+          endpoints: dict[str, list[tuple[str, str]]] | None = None,
+          endpoint_plots: dict[str, str] | None = None) -> None:
     lines = [
         "# sluice demo report",
         "",
@@ -105,6 +186,16 @@ def write(path: Path, *, chapters: list[Chapter], recorder: Recorder, lab_info: 
         if zones:
             lines.append("- answered by zone: " + ", ".join(
                 f"{z} {n}" for z, n in sorted(zones.items())))
+        pool = (endpoints or {}).get(ch.key)
+        if pool:
+            answered = Counter(o.instance for o in recorder.between(ch.started, ch.ended + 1e-9))
+            lines.append("- answered by endpoint: " + ", ".join(
+                f"{endpoint_label(i)} {instance} ({address}) {answered.get(instance, 0)}"
+                for i, (instance, address) in enumerate(pool)))
+        plot_name = (endpoint_plots or {}).get(ch.key)
+        if plot_name:
+            lines += ["", f"![{ch.title}: answers by endpoint and time to first token]"
+                          f"({plot_name})"]
     total = summarize(recorder.snapshot())
     lines += ["", "## Totals", "",
               f"{total['requests']} requests: " + ", ".join(f"{k} {total[k]}" for k in OUTCOMES)

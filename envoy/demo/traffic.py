@@ -8,6 +8,7 @@ shows is what Envoy and sluice did, not what the client papered over.
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 import time
@@ -32,6 +33,9 @@ class Outcome:
     tokens: int  # prompt + completion tokens billed (0 unless ok/fallback)
     zone: str = ""
     detail: str = ""
+    instance: str = ""  # the llm-sim that answered (x-llm-sim-instance)
+    pick: str = ""  # why sluice sent it there (x-sluice-endpoint's reason), if it picked
+    ttft: float | None = None  # streams: seconds from the call to the first chunk
 
 
 @dataclass
@@ -41,6 +45,8 @@ class Recorder:
     start: float = field(default_factory=time.monotonic)
     outcomes: list[Outcome] = field(default_factory=list)
     events: list[tuple[float, str]] = field(default_factory=list)
+    # Smaller events (an endpoint ejected…): shown on their chapter's own plot only.
+    details: list[tuple[float, str]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def now(self) -> float:
@@ -53,6 +59,10 @@ class Recorder:
     def mark(self, text: str) -> None:
         with self._lock:
             self.events.append((self.now(), text))
+
+    def detail(self, text: str, at: float | None = None) -> None:
+        with self._lock:
+            self.details.append((self.now() if at is None else at, text))
 
     def snapshot(self) -> list[Outcome]:
         with self._lock:
@@ -93,18 +103,30 @@ class TrafficSpec:
     max_requests: int = 2000  # per worker: the count bound of the loop
 
 
+def _answered_by(headers) -> dict[str, str]:
+    """The simulator that answered, and why sluice sent the request there
+    (``x-sluice-endpoint: 127.0.0.1:PORT; reason=p2c``, on backends whose
+    endpoints sluice picks)."""
+    return {"instance": headers.get("x-llm-sim-instance", ""),
+            "pick": headers.get("x-sluice-endpoint", "").partition("reason=")[2].strip()}
+
+
 def _one_request(client: openai.OpenAI, spec: TrafficSpec, stream: bool, rng: random.Random,
                  recorder: Recorder) -> Outcome:
     max_tokens = rng.randint(*spec.max_tokens)
     messages = [{"role": "user", "content": f"Say something about sluice, {spec.tenant}."}]
+    ttft = None
     try:
         if stream:
+            sent = time.monotonic()
             raw = client.chat.completions.with_raw_response.create(
                 model=spec.model, messages=messages, max_tokens=max_tokens, stream=True,
                 stream_options={"include_usage": True})
             model, usage = "", None
             with raw.parse() as chunks:
                 for chunk in chunks:
+                    if ttft is None:
+                        ttft = time.monotonic() - sent
                     model = chunk.model or model
                     usage = chunk.usage or usage
             tokens = usage.total_tokens if usage else 0
@@ -114,16 +136,17 @@ def _one_request(client: openai.OpenAI, spec: TrafficSpec, stream: bool, rng: ra
             completion = raw.parse()
             model = completion.model
             tokens = completion.usage.total_tokens if completion.usage else 0
-        instance = raw.headers.get("x-llm-sim-instance", "")
         zone = raw.headers.get("x-llm-sim-zone", "")
-        fell_back = model != spec.model or instance.startswith("fallback")
+        answered = _answered_by(raw.headers)
+        fell_back = model != spec.model or answered["instance"].startswith("fallback")
         return Outcome(recorder.now(), spec.tenant, stream,
-                       "fallback" if fell_back else "ok", tokens, zone)
-    except openai.RateLimitError:
-        return Outcome(recorder.now(), spec.tenant, stream, "429", 0)
+                       "fallback" if fell_back else "ok", tokens, zone, ttft=ttft, **answered)
+    except openai.RateLimitError as err:
+        return Outcome(recorder.now(), spec.tenant, stream, "429", 0,
+                       **_answered_by(err.response.headers))
     except openai.APIStatusError as err:
         return Outcome(recorder.now(), spec.tenant, stream, "error", 0,
-                       detail=f"HTTP {err.status_code}")
+                       detail=f"HTTP {err.status_code}", **_answered_by(err.response.headers))
     except openai.APIError as err:
         return Outcome(recorder.now(), spec.tenant, stream, "error", 0,
                        detail=type(err).__name__)
@@ -176,3 +199,12 @@ def run_traffic(base_url: str, specs: list[TrafficSpec], seconds: float,
             thread.join(20.0)
         for client in clients.values():
             client.close()
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The ``q`` quantile (0–1) of ``values`` by nearest rank; ``None`` if empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = min(len(ordered), max(1, math.ceil(q * len(ordered))))
+    return ordered[rank - 1]

@@ -53,7 +53,7 @@ pub struct EndpointRecord {
     pub last_success: Option<Timestamp>,
     pub gap_ms: f64,
     pub gaps: u32,
-    /// Attempts sent since the latest success.
+    /// Attempts sent since the latest answer (a success or a 429).
     pub unanswered: u32,
     /// Attempts sent and not yet ended, over all workers.
     pub outstanding: u32,
@@ -116,8 +116,8 @@ impl EndpointRecord {
         } else {
             self.consecutive.saturating_add(t.failures)
         };
-        self.unanswered = if t.successes > 0 {
-            t.started_since_success
+        self.unanswered = if t.successes > 0 || t.throttled > 0 {
+            t.started_since_answer
         } else {
             self.unanswered.saturating_add(t.started)
         };

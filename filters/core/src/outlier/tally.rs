@@ -49,12 +49,14 @@ impl Verdict {
 pub struct Tally {
     /// Attempts started (their request left for the endpoint).
     pub started: u32,
-    /// Attempts started after this tally's last success.
-    pub started_since_success: u32,
+    /// Attempts started after this tally's last answer (a success or a 429).
+    pub started_since_answer: u32,
     /// Attempts judged, successes and failures.
     pub judged: u32,
     pub failures: u32,
     pub successes: u32,
+    /// 429s: answers, though neither successes nor failures.
+    pub throttled: u32,
     /// Failures after the last success of this tally (all of them when
     /// there was none).
     pub trailing_failures: u32,
@@ -80,7 +82,7 @@ impl Tally {
     /// An attempt left for the endpoint.
     pub fn start(&mut self) {
         self.started = self.started.saturating_add(1);
-        self.started_since_success = self.started_since_success.saturating_add(1);
+        self.started_since_answer = self.started_since_answer.saturating_add(1);
     }
 
     /// An attempt ended at `now`; `ttft` is the time to its first byte.
@@ -99,7 +101,7 @@ impl Tally {
                 self.judged += 1;
                 self.successes += 1;
                 self.trailing_failures = 0;
-                self.started_since_success = 0;
+                self.started_since_answer = 0;
                 self.last_success = Some(self.last_success.map_or(now, |t| t.max(now)));
                 if let Some(t) = ttft {
                     self.ttft_ms += t.as_secs_f64() * 1000.0;
@@ -112,7 +114,13 @@ impl Tally {
                 self.failures += 1;
                 self.trailing_failures += 1;
             }
-            Verdict::Throttled | Verdict::Unjudged => {}
+            Verdict::Throttled => {
+                // The endpoint is up and says when to come back: what it
+                // asks for is quiet, not the silence phi accrual looks for.
+                self.throttled += 1;
+                self.started_since_answer = 0;
+            }
+            Verdict::Unjudged => {}
         }
     }
 
@@ -234,7 +242,10 @@ mod tests {
         t.start();
         t.end(Verdict::Failure, None, None, now);
         assert_eq!((t.judged, t.failures, t.trailing_failures), (3, 2, 1));
-        assert_eq!(t.started_since_success, 1);
+        assert_eq!(t.started_since_answer, 1);
+        t.start();
+        t.end(Verdict::Throttled, None, None, now);
+        assert_eq!((t.started_since_answer, t.throttled, t.judged), (0, 1, 3));
         assert_eq!((t.ttft_ms, t.ttft_samples), (40.0, 1));
         assert_eq!(t.ttft_run.continue_from(7), 8);
     }

@@ -411,6 +411,46 @@ fn a_throttled_endpoint_gets_nothing_until_its_reset() {
 }
 
 #[test]
+fn a_burst_of_429s_benches_and_is_not_taken_for_silence() {
+    // Under concurrency several attempts reach an endpoint before its first
+    // 429 is shared (the demo's lab saw three within 50 ms). Each is an
+    // answer: the endpoint is up and says when to come back. The quiet it
+    // asked for is not the silence phi accrual looks for.
+    let cfg = config();
+    let mut sim = Sim::new(4, 2, cfg.clone());
+    sim.run(0, 5, 40, |_, _| fine(50));
+    let addr = sim.shared.endpoints[3].addr.clone();
+    let shared = &mut sim.shared;
+    let now = Sim::at(5000);
+    let mut tally = Tally::default();
+    for _ in 0..3 {
+        tally.start();
+        tally.end(Verdict::Throttled, None, None, now);
+    }
+    tally.throttle(now + Duration::from_secs(5));
+    let mut events = shared.flush(&[(addr.clone(), tally)], &cfg, now, || 0.5);
+    for ms in (100..5000).step_by(100) {
+        let at = now + Duration::from_millis(ms);
+        events.extend(shared.flush(&[], &cfg, at, || 0.5));
+    }
+    assert!(events.is_empty(), "{events:?}");
+    assert_eq!(shared.endpoints[3].health, Health::Healthy);
+    // Three attempts that get no answer at all still make it silent.
+    let later = now + Duration::from_secs(6);
+    let mut tally = Tally::default();
+    for _ in 0..3 {
+        tally.start();
+    }
+    let mut events = shared.flush(&[(addr, tally)], &cfg, later, || 0.5);
+    for ms in (100..3000).step_by(100) {
+        let at = later + Duration::from_millis(ms);
+        events.extend(shared.flush(&[], &cfg, at, || 0.5));
+    }
+    let silent = |e: &Event| matches!(e, Event::Ejected { reason: Reason::Silent, .. });
+    assert!(events.iter().any(silent), "{events:?}");
+}
+
+#[test]
 fn when_all_are_slow_nobody_is_ejected_beyond_the_cap() {
     let mut sim = Sim::new(4, 2, config());
     sim.run(0, 10, 40, |e, _| fine(200 + 150 * e as u64));

@@ -488,11 +488,14 @@ fn clusters(
                         c.remove("lb_policy");
                     }
                     cluster["load_balancing_policy"] = outlier::override_host_policy();
+                    cluster["circuit_breakers"] = outlier::retry_circuit_breaker();
                     with_attempts = true;
                 }
                 (OutlierMode::Native, Some(o)) => {
                     cluster["lb_policy"] = json!("LEAST_REQUEST");
                     cluster["outlier_detection"] = outlier::native_outlier_detection(o);
+                    // Side by side, both retry under the same limit.
+                    cluster["circuit_breakers"] = outlier::retry_circuit_breaker();
                 }
                 _ => {}
             }
@@ -708,6 +711,11 @@ interval = "5s"
             [ATTEMPT_ROOT_ID, "envoy.filters.http.upstream_codec"]
         );
         assert!(primary.get("outlier_detection").is_none());
+        // Retries in flight are not capped at Envoy's default 3.
+        assert_eq!(
+            primary["circuit_breakers"],
+            json!({ "thresholds": [{ "priority": "DEFAULT", "max_retries": 1024 }] })
+        );
         // The attempt instance gets the same policy text as the listener's.
         let attempt = &primary["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
             ["http_filters"][0];
@@ -725,6 +733,7 @@ interval = "5s"
         let small = cluster(&b, "small");
         assert_eq!(small["lb_policy"], "ROUND_ROBIN");
         assert!(small.get("load_balancing_policy").is_none());
+        assert!(small.get("circuit_breakers").is_none());
         assert!(upstream_filters(small).is_none());
         assert_eq!(filter_text(&b), WITH_OUTLIER);
     }
@@ -736,6 +745,10 @@ interval = "5s"
         assert_eq!(primary["lb_policy"], "LEAST_REQUEST");
         assert!(primary.get("load_balancing_policy").is_none());
         assert!(upstream_filters(primary).is_none());
+        assert_eq!(
+            primary["circuit_breakers"]["thresholds"][0]["max_retries"],
+            1024
+        );
         let detection = &primary["outlier_detection"];
         assert_eq!(detection["consecutive_5xx"], 3);
         assert_eq!(detection["interval"], "5s");

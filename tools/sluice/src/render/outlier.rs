@@ -58,6 +58,27 @@ pub fn override_host_policy() -> Value {
     }}]})
 }
 
+/// Retries in flight Envoy allows on a cluster `[outlier]` retries on: its
+/// request limit (`max_requests`' default).
+pub const MAX_RETRIES_IN_FLIGHT: u32 = 1024;
+
+/// The circuit breaker of a cluster `[outlier]` retries on, either way.
+///
+/// Envoy allows 3 retries in flight per cluster by default
+/// (`max_retries`); past that a failed attempt is not retried and its
+/// failure reaches the client (`upstream_rq_retry_overflow`): a 429 the
+/// next endpoint would have answered, or a 504 at the first-token deadline.
+/// A retry stays in flight for as long as the stream it moved lasts, so LLM
+/// traffic reaches 3 at once as soon as one endpoint of a busy backend
+/// turns bad (the demo's lab did with six clients). A request has one
+/// attempt in flight at a time and at most `retries` retries, each on
+/// another endpoint, so retries in flight never outnumber requests in
+/// flight: the limit becomes the cluster's request limit. Retry budgets
+/// across requests are `[retry]`'s.
+pub fn retry_circuit_breaker() -> Value {
+    json!({ "thresholds": [{ "priority": "DEFAULT", "max_retries": MAX_RETRIES_IN_FLIGHT }] })
+}
+
 /// Envoy's `outlier_detection` from the section's keys.
 ///
 /// Errors in a row (5xx, resets, connect failures and timeouts: Envoy counts
