@@ -321,7 +321,9 @@ fn render_native_outlier_hands_the_section_to_envoy() {
             cluster["outlier_detection"]["consecutive_5xx"].as_u64(),
             Some(5)
         );
-        assert!(cluster.get("typed_extension_protocol_options").is_none());
+        // Envoy balances: sluice names no endpoint. (The per-attempt
+        // instance stays, for the policy's [retry] budget.)
+        assert!(cluster.get("load_balancing_policy").is_none());
     }
     let hcm =
         &yaml["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];

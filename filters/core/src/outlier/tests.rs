@@ -446,7 +446,15 @@ fn a_burst_of_429s_benches_and_is_not_taken_for_silence() {
         let at = later + Duration::from_millis(ms);
         events.extend(shared.flush(&[], &cfg, at, || 0.5));
     }
-    let silent = |e: &Event| matches!(e, Event::Ejected { reason: Reason::Silent, .. });
+    let silent = |e: &Event| {
+        matches!(
+            e,
+            Event::Ejected {
+                reason: Reason::Silent,
+                ..
+            }
+        )
+    };
     assert!(events.iter().any(silent), "{events:?}");
 }
 

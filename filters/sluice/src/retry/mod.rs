@@ -79,6 +79,16 @@ struct Budgeted {
 }
 
 impl Budgeted {
+    /// The zones attempts can land in: those the policy lists endpoints
+    /// for, else ([`OTHER_ZONE`]) wherever Envoy's endpoints are.
+    fn served_zones(&self) -> std::ops::Range<usize> {
+        if self.endpoints.is_empty() {
+            self.zones.len() - 1..self.zones.len()
+        } else {
+            0..self.zones.len() - 1
+        }
+    }
+
     fn zone_of(&self, addr: &str) -> usize {
         self.endpoints
             .iter()
@@ -210,7 +220,9 @@ impl Capability for Retry {
             return Admitted::pass();
         };
         // Where a retry would go: the next endpoint the outlier capability
-        // named, else whichever zone has the most budget.
+        // named. Without it Envoy's balancer picks, in any zone: the
+        // backend's zones then count as one budget (their sum), and the
+        // grant is taken from the richest.
         let named: Vec<String> = admission
             .edits
             .request_header(DESTINATION_HEADER)
@@ -218,16 +230,23 @@ impl Capability for Retry {
             .map(|list| list.split(',').map(str::to_owned).collect())
             .unwrap_or_default();
         let fallbacks = named.len().saturating_sub(1);
-        let zone = {
+        let (zone, available) = {
             let seen = b.seen.borrow();
             match named.get(1) {
-                Some(next) => b.zone_of(next),
-                None => (0..seen.len())
-                    .max_by(|&x, &y| seen[x].total_cmp(&seen[y]))
-                    .unwrap_or(0),
+                Some(next) => {
+                    let z = b.zone_of(next);
+                    (z, seen[z])
+                }
+                None => {
+                    let zones = b.served_zones();
+                    let richest = zones
+                        .clone()
+                        .max_by(|&x, &y| seen[x].total_cmp(&seen[y]))
+                        .unwrap_or(0);
+                    (richest, zones.map(|z| seen[z]).sum())
+                }
             }
         };
-        let available = b.seen.borrow()[zone];
         let p = plan(&b.cfg, available, admission.request.stream, fallbacks);
         let refused = p.max_retries == 0 && b.cfg.max_retries > 0 && available < 1.0;
         if refused {

@@ -319,6 +319,9 @@ fn bootstrap(
                         "path_with_escaped_slashes_action": "REJECT_REQUEST",
                         "route_config": { "name": "sluice", "virtual_hosts": [{
                             "name": "llm", "domains": ["*"], "routes": routes(policy, outlier_mode),
+                            // Every answer says how many attempts it took
+                            // (`x-envoy-attempt-count`).
+                            "include_attempt_count_in_response": true,
                         }]},
                         "http_filters": http_filters,
                     }
@@ -416,8 +419,43 @@ fn route_action(policy: &Policy, backend: &str, outlier_mode: OutlierMode) -> Va
         && let Some(o) = &b.outlier
     {
         action["retry_policy"] = outlier::native_retry_policy(o);
+    } else if let Some(r) = &b.retry
+        && Capability::Retry.is_enforced()
+    {
+        action["retry_policy"] = retry_policy(r);
     }
     action
+}
+
+/// The route's part of `[retry]`: what Envoy cannot take per request.
+///
+/// sluice.wasm sets each request's retry count and conditions from the
+/// budget (`x-envoy-max-retries`, `x-envoy-retry-on`); the route keeps
+/// none of its own (`num_retries: 0`: a request sluice did not plan is not
+/// retried), picks a host not tried yet for each retry (a 429 is never
+/// retried on the endpoint that sent it), and backs off as the policy says,
+/// waiting for an upstream's `retry-after` when `honor_retry_after` is set.
+fn retry_policy(r: &sluice_core::config::RetryConfig) -> Value {
+    let ms = |d: std::time::Duration| format!("{}s", d.as_secs_f64());
+    let mut policy = json!({
+        "retry_on": "5xx",
+        "num_retries": 0,
+        "retry_host_predicate": [{
+            "name": "envoy.retry_host_predicates.previous_hosts",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+            }
+        }],
+        "host_selection_retry_max_attempts": 3,
+        "retry_back_off": { "base_interval": ms(r.backoff_base), "max_interval": ms(r.backoff_max) },
+    });
+    if r.honor_retry_after {
+        policy["rate_limited_retry_back_off"] = json!({
+            "reset_headers": [{ "name": "retry-after", "format": "SECONDS" }],
+            "max_interval": ms(r.backoff_max.max(std::time::Duration::from_secs(1))),
+        });
+    }
+    policy
 }
 
 fn regex_escape(s: &str) -> String {
@@ -498,6 +536,11 @@ fn clusters(
                     cluster["circuit_breakers"] = outlier::retry_circuit_breaker();
                 }
                 _ => {}
+            }
+            // Retries across requests are the budget's to bound, not
+            // Envoy's default of 3 in flight per cluster.
+            if Capability::Retry.is_enforced() && members.iter().any(|(b, _)| b.retry.is_some()) {
+                cluster["circuit_breakers"] = outlier::retry_circuit_breaker();
             }
             if with_attempts {
                 cluster["typed_extension_protocol_options"] = json!({

@@ -1,0 +1,170 @@
+//! Retry budgets (`[retry]` of `sluice.wasm`) in the test host: the module
+//! in the listener's chain (it sets each request's `x-envoy-max-retries`
+//! from the budget) and in the cluster's upstream filters (it deposits
+//! each first attempt and charges each retry), two workers sharing one
+//! budget, virtual time, an Envoy-like router that retries as told.
+
+use std::time::Duration;
+
+use sluice_host_tests::{
+    Cluster, Endpoint, EndpointBehavior, FaultKind, FilterModule, Host, HostOptions, PluginConfig,
+    Request, Response,
+};
+
+fn module() -> FilterModule {
+    FilterModule::load("sluice").expect("sluice.wasm (build it with `cargo xtask build`)")
+}
+
+fn healthy() -> EndpointBehavior {
+    EndpointBehavior::fixed(200, r#"{"ok":true}"#, Duration::from_millis(20))
+}
+
+fn host(retry: &str, behaviours: Vec<EndpointBehavior>) -> Host {
+    let addrs: Vec<String> = (1..=behaviours.len())
+        .map(|i| format!("10.0.0.{i}:8000"))
+        .collect();
+    let list: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();
+    let text = format!(
+        r#"
+name = "retry-test"
+
+[[backend]]
+name = "primary"
+models = ["big"]
+  [[backend.zone]]
+  name = "zone-a"
+  region = "region"
+  endpoints = [{}]
+
+[retry]
+{retry}
+"#,
+        list.join(", ")
+    );
+    let mut host = Host::new(HostOptions {
+        workers: 2,
+        ..HostOptions::default()
+    });
+    host.add_cluster(Cluster::new(
+        "backend",
+        addrs
+            .iter()
+            .zip(behaviours)
+            .map(|(a, b)| Endpoint::new(a, "zone-a", b))
+            .collect(),
+    ));
+    let filter = |name: &str| {
+        PluginConfig::new(module())
+            .name(name)
+            .root_id(name)
+            .vm_id("sluice")
+            .configuration(text.clone())
+            .allow_on_headers_stop_iteration(true)
+    };
+    host.add_filter(filter("sluice")).unwrap();
+    host.add_upstream_filter("backend", filter("sluice.attempt"))
+        .unwrap();
+    host
+}
+
+fn chat() -> Request {
+    Request::post_json(
+        "/v1/chat/completions",
+        r#"{"model":"big","messages":[{"role":"user","content":"hello"}]}"#,
+    )
+}
+
+fn load(host: &mut Host, seconds: u64, rps: u64) -> Vec<Response> {
+    let total = seconds * rps;
+    for i in 0..total {
+        host.schedule_request(Duration::from_millis(i * 1000 / rps), None, chat(), i);
+    }
+    assert!(host.run_until(Duration::from_secs(seconds + 60), |h| {
+        h.finished_count() == total as usize
+    }));
+    host.completed()
+        .into_iter()
+        .map(|(_, _, r)| r.clone())
+        .collect()
+}
+
+fn no_failures(host: &Host) {
+    assert!(host.vm_failures().is_empty(), "{:?}", host.vm_failures());
+}
+
+fn down() -> EndpointBehavior {
+    healthy().with_fault(
+        Duration::ZERO,
+        Duration::from_secs(3600),
+        FaultKind::Status(503),
+    )
+}
+
+#[test]
+fn a_total_outage_is_not_multiplied_and_clients_are_told_not_to_retry() {
+    // 3 retries per request would make every request four attempts.
+    let mut host = host(
+        "max_retries = 3\nbudget = \"20%\"\nmin_retries_per_second = 1\nttl = \"10s\"",
+        vec![down(), down(), down(), down()],
+    );
+    let all = load(&mut host, 10, 50);
+    let attempts: u64 = all.iter().map(|r| r.attempts).sum();
+    let amplification = attempts as f64 / all.len() as f64;
+    eprintln!(
+        "total outage: {attempts} attempts for {} requests ({amplification:.3}×)",
+        all.len()
+    );
+    // Budget 20% plus the floor's share (1/s over 10 s + its 10 s reserve,
+    // over 500 requests): 1.24 at most.
+    assert!(
+        amplification <= 1.24,
+        "{attempts} attempts for {} requests",
+        all.len()
+    );
+    assert!(
+        amplification > 1.05,
+        "the budget allowed no retry at all: {amplification}"
+    );
+    assert!(all.iter().all(|r| r.status == 503));
+    let told = all
+        .iter()
+        .filter(|r| r.header("x-should-retry") == Some("false"))
+        .count();
+    // Once the budget is spent (early: a fifth of the first requests), the
+    // failures say so.
+    assert!(
+        told * 10 >= all.len() * 7,
+        "only {told} of {} told not to retry",
+        all.len()
+    );
+    assert!(host.metric("sluice_retry.primary.refused") > 0);
+    assert!(host.metric("sluice_retry.primary.retries") > 0);
+    no_failures(&host);
+}
+
+#[test]
+fn random_failures_are_rescued_within_the_budget() {
+    let flaky = || healthy().with_error_rate(0.3);
+    let mut host = host(
+        "max_retries = 2\nbudget = \"50%\"\nretry_on = [\"5xx\"]",
+        vec![flaky(), flaky(), flaky(), flaky()],
+    );
+    let all = load(&mut host, 10, 50);
+    let failed = all.iter().filter(|r| r.status != 200).count();
+    let attempts: u64 = all.iter().map(|r| r.attempts).sum();
+    let amplification = attempts as f64 / all.len() as f64;
+    eprintln!(
+        "30% 503s: {failed} of {} failed, {amplification:.3}× attempts",
+        all.len()
+    );
+    // Without retries 30% would fail; two retries leave 0.3³ ≈ 2.7%.
+    assert!(
+        failed * 10 <= all.len() * 3 / 10,
+        "{failed} of {} failed",
+        all.len()
+    );
+    assert!(amplification <= 1.5, "amplification {amplification}");
+    // Every answer says how many attempts it took.
+    assert!(all.iter().any(|r| r.attempts > 1));
+    no_failures(&host);
+}
