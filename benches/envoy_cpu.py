@@ -556,7 +556,10 @@ def pair_ratios(results, a: str, b: str, mode: str) -> dict | None:
 
 
 def ratio_range(values: list[float]) -> str:
-    return f"{min(values):.2f}–{max(values):.2f}" if values else "–"
+    """Round-by-round ratios as ``median, min–max``."""
+    if not values:
+        return "–"
+    return f"{statistics.median(values):.2f}, {min(values):.2f}–{max(values):.2f}"
 
 
 def pair_lines(results) -> list[str]:
@@ -582,8 +585,10 @@ def pair_lines(results) -> list[str]:
              "- total = with / without: Envoy's whole CPU per request, medians over rounds;",
              "- added = (with − none) / (without − none): the CPU the filters add over "
              "Envoy with only the router, medians over rounds;",
-             "- in brackets, the same ratio round by round (rounds are interleaved, so each "
-             "round's pair ran under the same machine load).", "",
+             "- in brackets, the same ratio round by round, as median, min–max (rounds are "
+             "interleaved, so each round's pair ran under about the same machine load: the "
+             "median of the per-round ratios is the paired estimate, less moved by load "
+             "drifting between rounds than the ratio of medians).", "",
              "| with / without | workload | with, µs | without, µs | none, µs | total | "
              f"added | ≤ {PAIR_TARGET}×? (total / added) |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
