@@ -186,6 +186,10 @@ class Variant:
     # (and the upstream filter chain with it), to split its cost from the
     # picking's. Only meaningful with OUTLIER in `sections`.
     attempt_filter: bool = True
+    # Run this module (a file stem) as the per-attempt upstream filter in
+    # place of sluice.wasm: its own VM, no configuration. With sluice_noop,
+    # the floor of any wasm filter that runs once per attempt.
+    attempt_module: str | None = None
 
 
 VARIANTS = {
@@ -212,6 +216,12 @@ VARIANTS = {
                                     "profiling split, not a configuration to run",
                                     ("sluice",), TOKENS + BREAKER + OUTLIER,
                                     attempt_filter=False),
+    "sluice-all-noopattempt": Variant("sluice-all with the cluster's per-attempt instance "
+                                      "replaced by sluice_noop.wasm (a filter that does "
+                                      "nothing, in its own VM): the cost of running any wasm "
+                                      "filter once per attempt; a profiling split",
+                                      ("sluice",), TOKENS + BREAKER + OUTLIER,
+                                      attempt_module="sluice_noop"),
     "chain": Variant("sluice_tokens.wasm then sluice_breaker.wasm, [tokens] and [breaker]",
                      ("sluice_tokens", "sluice_breaker"), TOKENS + BREAKER),
     "tokens": Variant("sluice_tokens.wasm alone, [tokens]", ("sluice_tokens",), TOKENS),
@@ -266,6 +276,13 @@ def policy_for(name: str) -> str:
     return POLICY_BASE + VARIANTS[name.partition("@")[0]].sections
 
 
+def attempt_file(name: str, wasm_dir: Path, builds: dict[str, Path]) -> Path:
+    """The .wasm file of variant ``name``'s ``attempt_module``."""
+    base, _, label = name.partition("@")
+    directory = builds[label] if label and builds[label].is_dir() else wasm_dir
+    return directory / f"{VARIANTS[base].attempt_module}.wasm"
+
+
 def bootstrap_for(name: str, rendered: str, wasm_dir: Path,
                   builds: dict[str, Path]) -> str:
     """The bootstrap rendered from variant ``name``'s policy, with the
@@ -318,6 +335,10 @@ def bootstrap_for(name: str, rendered: str, wasm_dir: Path,
         config["failure_policy"] = "FAIL_CLOSED"
         if config["configuration"]["value"] != policy:
             raise RuntimeError("the render gave the attempt instance another policy text")
+        if variant.attempt_module:
+            module = variant.attempt_module
+            attempt[0].clear()
+            attempt[0].update(wasm_entry(module, attempt_file(name, wasm_dir, builds), ""))
     return yaml.safe_dump(doc, sort_keys=False)
 
 
@@ -337,7 +358,10 @@ def check_variants(names: list[str], wasm_dir: Path, builds: dict[str, Path]) ->
                 raise SystemExit(f"variant {name}: a .wasm file replaces the module of a "
                                  f"variant with exactly one, and {base} has "
                                  f"{len(VARIANTS[base].modules)}: pass a directory")
-        missing = [p for p in module_files(name, wasm_dir, builds) if not p.is_file()]
+        needed = module_files(name, wasm_dir, builds)
+        if VARIANTS[base].attempt_module:
+            needed.append(attempt_file(name, wasm_dir, builds))
+        missing = [p for p in needed if not p.is_file()]
         if missing:
             why = WHY_MISSING.get(missing[0].stem, "run `cargo xtask build` (or pass --build)")
             if "@" in name:
@@ -492,7 +516,10 @@ def main() -> int:
             proc.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     machine["load_after"] = os.getloadavg()
-    files = {v: module_files(v, paths.WASM_DIR, builds) for v in variants}
+    files = {v: module_files(v, paths.WASM_DIR, builds)
+             + ([attempt_file(v, paths.WASM_DIR, builds)]
+                if VARIANTS[v.partition("@")[0]].attempt_module else [])
+             for v in variants}
     write_report(args, requested, skipped, files, results, errors, machine, sluice_stats)
     return 0 if not any(errors.values()) else 1
 
@@ -611,6 +638,18 @@ def pair_lines(results) -> list[str]:
             al, na, bo = (median_of(results, v, m)
                           for v in ("sluice-all", "sluice-all-noattempt", "sluice-both"))
             lines.append(f"| {MODES[m]} | {al - bo:+.1f} | {al - na:+.1f} | {na - bo:+.1f} |")
+        lines.append("")
+    floor = [m for m in split if median_of(results, "sluice-all-noopattempt", m) is not None]
+    if floor:
+        lines += ["The per-attempt instance's µs, split again (medians):", "",
+                  "| workload | per-attempt instance (all − all-noattempt) | any wasm filter "
+                  "per attempt: sluice_noop there (all-noopattempt − all-noattempt) | sluice's "
+                  "own attempt work above that floor (all − all-noopattempt) |",
+                  "|---|---:|---:|---:|"]
+        for m in floor:
+            al, na, nop = (median_of(results, v, m) for v in
+                           ("sluice-all", "sluice-all-noattempt", "sluice-all-noopattempt"))
+            lines.append(f"| {MODES[m]} | {al - na:+.1f} | {nop - na:+.1f} | {al - nop:+.1f} |")
         lines.append("")
     return lines
 
