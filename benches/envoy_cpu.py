@@ -46,7 +46,10 @@ Not in the default set, for [outlier]'s cost (issue target: the engine with
   module with no section;
 - ``sluice-all-noattempt``: ``sluice-all`` with the per-attempt instance
   removed from the cluster (picking without learning from attempts): splits
-  that instance's cost from the rest.
+  that instance's cost from the rest;
+- ``sluice-all-noopattempt``: ``sluice-all`` with ``sluice_noop.wasm`` as
+  the per-attempt filter instead: splits that instance's cost into the
+  floor of any wasm filter run per attempt and sluice's own work.
 
 The report then has a table of these pairs' ratios, both as total CPU and
 as CPU added over ``none``::
