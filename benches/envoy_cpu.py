@@ -3,19 +3,25 @@ r"""Envoy CPU time per request, with and without sluice's filters.
 Requests per second on a shared 2-core machine swing with whatever else runs;
 the CPU time Envoy's own process spends per request (utime + stime from
 /proc/<pid>/stat, divided by the requests wrk completed) is much steadier.
-All variants run side by side, against one llm-sim upstream with zero
-simulated latency, and their load runs are interleaved round by round (in a
+All variants run side by side, against the same llm-sim upstreams with zero
+simulated latency (``--endpoints``, default 4, in the backend's one zone,
+for every variant), and their load runs are interleaved round by round (in a
 shuffled order) so drifts in the machine hit every variant alike.
 
-Every variant is the same bootstrap (``sluice render envoy`` of a policy with
-no capability, any wasm filter it emits removed: listener, routes, cluster,
-router) with its own filters inserted before the router by this script, so a
-variant is exactly what it says whatever the render emits for a policy. Wasm
-filters get the options the render gives sluice's (V8, one VM per module, the
-policy text as configuration, ``allow_on_headers_stop_iteration: true``,
-without which a paused header phase never reaches the body callbacks), except
-``failure_policy``: FAIL_CLOSED here, so a broken VM shows up as non-2xx
-answers instead of as a filter that costs nothing.
+Every variant is ``sluice render envoy`` of its policy (the base below plus
+its sections) with any wasm filter the render put before the router removed
+and the variant's own filters inserted there by this script, so a variant is
+exactly what it says whatever the render emits for a policy. Listener,
+routes and cluster stay as rendered: the same for every policy without
+[outlier]; with [outlier], the cluster load-balances with ``override_host``
+and runs sluice.wasm's per-attempt instance (root id ``sluice.attempt``) as
+an upstream filter, both part of what [outlier] costs. Wasm filters get the
+options the render gives sluice's (V8, one VM per module, the policy text as
+the render wrote it, endpoints included, as configuration,
+``allow_on_headers_stop_iteration: true``, without which a paused header
+phase never reaches the body callbacks), except ``failure_policy``:
+FAIL_CLOSED here, so a broken VM shows up as non-2xx answers instead of as a
+filter that costs nothing.
 
 Variants (the default set; ``--variants`` picks others):
 
@@ -30,6 +36,27 @@ Variants (the default set; ``--variants`` picks others):
   admitting every request;
 - ``chain``: the two separate filters ``sluice_tokens.wasm`` then
   ``sluice_breaker.wasm``, both sections (what sluice ran before the fold).
+
+Not in the default set, for [outlier]'s cost (issue target: the engine with
+[outlier] enabled adds ≤ 1.3× the CPU of the engine without it):
+
+- ``sluice-all``: sluice.wasm with [tokens], [breaker] and [outlier] (every
+  key at its default), cluster as rendered; against ``sluice-both``;
+- ``sluice-outlier``: [outlier] alone; against ``sluice-none-enabled``, the
+  module with no section;
+- ``sluice-all-noattempt``: ``sluice-all`` with the per-attempt instance
+  removed from the cluster (picking without learning from attempts): splits
+  that instance's cost from the rest;
+- ``sluice-all-noopattempt``: ``sluice-all`` with ``sluice_noop.wasm`` as
+  the per-attempt filter instead: splits that instance's cost into the
+  floor of any wasm filter run per attempt and sluice's own work.
+
+The report then has a table of these pairs' ratios, both as total CPU and
+as CPU added over ``none``::
+
+    V=none,noop-body,sluice-none-enabled,sluice-outlier,sluice-both,sluice-all,sluice-all-noattempt
+    PYTHONPATH=envoy target/lab-venv/bin/python benches/envoy_cpu.py --variants $V \
+        --out /tmp/envoy-cpu-outlier.md
 
 Also available: ``tokens`` and ``breaker`` (one separate filter each), and
 ``VARIANT@LABEL``, a variant run with another build (``--build LABEL=PATH``):
@@ -106,6 +133,11 @@ timeout = "60s"
   region = "lab"
   endpoints = ["127.0.0.1:1"]
 """
+# The zone's endpoints are replaced by the llm-sims' addresses at run time
+# (``sluice render envoy --endpoints``, which also writes them into the policy
+# text the filters are given): every variant's cluster holds the same
+# ``--endpoints`` simulators, so the upstream traffic is the same whatever the
+# filters are.
 
 # Sections that enable a capability and never limit the benchmark's load.
 TOKENS = """
@@ -120,6 +152,13 @@ BREAKER = """
 [breaker]
 mode = "consecutive"
 consecutive_failures = 1000
+"""
+
+# Every key at its default, as a user who writes just the header gets it
+# (the simulators never fail and are equally fast, so nothing is ejected;
+# the report lists the outlier counters to show it).
+OUTLIER = """
+[outlier]
 """
 
 LOCAL_RATELIMIT = {
@@ -145,6 +184,15 @@ class Variant:
     modules: tuple[str, ...] = ()  # wasm modules (file stems), in chain order
     sections: str = ""             # policy sections appended to POLICY_BASE
     native: tuple[dict, ...] = ()  # native filters, before the wasm ones
+    # Keep the per-attempt instance (upstream filter `sluice.attempt`) that
+    # the render puts on the clusters of [outlier] backends; False removes it
+    # (and the upstream filter chain with it), to split its cost from the
+    # picking's. Only meaningful with OUTLIER in `sections`.
+    attempt_filter: bool = True
+    # Run this module (a file stem) as the per-attempt upstream filter in
+    # place of sluice.wasm: its own VM, no configuration. With sluice_noop,
+    # the floor of any wasm filter that runs once per attempt.
+    attempt_module: str | None = None
 
 
 VARIANTS = {
@@ -157,6 +205,26 @@ VARIANTS = {
     "sluice-tokens": Variant("sluice.wasm, [tokens] only", ("sluice",), TOKENS),
     "sluice-breaker": Variant("sluice.wasm, [breaker] only", ("sluice",), BREAKER),
     "sluice-both": Variant("sluice.wasm, [tokens] and [breaker]", ("sluice",), TOKENS + BREAKER),
+    "sluice-none-enabled": Variant("sluice.wasm with no section (routes by model, strips "
+                                   "internal headers)", ("sluice",)),
+    "sluice-outlier": Variant("sluice.wasm, [outlier] only (defaults): endpoint picking "
+                              "through override_host, plus the per-attempt instance "
+                              "`sluice.attempt` on the cluster", ("sluice",), OUTLIER),
+    "sluice-all": Variant("sluice.wasm, [tokens], [breaker] and [outlier] (defaults), with "
+                          "override_host and the per-attempt instance `sluice.attempt` on the "
+                          "cluster, as rendered", ("sluice",), TOKENS + BREAKER + OUTLIER),
+    "sluice-all-noattempt": Variant("sluice-all with the cluster's per-attempt instance (and "
+                                    "its upstream filter chain) removed from the rendered "
+                                    "bootstrap: picking without learning from attempts; a "
+                                    "profiling split, not a configuration to run",
+                                    ("sluice",), TOKENS + BREAKER + OUTLIER,
+                                    attempt_filter=False),
+    "sluice-all-noopattempt": Variant("sluice-all with the cluster's per-attempt instance "
+                                      "replaced by sluice_noop.wasm (a filter that does "
+                                      "nothing, in its own VM): the cost of running any wasm "
+                                      "filter once per attempt; a profiling split",
+                                      ("sluice",), TOKENS + BREAKER + OUTLIER,
+                                      attempt_module="sluice_noop"),
     "chain": Variant("sluice_tokens.wasm then sluice_breaker.wasm, [tokens] and [breaker]",
                      ("sluice_tokens", "sluice_breaker"), TOKENS + BREAKER),
     "tokens": Variant("sluice_tokens.wasm alone, [tokens]", ("sluice_tokens",), TOKENS),
@@ -203,13 +271,43 @@ def module_files(name: str, wasm_dir: Path, builds: dict[str, Path]) -> list[Pat
     return [directory / f"{m}.wasm" for m in variant.modules]
 
 
-def bootstrap_for(name: str, base_bootstrap: str, wasm_dir: Path,
+UPSTREAM_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+def policy_for(name: str) -> str:
+    """The policy ``sluice render envoy`` is given for variant ``name``."""
+    return POLICY_BASE + VARIANTS[name.partition("@")[0]].sections
+
+
+def attempt_file(name: str, wasm_dir: Path, builds: dict[str, Path]) -> Path:
+    """The .wasm file of variant ``name``'s ``attempt_module``."""
+    base, _, label = name.partition("@")
+    directory = builds[label] if label and builds[label].is_dir() else wasm_dir
+    return directory / f"{VARIANTS[base].attempt_module}.wasm"
+
+
+def bootstrap_for(name: str, rendered: str, wasm_dir: Path,
                   builds: dict[str, Path]) -> str:
-    """The rendered bootstrap with variant ``name``'s filters before the router."""
+    """The bootstrap rendered from variant ``name``'s policy, with the
+    variant's filters before the router in place of the render's.
+
+    Listener, routes and clusters stay as rendered: for a policy with
+    [outlier] the cluster load-balances with ``override_host`` and runs the
+    per-attempt instance ``sluice.attempt`` (given here the variant's module
+    file and ``FAIL_CLOSED``, like the listener's; or removed, for a variant
+    without ``attempt_filter``). Without [outlier] every variant's cluster is
+    the same. The filters get the policy text as the render wrote it (the
+    zone's endpoints replaced by the simulators'), which [outlier] needs to
+    know the endpoints it picks among.
+    """
     variant = VARIANTS[name.partition("@")[0]]
-    doc = yaml.safe_load(base_bootstrap)
+    doc = yaml.safe_load(rendered)
     chain = http_filters(doc)
-    # The render may emit sluice's module even for a policy with no capability
+    policy = next((f["typed_config"]["config"]["configuration"]["value"] for f in chain
+                   if f.get("typed_config", {}).get("@type") == WASM_TYPE), None)
+    if policy is None:
+        raise RuntimeError("the render emitted no sluice.wasm to read the rendered policy from")
+    # The render emits sluice's module even for a policy with no capability
     # (it routes by model); the bench's one backend needs none of it. The
     # render's gzip compressor goes too: wrk asks for no encoding, and every
     # variant is measured against the same bare chain.
@@ -218,11 +316,32 @@ def bootstrap_for(name: str, base_bootstrap: str, wasm_dir: Path,
                 and f.get("name") != "envoy.filters.http.compressor"]
     if [f.get("name") for f in chain] != ["envoy.filters.http.router"]:
         raise RuntimeError(f"the base bootstrap should hold only the router, not {chain}")
-    policy = POLICY_BASE + variant.sections
+    files = module_files(name, wasm_dir, builds)
     added = list(variant.native)
-    for module, wasm in zip(variant.modules, module_files(name, wasm_dir, builds)):
+    for module, wasm in zip(variant.modules, files):
         added.append(wasm_entry(module, wasm, policy))
     chain[:0] = added
+    for cluster in doc["static_resources"]["clusters"]:
+        options = cluster.get("typed_extension_protocol_options", {}).get(UPSTREAM_OPTIONS)
+        attempt = [f for f in (options or {}).get("http_filters", [])
+                   if f.get("typed_config", {}).get("@type") == WASM_TYPE]
+        if not attempt:
+            continue
+        if not variant.attempt_filter:
+            del cluster["typed_extension_protocol_options"]
+            continue
+        if variant.modules != ("sluice",):
+            raise RuntimeError(f"variant {name}: the render put sluice.wasm on cluster "
+                               f"{cluster['name']}, but the variant runs {variant.modules}")
+        config = attempt[0]["typed_config"]["config"]
+        config["vm_config"]["code"]["local"]["filename"] = str(files[0])
+        config["failure_policy"] = "FAIL_CLOSED"
+        if config["configuration"]["value"] != policy:
+            raise RuntimeError("the render gave the attempt instance another policy text")
+        if variant.attempt_module:
+            module = variant.attempt_module
+            attempt[0].clear()
+            attempt[0].update(wasm_entry(module, attempt_file(name, wasm_dir, builds), ""))
     return yaml.safe_dump(doc, sort_keys=False)
 
 
@@ -242,7 +361,10 @@ def check_variants(names: list[str], wasm_dir: Path, builds: dict[str, Path]) ->
                 raise SystemExit(f"variant {name}: a .wasm file replaces the module of a "
                                  f"variant with exactly one, and {base} has "
                                  f"{len(VARIANTS[base].modules)}: pass a directory")
-        missing = [p for p in module_files(name, wasm_dir, builds) if not p.is_file()]
+        needed = module_files(name, wasm_dir, builds)
+        if VARIANTS[base].attempt_module:
+            needed.append(attempt_file(name, wasm_dir, builds))
+        missing = [p for p in needed if not p.is_file()]
         if missing:
             why = WHY_MISSING.get(missing[0].stem, "run `cargo xtask build` (or pass --build)")
             if "@" in name:
@@ -304,6 +426,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--endpoints", type=int, default=4,
+                        help="llm-sim upstreams in the backend's one zone, for every variant "
+                             "([outlier] needs at least 2 to pick among; default 4)")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS,
                         help=f"comma-separated, from: {', '.join(VARIANTS)} "
                              f"(default {DEFAULT_VARIANTS})")
@@ -337,21 +462,30 @@ def main() -> int:
     shutil.rmtree(run_dir, ignore_errors=True)
     results: dict[tuple[str, str], list[float]] = {}
     errors: dict[tuple[str, str], int] = {}
+    sluice_stats: dict[str, dict[str, int]] = {}
     started = []
     try:
         # 100 chunks per stream, each written as it is made.
-        sim = LlmSim(zone="zone-a", models=["sim-large"], instance="bench", run_dir=run_dir,
-                     extra_args=["--ttft-ms", "0", "--ttft-per-prompt-token-us", "0",
-                                 "--tokens-per-sec", "20000", "--output-tokens", "100",
-                                 "--quiet"])
-        started.append(sim)
-        base_policy = workdir / "base.toml"
-        base_policy.write_text(POLICY_BASE)
-        base = render_envoy(base_policy, wasm_dir=paths.WASM_DIR,
-                            endpoints={("primary", "zone-a"): [sim.listen]})
+        sims = []
+        for i in range(args.endpoints):
+            sim = LlmSim(zone="zone-a", models=["sim-large"], instance=f"bench-{i}",
+                         run_dir=run_dir, seed=i,
+                         extra_args=["--ttft-ms", "0", "--ttft-per-prompt-token-us", "0",
+                                     "--tokens-per-sec", "20000", "--output-tokens", "100",
+                                     "--quiet"])
+            started.append(sim)
+            sims.append(sim)
+        renders: dict[str, str] = {}
         envoys = {}
         for v in variants:
-            envoy = Envoy(bootstrap_for(v, base, paths.WASM_DIR, builds), run_dir,
+            policy = policy_for(v)
+            if policy not in renders:
+                policy_file = workdir / f"policy-{len(renders)}.toml"
+                policy_file.write_text(policy)
+                renders[policy] = render_envoy(
+                    policy_file, wasm_dir=paths.WASM_DIR,
+                    endpoints={("primary", "zone-a"): [s.listen for s in sims]})
+            envoy = Envoy(bootstrap_for(v, renders[policy], paths.WASM_DIR, builds), run_dir,
                           name=f"envoy-{v.replace('@', '-')}", concurrency=1,
                           log_level="warning", component_log_level="wasm:warning")
             started.append(envoy)
@@ -371,15 +505,25 @@ def main() -> int:
                     key = (v, "stream" if stream else "json")
                     results.setdefault(key, []).append(per_request)
                     errors[key] = errors.get(key, 0) + bad
-                    print(f"round {r + 1} {key[1]:6} {v:16} {done:7} req  "
+                    print(f"round {r + 1} {key[1]:6} {v:20} {done:7} req  "
                           f"{per_request:8.1f} us/req  non-2xx {bad}", flush=True)
+        # What sluice counted, to show what ran: attempts seen by the
+        # per-attempt instance, endpoints picked, ejections, panics.
+        for v, envoy in envoys.items():
+            counted = {k: n for k, n in envoy.stats("sluice").items()
+                       if re.search(r"attempt|outlier", k)}
+            if counted:
+                sluice_stats[v] = counted
     finally:
         for proc in reversed(started):
             proc.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     machine["load_after"] = os.getloadavg()
-    files = {v: module_files(v, paths.WASM_DIR, builds) for v in variants}
-    write_report(args, requested, skipped, files, results, errors, machine)
+    files = {v: module_files(v, paths.WASM_DIR, builds)
+             + ([attempt_file(v, paths.WASM_DIR, builds)]
+                if VARIANTS[v.partition("@")[0]].attempt_module else [])
+             for v in variants}
+    write_report(args, requested, skipped, files, results, errors, machine, sluice_stats)
     return 0 if not any(errors.values()) else 1
 
 
@@ -401,6 +545,134 @@ def ratio(results, variant: str, mode: str) -> str:
     return f"{added / unit:.2f}×"
 
 
+# Pairs of variants whose ratio a target is stated on: (with, without, what).
+PAIRS = (
+    ("sluice-all", "sluice-both", "[outlier] added to [tokens] + [breaker]"),
+    ("sluice-outlier", "sluice-none-enabled", "[outlier] alone, over the module with no section"),
+    ("sluice-all-noattempt", "sluice-both",
+     "[outlier] added, per-attempt instance removed (profiling split)"),
+)
+
+# The issue's target on PAIRS' ratios.
+PAIR_TARGET = 1.3
+
+
+def median_of(results, variant: str, mode: str) -> float | None:
+    samples = results.get((variant, mode))
+    return statistics.median(samples) if samples else None
+
+
+def pair_ratios(results, a: str, b: str, mode: str) -> dict | None:
+    """Both definitions of ``a`` over ``b``, from medians and round by round.
+
+    total: a / b (Envoy's whole CPU per request); added: (a − none) /
+    (b − none) (the CPU the filters add over Envoy with only the router).
+    Rounds are interleaved, so round r of a, b and none ran minutes apart at
+    most: the per-round ratios show how far the pairing alone moves.
+    """
+    sa, sb, sn = (results.get((v, mode)) for v in (a, b, "none"))
+    if not sa or not sb:
+        return None
+    out = {"a": statistics.median(sa), "b": statistics.median(sb),
+           "total": statistics.median(sa) / statistics.median(sb),
+           "total_rounds": [x / y for x, y in zip(sa, sb)]}
+    if sn:
+        none = statistics.median(sn)
+        out["none"] = none
+        if out["b"] - none > 0:
+            out["added"] = (out["a"] - none) / (out["b"] - none)
+        out["added_rounds"] = [(x - n) / (y - n) for x, y, n in zip(sa, sb, sn) if y - n > 0]
+    return out
+
+
+def ratio_range(values: list[float]) -> str:
+    """Round-by-round ratios as ``median, min–max``."""
+    if not values:
+        return "–"
+    return f"{statistics.median(values):.2f}, {min(values):.2f}–{max(values):.2f}"
+
+
+def pair_lines(results) -> list[str]:
+    """The section on PAIRS, for the pairs that ran."""
+    rows = []
+    for a, b, what in PAIRS:
+        for mode, title in MODES.items():
+            r = pair_ratios(results, a, b, mode)
+            if r is None:
+                continue
+            added = f"{r['added']:.2f}×" if "added" in r else "–"
+            none = f"{r['none']:.1f}" if "none" in r else "–"
+            met = (f"{'yes' if r['total'] <= PAIR_TARGET else 'no'} / "
+                   + ("–" if "added" not in r else
+                      "yes" if r["added"] <= PAIR_TARGET else "no"))
+            rows.append(f"| {a} / {b} | {title} | {r['a']:.1f} | {r['b']:.1f} | {none} | "
+                        f"{r['total']:.2f}× ({ratio_range(r['total_rounds'])}) | "
+                        f"{added} ({ratio_range(r.get('added_rounds', []))}) | {met} |")
+    if not rows:
+        return []
+    lines = ["## Ratios of pairs (target ≤ "
+             f"{PAIR_TARGET}× for [outlier])", "",
+             "- total = with / without: Envoy's whole CPU per request, medians over rounds;",
+             "- added = (with − none) / (without − none): the CPU the filters add over "
+             "Envoy with only the router, medians over rounds;",
+             "- in brackets, the same ratio round by round, as median, min–max (rounds are "
+             "interleaved, so each round's pair ran under about the same machine load: the "
+             "median of the per-round ratios is the paired estimate, less moved by load "
+             "drifting between rounds than the ratio of medians).", "",
+             "| with / without | workload | with, µs | without, µs | none, µs | total | "
+             f"added | ≤ {PAIR_TARGET}×? (total / added) |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    lines += rows
+    lines.append("")
+    for a, b, what in PAIRS:
+        if any(pair_ratios(results, a, b, m) for m in MODES):
+            lines.append(f"- {a} / {b}: {what}")
+    lines.append("")
+    split = [m for m in MODES
+             if all(median_of(results, v, m) is not None
+                    for v in ("sluice-all", "sluice-all-noattempt", "sluice-both"))]
+    if split:
+        lines += ["Where [outlier]'s µs go (medians, µs of Envoy CPU per request):", "",
+                  "| workload | sluice-all − sluice-both | of which the per-attempt instance "
+                  "(all − all-noattempt) | the rest: picking, override_host, the request "
+                  "instance's outlier work (all-noattempt − both) |",
+                  "|---|---:|---:|---:|"]
+        for m in split:
+            al, na, bo = (median_of(results, v, m)
+                          for v in ("sluice-all", "sluice-all-noattempt", "sluice-both"))
+            lines.append(f"| {MODES[m]} | {al - bo:+.1f} | {al - na:+.1f} | {na - bo:+.1f} |")
+        lines.append("")
+    floor = [m for m in split if median_of(results, "sluice-all-noopattempt", m) is not None]
+    if floor:
+        lines += ["The per-attempt instance's µs, split again (medians):", "",
+                  "| workload | per-attempt instance (all − all-noattempt) | any wasm filter "
+                  "per attempt: sluice_noop there (all-noopattempt − all-noattempt) | sluice's "
+                  "own attempt work above that floor (all − all-noopattempt) |",
+                  "|---|---:|---:|---:|"]
+        for m in floor:
+            al, na, nop = (median_of(results, v, m) for v in
+                           ("sluice-all", "sluice-all-noattempt", "sluice-all-noopattempt"))
+            lines.append(f"| {MODES[m]} | {al - na:+.1f} | {nop - na:+.1f} | {al - nop:+.1f} |")
+        lines.append("")
+    return lines
+
+
+def summarize_stats(counted: dict[str, int]) -> str:
+    """sluice's attempt and outlier counters in one line: totals of each
+    metric, and the per-endpoint ``picked`` counts."""
+    totals: dict[str, int] = {}
+    picked = []
+    for name, n in sorted(counted.items()):
+        metric = name.rsplit(".", 1)[-1]
+        totals[metric] = totals.get(metric, 0) + n
+        if metric == "picked":
+            picked.append(n)
+    parts = [f"{k} {n}" for k, n in totals.items() if k != "picked"]
+    if picked:
+        parts.append(f"picked per endpoint {'/'.join(map(str, picked))}")
+    return ", ".join(parts)
+
+
 def describe_file(path: Path) -> str:
     """A module file as the report names it: path, size, build time."""
     st = path.stat()
@@ -408,7 +680,8 @@ def describe_file(path: Path) -> str:
     return f"`{path}` ({st.st_size:,} B, built {built})"
 
 
-def write_report(args, requested, skipped, files, results, errors, machine) -> None:
+def write_report(args, requested, skipped, files, results, errors, machine,
+                 sluice_stats) -> None:
     variants = [v for v in requested if v not in skipped]
     python = os.path.relpath(sys.executable, Path.cwd())
     if python.startswith(".."):
@@ -423,9 +696,11 @@ def write_report(args, requested, skipped, files, results, errors, machine) -> N
              f"Machine: {machine['nproc']} CPUs (nproc), load average {load} "
              "(1, 5, 15 min; before → after). "
              f"wrk -t1 -c{args.connections}, {args.rounds} interleaved round(s) of "
-             f"{args.seconds} s per variant and workload, Envoy 1.40 `--concurrency 1`, one "
-             "llm-sim; µs of Envoy CPU per completed request, medians over rounds. Compare "
+             f"{args.seconds} s per variant and workload, Envoy 1.40 `--concurrency 1`, "
+             f"{args.endpoints} llm-sim(s) in the backend's zone for every variant; µs of "
+             "Envoy CPU per completed request, medians over rounds. Compare "
              "within a run: absolute numbers move with the machine.", "",
+             *pair_lines(results),
              f"## Added CPU as a ratio of {RATIO_UNIT}'s", "",
              f"(variant − none) / ({RATIO_UNIT} − none), same run.", "",
              "| variant | " + " | ".join(MODES.values()) + " |",
@@ -460,6 +735,12 @@ def write_report(args, requested, skipped, files, results, errors, machine) -> N
             spread = f"{min(samples):.1f}–{max(samples):.1f}"
             lines.append(f"| {v} | {statistics.median(samples):.1f} | {spread} | {added_text} | "
                          f"{ratio(results, v, mode)} | {errors.get((v, mode), 0)} |")
+        lines.append("")
+    if sluice_stats:
+        lines += ["What sluice counted over the whole run (attempt and outlier counters, "
+                  "from Envoy's /stats):", ""]
+        for v, counted in sluice_stats.items():
+            lines.append(f"- {v}: {summarize_stats(counted)}")
         lines.append("")
     text = "\n".join(lines)
     args.out.write_text(text + "\n")

@@ -31,6 +31,9 @@ const LATER: &[&str] = &[
     "whole Envoy under load, CPU per request of each filter against no filter, the \
      do-nothing filter and local_ratelimit (after `cargo xtask build` and \
      `cargo xtask lab-venv`): PYTHONPATH=envoy target/lab-venv/bin/python benches/envoy_cpu.py",
+    "[outlier]'s cost, sluice-all against sluice-both on the same four simulators: \
+     benches/envoy_cpu.py --variants none,sluice-both,sluice-all,sluice-all-noattempt \
+     (benches/envoy-cpu.md)",
     "core algorithms (filters/core): criterion benches, not written yet",
 ];
 
