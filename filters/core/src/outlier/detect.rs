@@ -49,6 +49,14 @@ impl Reason {
 /// endpoint: one slow answer is no silence.
 const PHI_MIN_UNANSWERED: u32 = 3;
 
+/// Shortest mean gap between successes phi accrual assumes, in ms. Workers
+/// fold their successes into the shared record on a tick (50 ms), so on a
+/// busy endpoint (a success every millisecond) the record's "last success"
+/// is always tens of milliseconds old: judged against the true gap, every
+/// busy endpoint would look silent between two flushes. With this floor φ
+/// passes 8 only after about 1.8 s without a success.
+pub const PHI_MIN_GAP_MS: f64 = 100.0;
+
 /// `log10(e)`: φ of an exponential inter-arrival model is `Δt / mean · log10 e`
 /// (Cassandra's approximation of Hayashibara et al.'s detector).
 const LOG10_E: f64 = std::f64::consts::LOG10_E;
@@ -78,7 +86,10 @@ pub fn suspects(
     }
     for &i in in_rotation {
         let r = &records[i];
+        // Silent, not idle: attempts are out now, and several went
+        // unanswered since the last answer.
         if cfg.phi_threshold > 0.0
+            && r.outstanding > 0
             && r.unanswered >= PHI_MIN_UNANSWERED
             && r.attempts >= min_requests
             && phi(r, now).is_some_and(|p| p > cfg.phi_threshold)
@@ -142,7 +153,7 @@ pub fn phi(r: &EndpointRecord, now: Timestamp) -> Option<f64> {
         return None;
     }
     let silence = now.since(last).as_secs_f64() * 1000.0;
-    Some(silence / r.gap_ms * LOG10_E)
+    Some(silence / r.gap_ms.max(PHI_MIN_GAP_MS) * LOG10_E)
 }
 
 #[cfg(test)]
@@ -206,6 +217,7 @@ mod tests {
         r.gap_ms = 50.0;
         r.gaps = 20;
         r.unanswered = 10;
+        r.outstanding = 3;
         let cfg = config();
         let at = |ms: u64| Timestamp::from_millis(1000 + ms);
         assert!(phi(&r, at(50)).unwrap() < 1.0);
@@ -219,5 +231,43 @@ mod tests {
         // Nothing sent since the last success: quiet, not silent.
         r.unanswered = 0;
         assert!(suspects(std::slice::from_ref(&r), &all, &cfg, at(60_000)).is_empty());
+        // Attempts went unanswered but none is out any more (the clients
+        // left, the load stopped): idle, not silent.
+        r.unanswered = 10;
+        r.outstanding = 0;
+        assert!(suspects(std::slice::from_ref(&r), &all, &cfg, at(60_000)).is_empty());
+    }
+
+    #[test]
+    fn a_busy_endpoint_is_not_silent_between_two_flushes() {
+        // A success every millisecond, folded in every 50 ms: the record's
+        // last success is routinely 50–100 ms old.
+        let mut r = rec(5000.0, 0.0);
+        r.last_success = Some(Timestamp::from_millis(1000));
+        r.gap_ms = 1.0;
+        r.gaps = 5000;
+        r.unanswered = 40;
+        r.outstanding = 40;
+        let cfg = config();
+        let all = [0];
+        assert!(
+            suspects(
+                std::slice::from_ref(&r),
+                &all,
+                &cfg,
+                Timestamp::from_millis(1100)
+            )
+            .is_empty()
+        );
+        // Two seconds without a success while 40 attempts are out is silence.
+        assert_eq!(
+            suspects(
+                std::slice::from_ref(&r),
+                &all,
+                &cfg,
+                Timestamp::from_millis(3000)
+            ),
+            vec![(0, Reason::Silent)]
+        );
     }
 }
