@@ -147,10 +147,13 @@ impl HttpContext for AttemptHttp {
 
     fn on_http_response_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
         let now = host::now();
-        let headers = host::headers(Map::ResponseHeaders).unwrap_or_default();
-        let status: Option<u16> = headers.text(":status").and_then(|s| s.trim().parse().ok());
+        // One header read per attempt; the whole map only on a 429, for its
+        // reset time.
+        let status: Option<u16> = host::header_bytes(Map::ResponseHeaders, ":status")
+            .and_then(|s| std::str::from_utf8(&s).ok()?.trim().parse().ok());
         self.attempt.status = status;
         if status == Some(429) {
+            let headers = host::headers(Map::ResponseHeaders).unwrap_or_default();
             self.attempt.cooldown = cooldown(|name| headers.get(name), now);
         }
         if end_of_stream {
