@@ -8,6 +8,7 @@
 
 pub mod breaker;
 pub mod config;
+pub mod draw;
 pub mod llm;
 pub mod outcome;
 pub mod outlier;

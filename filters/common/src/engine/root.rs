@@ -52,12 +52,9 @@ impl Vm {
     /// times and sheds load, nothing more.
     pub fn rand(&self) -> f64 {
         let mut x = self.rng.get();
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
+        let draw = sluice_core::draw::unit(&mut x);
         self.rng.set(x);
-        let bits = x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11;
-        bits as f64 / (1u64 << 53) as f64
+        draw
     }
 }
 

@@ -104,11 +104,7 @@ impl Sim {
     }
 
     fn rand(&mut self) -> f64 {
-        // xorshift64*: deterministic, good enough for draws.
-        self.rng ^= self.rng >> 12;
-        self.rng ^= self.rng << 25;
-        self.rng ^= self.rng >> 27;
-        (self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
+        crate::draw::unit(&mut self.rng)
     }
 
     fn at(ms: u64) -> Timestamp {

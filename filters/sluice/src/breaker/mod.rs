@@ -61,6 +61,7 @@ use std::time::Duration;
 
 use sluice_core::breaker::{Bulkhead, Circuit};
 use sluice_core::config::{BreakerScope, Policy};
+use sluice_core::draw::unit;
 use sluice_core::time::Timestamp;
 use sluice_filter_common::STATE;
 use sluice_filter_common::engine::{Admission, Admitted, Capability, Flow, Observation, Wake};
@@ -212,15 +213,4 @@ impl Flow for Handle {
             flow.finish(observation, now, rand);
         }
     }
-}
-
-/// A uniform draw in `[0, 1)` from a xorshift64* state (jitter only).
-fn unit(state: &mut u64) -> f64 {
-    let mut x = *state;
-    x ^= x >> 12;
-    x ^= x << 25;
-    x ^= x >> 27;
-    *state = x;
-    let bits = x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11;
-    bits as f64 / (1u64 << 53) as f64
 }

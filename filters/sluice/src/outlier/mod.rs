@@ -39,6 +39,7 @@ use std::time::Duration;
 
 use log::{info, warn};
 use sluice_core::config::{OutlierConfig, Policy};
+use sluice_core::draw::unit;
 use sluice_core::outlier::{
     self, BackendState, Candidate, DESTINATION_HEADER, Event, PickReason, Standing, Tally, Verdict,
     is_slow, peers, pick,
@@ -477,15 +478,4 @@ impl Flow for OutlierFlow {
             g.tallies.borrow_mut()[i].per_token(tpot, slow);
         }
     }
-}
-
-/// A uniform draw in `[0, 1)` from a xorshift64* state.
-fn unit(state: &mut u64) -> f64 {
-    let mut x = *state;
-    x ^= x >> 12;
-    x ^= x << 25;
-    x ^= x >> 27;
-    *state = x;
-    let bits = x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11;
-    bits as f64 / (1u64 << 53) as f64
 }
