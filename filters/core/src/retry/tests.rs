@@ -55,10 +55,7 @@ impl Rng {
 
     /// A draw in [0, 1).
     fn next(&mut self) -> f64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
+        crate::draw::unit(&mut self.0)
     }
 }
 
