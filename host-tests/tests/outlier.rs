@@ -6,11 +6,13 @@
 //! a cluster whose balancer follows the header (`override_host`), two
 //! workers, virtual time.
 
+mod common;
+
 use std::time::Duration;
 
+use common::{rendered_route, sluice_filter};
 use sluice_host_tests::{
-    Cluster, Endpoint, EndpointBehavior, FaultKind, FilterModule, Host, HostOptions, PluginConfig,
-    Request, Response, RouteConfig,
+    Cluster, Endpoint, EndpointBehavior, FaultKind, Host, HostOptions, Request, Response,
 };
 
 const ENDPOINTS: [&str; 4] = [
@@ -19,10 +21,6 @@ const ENDPOINTS: [&str; 4] = [
     "10.0.0.3:8000",
     "10.0.0.4:8000",
 ];
-
-fn module() -> FilterModule {
-    FilterModule::load("sluice").expect("sluice.wasm (build it with `cargo xtask build`)")
-}
 
 fn policy(outlier: &str, endpoints: &[&str]) -> String {
     let list: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
@@ -56,11 +54,7 @@ fn host(outlier: &str, behaviours: Vec<EndpointBehavior>) -> Host {
     let addrs = &ENDPOINTS[..behaviours.len()];
     let mut host = Host::new(HostOptions {
         workers: 2,
-        route: RouteConfig {
-            cluster_header: Some("x-sluice-backend".into()),
-            default_cluster: Some("primary".into()),
-            ..RouteConfig::default()
-        },
+        route: rendered_route("primary"),
         ..HostOptions::default()
     });
     host.add_cluster(Cluster::new(
@@ -72,24 +66,9 @@ fn host(outlier: &str, behaviours: Vec<EndpointBehavior>) -> Host {
             .collect(),
     ));
     let text = policy(outlier, addrs);
-    host.add_filter(
-        PluginConfig::new(module())
-            .name("sluice")
-            .vm_id("sluice")
-            .configuration(text.clone())
-            .allow_on_headers_stop_iteration(true),
-    )
-    .unwrap();
-    host.add_upstream_filter(
-        "primary",
-        PluginConfig::new(module())
-            .name("sluice.attempt")
-            .root_id("sluice.attempt")
-            .vm_id("sluice")
-            .configuration(text)
-            .allow_on_headers_stop_iteration(true),
-    )
-    .unwrap();
+    host.add_filter(sluice_filter("sluice", &text)).unwrap();
+    host.add_upstream_filter("primary", sluice_filter("sluice.attempt", &text))
+        .unwrap();
     host
 }
 
@@ -390,11 +369,7 @@ open_for = "30s"
 "#;
     let mut host = Host::new(HostOptions {
         workers: 1,
-        route: RouteConfig {
-            cluster_header: Some("x-sluice-backend".into()),
-            default_cluster: Some("primary".into()),
-            ..RouteConfig::default()
-        },
+        route: rendered_route("primary"),
         ..HostOptions::default()
     });
     let failing = healthy().with_fault(
@@ -413,17 +388,9 @@ open_for = "30s"
             Endpoint::new("10.0.1.2:8000", "zone-a", healthy()),
         ],
     ));
-    let filter = |name: &str, root: &str| {
-        PluginConfig::new(module())
-            .name(name)
-            .root_id(root)
-            .vm_id("sluice")
-            .configuration(text)
-            .allow_on_headers_stop_iteration(true)
-    };
-    host.add_filter(filter("sluice", "sluice")).unwrap();
+    host.add_filter(sluice_filter("sluice", text)).unwrap();
     for cluster in ["primary", "fallback"] {
-        host.add_upstream_filter(cluster, filter("sluice.attempt", "sluice.attempt"))
+        host.add_upstream_filter(cluster, sluice_filter("sluice.attempt", text))
             .unwrap();
     }
     let ask = || {

@@ -4,16 +4,14 @@
 //! each first attempt and charges each retry), two workers sharing one
 //! budget, virtual time, an Envoy-like router that retries as told.
 
+mod common;
+
 use std::time::Duration;
 
+use common::sluice_filter;
 use sluice_host_tests::{
-    Cluster, Endpoint, EndpointBehavior, FaultKind, FilterModule, Host, HostOptions, PluginConfig,
-    Request, Response,
+    Cluster, Endpoint, EndpointBehavior, FaultKind, Host, HostOptions, Request, Response,
 };
-
-fn module() -> FilterModule {
-    FilterModule::load("sluice").expect("sluice.wasm (build it with `cargo xtask build`)")
-}
 
 fn healthy() -> EndpointBehavior {
     EndpointBehavior::fixed(200, r#"{"ok":true}"#, Duration::from_millis(20))
@@ -53,16 +51,8 @@ models = ["big"]
             .map(|(a, b)| Endpoint::new(a, "zone-a", b))
             .collect(),
     ));
-    let filter = |name: &str| {
-        PluginConfig::new(module())
-            .name(name)
-            .root_id(name)
-            .vm_id("sluice")
-            .configuration(text.clone())
-            .allow_on_headers_stop_iteration(true)
-    };
-    host.add_filter(filter("sluice")).unwrap();
-    host.add_upstream_filter("backend", filter("sluice.attempt"))
+    host.add_filter(sluice_filter("sluice", &text)).unwrap();
+    host.add_upstream_filter("backend", sluice_filter("sluice.attempt", &text))
         .unwrap();
     host
 }

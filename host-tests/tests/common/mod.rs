@@ -47,3 +47,30 @@ pub fn observations(response: &Response) -> Value {
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
     doc["observations"].clone()
 }
+
+/// `sluice.wasm`, as `cargo xtask build` leaves it.
+pub fn sluice() -> FilterModule {
+    FilterModule::load("sluice").expect("sluice.wasm (build it with `cargo xtask build`)")
+}
+
+/// The route as `sluice render envoy` writes it: the cluster named by
+/// `x-sluice-backend`, else `default`.
+pub fn rendered_route(default: &str) -> sluice_host_tests::RouteConfig {
+    sluice_host_tests::RouteConfig {
+        cluster_header: Some("x-sluice-backend".into()),
+        default_cluster: Some(default.into()),
+        ..sluice_host_tests::RouteConfig::default()
+    }
+}
+
+/// `sluice.wasm` with `policy`, configured as `sluice render envoy` does,
+/// in the role `root_id` names: `sluice` (the listener's chain) or
+/// `sluice.attempt` (a cluster's upstream filters); one `vm_id`.
+pub fn sluice_filter(root_id: &str, policy: &str) -> PluginConfig {
+    PluginConfig::new(sluice())
+        .name(root_id)
+        .root_id(root_id)
+        .vm_id("sluice")
+        .configuration(policy)
+        .allow_on_headers_stop_iteration(true)
+}
