@@ -418,3 +418,37 @@ open_for = "30s"
     );
     no_failures(&host);
 }
+
+#[test]
+fn hostile_requests_are_picked_like_any_other() {
+    // HTTP/2-style requests that end with trailers, and identity headers
+    // that are not UTF-8: the pick happens all the same (the request is
+    // judged at its trailers), and an ejected endpoint stays avoided.
+    let broken = healthy().with_fault(
+        Duration::ZERO,
+        Duration::from_secs(3600),
+        FaultKind::Status(503),
+    );
+    let mut host = host("", vec![broken, healthy(), healthy()]);
+    load(&mut host, Duration::ZERO, 2, 40, || chat(false));
+    assert_eq!(metric(&host, ENDPOINTS[0], "ejections"), 1);
+    let body = r#"{"model":"big","stream":true,"messages":[{"role":"user","content":"hello"}]}"#;
+    let (a, b) = body.split_at(body.len() / 2);
+    for i in 0..10 {
+        let request = Request::new("POST", "/v1/chat/completions")
+            .header("content-type", "application/json")
+            .header_bytes("x-tenant-id", &[0xff, 0xfe, i])
+            .header_bytes("x-gateway-destination-endpoint", &[0xc3, 0x28])
+            .chunk(a.as_bytes())
+            .chunk(b.as_bytes())
+            .trailer("x-checksum", "0");
+        let r = host.send(request);
+        assert_eq!(r.status, 200);
+        assert_eq!(r.attempts, 1);
+        let sent = r.upstream_request_headers.as_ref().unwrap();
+        let named = sent.get("x-gateway-destination-endpoint").unwrap();
+        assert!(!named.contains(ENDPOINTS[0]), "{named}");
+        assert!(served_by(&r) != ENDPOINTS[0]);
+    }
+    no_failures(&host);
+}
