@@ -714,6 +714,14 @@ def retry_budgets(ctx: DemoContext) -> list[Check]:
         for sim in sims:
             sim.set_faults(**faults)
 
+    def cluster() -> dict[str, int]:
+        """Envoy's own count of the backend cluster's attempts and retries."""
+        prefix = f"cluster.{retried.backend}."
+        stats = lab.envoy.stats(f"{prefix}upstream_rq_")
+        return {k: stats.get(f"{prefix}upstream_rq_{k}", 0) for k in ("total", "retry")}
+
+    envoy_before = cluster()
+
     # Healthy: one attempt per request; the budget fills.
     healthy = run(ctx.seconds(4, floor=2))
 
@@ -731,12 +739,16 @@ def retry_budgets(ctx: DemoContext) -> list[Check]:
     set_faults()
     ctx.mark("replicas healthy")
     back = run(ctx.seconds(10, floor=4))
+    everything = [healthy, flaky, down, back]
     balance = watch.budget().get(f"{retried.zone}.balance", 0)
+    envoy_after = cluster()
+    envoy_attempts = envoy_after["total"] - envoy_before["total"]
+    envoy_retries = envoy_after["retry"] - envoy_before["retry"]
+    charged = sum(phase.budget.get("retries", 0) for phase in everything)
     end = ctx.recorder.now()
     tail = ctx.recorder.between(end - 3, end + 1)
     tail_sent = ctx.recorder.exchanges_between(end - 3, end + 1, retried.model)
 
-    everything = [healthy, flaky, down, back]
     sent = [e for phase in everything for e in phase.sent]
     counted = sum(e.attempts for e in sent)
     upstream = sum(phase.upstream for phase in everything)
@@ -795,11 +807,14 @@ def retry_budgets(ctx: DemoContext) -> list[Check]:
               f"last 3 s: {summarize(tail)['ok']} ok of {len(tail)} calls, "
               f"{sum(e.attempts for e in tail_sent)} attempts for {len(tail_sent)} requests; "
               f"balance {balance}; recovery: {back.describe()}"),
-        Check("every answer said how many attempts it took (x-envoy-attempt-count), "
-              "and they add up to what the replicas received (±2%)",
-              bool(sent) and unmarked == 0 and abs(counted - upstream) <= 0.02 * upstream + 2,
+        Check("every answer said how many attempts it took (x-envoy-attempt-count); they "
+              "add up to what the replicas received, and the budget was charged every retry "
+              "Envoy made (±2%)",
+              bool(sent) and unmarked == 0 and abs(counted - upstream) <= 0.02 * upstream + 2
+              and abs(charged - envoy_retries) <= 0.02 * envoy_retries + 2,
               f"{counted} attempts in {len(sent)} answers' headers "
-              f"({unmarked} without one); the replicas counted {upstream}"),
+              f"({unmarked} without one); the replicas counted {upstream}, Envoy's cluster "
+              f"{envoy_attempts} with {envoy_retries} retries; sluice charged {charged}"),
     ]
 
 

@@ -60,7 +60,8 @@ class LiveView:
         self.pending_header = False
         counts = f"  {'t(s)':>5} | {'req':>4} {'ok':>4} {'429':>4} {'fallbk':>6} {'errors':>6} | "
         if self.extra is not None:
-            for line in textwrap.wrap(getattr(self.extra, "legend", ""), 96):
+            for line in textwrap.wrap(getattr(self.extra, "legend", ""), 96,
+                                      break_on_hyphens=False):
                 self._print(f"  {line}")
             self._print(f"{counts}{self.extra.title}")
             return
