@@ -1,8 +1,8 @@
 """``cargo xtask demo``: sluice's story told through a real Envoy.
 
 Starts the lab (one llm-sim per endpoint of policies/demo.toml, which is
-policies/lab.toml plus an endpoint pool; Envoy rendered by ``sluice render
-envoy``), runs the chapters in order with a live view, writes
+policies/lab.toml plus an endpoint pool and a retried backend; Envoy rendered
+by ``sluice render envoy``), runs the chapters in order with a live view, writes
 ``target/sluice-demo/report.md``, ``requests.png`` and, for a chapter about
 one backend's endpoints or retries, ``<chapter>.png``, stops everything and
 exits 0 when every claim of every built chapter held (1 if one did not).
