@@ -1,11 +1,11 @@
 """``cargo xtask demo``: sluice's story told through a real Envoy.
 
 Starts the lab (one llm-sim per endpoint of policies/demo.toml, which is
-policies/lab.toml plus an endpoint pool; Envoy rendered by ``sluice render
-envoy``), runs the chapters in order with a live view, writes
+policies/lab.toml plus an endpoint pool and a retried backend; Envoy rendered
+by ``sluice render envoy``), runs the chapters in order with a live view, writes
 ``target/sluice-demo/report.md``, ``requests.png`` and, for a chapter about
-one backend's endpoints, ``<chapter>.png``, stops everything and exits 0
-when every claim of every built chapter held (1 if one did not).
+one backend's endpoints or retries, ``<chapter>.png``, stops everything and
+exits 0 when every claim of every built chapter held (1 if one did not).
 """
 
 from __future__ import annotations
@@ -110,22 +110,25 @@ def main(argv: list[str] | None = None) -> int:
     # The lab is stopped here: write the report.
     plot_path = args.out / "requests.png"
     report.plot(recorder, chapters, plot_path)
-    endpoint_plots = {}
+    endpoint_plots, retry_plots = {}, {}
     for chapter in chapters:
+        path = args.out / f"{chapter.key}.png"
         if chapter.key in endpoints:
-            path = args.out / f"{chapter.key}.png"
             report.plot_endpoints(recorder, chapter, endpoints[chapter.key], path)
             endpoint_plots[chapter.key] = path.name
+        elif chapter.retries is not None and chapter.started is not None:
+            report.plot_retries(recorder, chapter, path)
+            retry_plots[chapter.key] = path.name
     report_path = args.out / "report.md"
     report.write(report_path, chapters=chapters, recorder=recorder, lab_info=lab_info,
                  envoy_stats=envoy_stats, plot_file=plot_path.name,
-                 endpoints=endpoints, endpoint_plots=endpoint_plots)
+                 endpoints=endpoints, endpoint_plots=endpoint_plots, retry_plots=retry_plots)
     failed = [c for c in chapters if c.started is not None and not all(h.held for h in c.checks)]
     total = summarize(recorder.snapshot())
     print(f"\nsluice demo: {total['requests']} requests, ok {total['ok']}, 429 {total['429']}, "
           f"fallback {total['fallback']}, errors {total['error']}")
     print(f"report: {report_path}\nplot:   {plot_path}")
-    for name in endpoint_plots.values():
+    for name in [*endpoint_plots.values(), *retry_plots.values()]:
         print(f"plot:   {args.out / name}")
     if failed:
         print("sluice demo: claims that did not hold in: " + ", ".join(c.title for c in failed))

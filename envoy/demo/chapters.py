@@ -20,7 +20,8 @@ from typing import Callable
 from lab import Lab, LlmSim
 
 from .live import LiveView, endpoint_label
-from .traffic import Outcome, Recorder, TrafficSpec, percentile, run_traffic, summarize
+from .traffic import (Exchange, Outcome, Recorder, TrafficSpec, percentile, run_traffic,
+                      summarize)
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,25 @@ class EndpointPool:
     first_token_timeout: float | None = None
 
 
+@dataclass(frozen=True)
+class RetriedBackend:
+    """A backend with ``[backend.retry]``, as a chapter shows it: its one zone
+    (whose budget the live view reads) and the model that reaches it."""
+
+    backend: str
+    zone: str
+    model: str
+    #: The policy's ``max_retries`` and ``budget`` (the chapter's claims name
+    #: them; envoy/tests/test_demo.py checks them against the policy).
+    max_retries: int = 0
+    budget: float = 0.0
+
+    def series(self, what: str) -> str:
+        """The name under which the chapter's watcher records ``what`` (the
+        simulators' ``upstream`` request counter, the budget's ``balance``)."""
+        return f"retry.{self.backend}.{what}"
+
+
 @dataclass
 class Chapter:
     key: str
@@ -78,6 +98,8 @@ class Chapter:
     run: Callable[[DemoContext], list[Check]] | None = None
     # A backend zone whose endpoints the live view and a plot show one by one.
     endpoints: EndpointPool | None = None
+    # A backend whose retries the chapter's plot shows (requests, attempts, budget).
+    retries: RetriedBackend | None = None
     # Filled in when the chapter runs:
     started: float | None = None
     ended: float | None = None
@@ -548,6 +570,254 @@ def outlier_detection(ctx: DemoContext) -> list[Check]:
     ]
 
 
+# The retried backend of chapter 5 (policies/demo.toml): one model, three
+# replicas in one zone, [backend.retry] with up to 2 retries per request
+# within 20% of the requests (+2 a second) of the last 10 s, no circuit.
+FLAKY = RetriedBackend("flaky", "zone-a", "sim-flaky", max_retries=2, budget=0.20)
+FLAKY_ERROR_RATE = 0.15
+
+
+class RetryWatch:
+    """The retried backend seen each second (the live view's columns): the
+    HTTP requests the clients' SDK sent and what came back, the attempts the
+    simulators received (their request counters), and the budget's balance
+    (sluice's ``sluice_retry.<backend>.<zone>.balance`` gauge)."""
+
+    legend = ("req … errors: the clients' SDK calls, each after the SDK's own retries; "
+              "http: the HTTP requests the SDK sent; 5xx: those that failed; "
+              "told: failures with x-should-retry: false; upstream: attempts the replicas "
+              "received (their counters); amp: attempts per answer (x-envoy-attempt-count); "
+              "balance: retries the budget holds")
+    title = (f"{'http':>4} {'5xx':>4} {'told':>4} | {'upstream':>8} {'amp':>5} | "
+             f"{'balance':>7}")
+
+    def __init__(self, lab: Lab, recorder: Recorder, retried: RetriedBackend):
+        self.lab = lab
+        self.recorder = recorder
+        self.retried = retried
+        self.sims = lab.endpoint_sims(retried.backend, retried.zone)
+        self.last = self.poll()
+
+    def counters(self) -> dict[str, int]:
+        """The replicas' summed counters: ``requests`` and ``failed`` (5xx)."""
+        requests = failed = 0
+        for sim in self.sims:
+            stats = sim.stats()
+            requests += int(stats.get("requests", 0))
+            failed += sum(int(n) for status, n in stats.get("by_status", {}).items()
+                          if status.startswith("5"))
+        return {"requests": requests, "failed": failed}
+
+    def budget(self) -> dict[str, int]:
+        """The backend's retry stats by short name (``retries``, ``refused``,
+        ``zone-a.balance``)."""
+        prefix = f"sluice_retry.{self.retried.backend}."
+        return {name.split(prefix, 1)[1]: value
+                for name, value in self.lab.envoy.stats("sluice_retry").items()
+                if prefix in name}
+
+    def poll(self) -> tuple[int, int | None]:
+        """Samples the upstream attempts so far and the balance; returns both."""
+        upstream = self.counters()["requests"]
+        balance = self.budget().get(f"{self.retried.zone}.balance")
+        now = self.recorder.now()
+        self.recorder.sample(self.retried.series("upstream"), upstream, at=now)
+        if balance is not None:
+            self.recorder.sample(self.retried.series("balance"), balance, at=now)
+        return upstream, balance
+
+    def row(self, t0: float, t1: float) -> str:
+        upstream, balance = self.poll()
+        attempts = upstream - self.last[0]
+        self.last = (upstream, balance)
+        sent = self.recorder.exchanges_between(t0, t1, self.retried.model)
+        failed = sum(1 for e in sent if e.failed)
+        told = sum(1 for e in sent if e.failed and e.should_retry == "false")
+        amp = (f"{sum(e.attempts for e in sent) / len(sent):>5.2f}" if sent
+               else f"{'-':>5}")
+        shown = f"{balance:>7}" if balance is not None else f"{'-':>7}"
+        return (f"{len(sent):>4} {failed:>4} {told:>4} | {attempts:>8} {amp} | {shown}")
+
+
+@dataclass
+class Phase:
+    """One stretch of a chapter: its record and the replicas' counters."""
+
+    t0: float
+    t1: float
+    calls: list[Outcome]
+    sent: list[Exchange]
+    upstream: int  # attempts the replicas received
+    upstream_failed: int  # of which they answered 5xx
+    budget: dict[str, int]  # the backend's retry stats grown over the stretch
+
+    @property
+    def amplification(self) -> float:
+        return self.upstream / len(self.sent) if self.sent else 0.0
+
+    @property
+    def failed(self) -> list[Exchange]:
+        return [e for e in self.sent if e.failed]
+
+    @property
+    def told(self) -> list[Exchange]:
+        return [e for e in self.failed if e.should_retry == "false"]
+
+    @property
+    def calls_failed(self) -> int:
+        return sum(1 for c in self.calls if c.outcome != "ok")
+
+    def describe(self) -> str:
+        return (f"{len(self.calls)} calls, {len(self.sent)} HTTP requests, "
+                f"{self.upstream} upstream attempts ({self.amplification:.2f}×)")
+
+
+def retry_budgets(ctx: DemoContext) -> list[Check]:
+    """Three replicas serve sim-flaky; clients use the openai SDK with its
+    default retries (2). The replicas fail 15% of attempts, then all of
+    them, then recover.
+
+    sluice gives each request Envoy's retries (x-envoy-max-retries, up to
+    2, each on a replica not tried yet) while the flaky backend's budget
+    (policies/demo.toml) holds: retries within 20% of the requests of the
+    last 10 s, plus 2 a second. A blip is retried away before the client
+    sees it; in an outage the budget is soon spent, requests get no retry,
+    and their failures say ``x-should-retry: false``, so the SDK's own
+    retries stop too. Without the budget, each call would be 3 attempts by
+    Envoy times 3 by the SDK: 9 on a backend that is down.
+    """
+    import openai
+
+    lab = ctx.lab
+    retried = FLAKY
+    sims = lab.endpoint_sims(retried.backend, retried.zone)
+    watch = RetryWatch(lab, ctx.recorder, retried)
+    ctx.live.columns(watch)
+    specs = [TrafficSpec(tenant="globex", model=retried.model, stream_every=3, workers=8,
+                         pause=(0.05, 0.2), sdk_max_retries=openai.DEFAULT_MAX_RETRIES)]
+
+    def run(seconds: float) -> Phase:
+        t0 = ctx.recorder.now()
+        before = watch.counters()
+        budget_before = watch.budget()
+        ctx.traffic(specs, seconds)
+        after = watch.counters()
+        budget_after = watch.budget()
+        t1 = ctx.recorder.now()
+        return Phase(t0, t1, ctx.recorder.between(t0, t1 + 1e-9),
+                     ctx.recorder.exchanges_between(t0, t1 + 1e-9, retried.model),
+                     after["requests"] - before["requests"], after["failed"] - before["failed"],
+                     {k: v - budget_before.get(k, 0) for k, v in budget_after.items()
+                      if not k.endswith(".balance")})
+
+    def set_faults(**faults) -> None:
+        for sim in sims:
+            sim.set_faults(**faults)
+
+    def cluster() -> dict[str, int]:
+        """Envoy's own count of the backend cluster's attempts and retries."""
+        prefix = f"cluster.{retried.backend}."
+        stats = lab.envoy.stats(f"{prefix}upstream_rq_")
+        return {k: stats.get(f"{prefix}upstream_rq_{k}", 0) for k in ("total", "retry")}
+
+    envoy_before = cluster()
+
+    # Healthy: one attempt per request; the budget fills.
+    healthy = run(ctx.seconds(4, floor=2))
+
+    # A blip: 15% of attempts fail, on every replica.
+    set_faults(error_rate=FLAKY_ERROR_RATE)
+    ctx.mark(f"{FLAKY_ERROR_RATE:.0%} of attempts answer 503")
+    flaky = run(ctx.seconds(12, floor=4))
+
+    # An outage: every attempt fails.
+    set_faults(fixed_status=503)
+    ctx.mark("every replica answers 503")
+    down = run(ctx.seconds(8, floor=4))
+
+    # Recovery.
+    set_faults()
+    ctx.mark("replicas healthy")
+    back = run(ctx.seconds(10, floor=4))
+    everything = [healthy, flaky, down, back]
+    balance = watch.budget().get(f"{retried.zone}.balance", 0)
+    envoy_after = cluster()
+    envoy_attempts = envoy_after["total"] - envoy_before["total"]
+    envoy_retries = envoy_after["retry"] - envoy_before["retry"]
+    charged = sum(phase.budget.get("retries", 0) for phase in everything)
+    end = ctx.recorder.now()
+    tail = ctx.recorder.between(end - 3, end + 1)
+    tail_sent = ctx.recorder.exchanges_between(end - 3, end + 1, retried.model)
+
+    sent = [e for phase in everything for e in phase.sent]
+    counted = sum(e.attempts for e in sent)
+    upstream = sum(phase.upstream for phase in everything)
+    unmarked = sum(1 for e in sent if e.attempts < 1)
+    unbudgeted = 1 + retried.max_retries
+    # The outage once the budget was spent: from its first failure that told
+    # its client not to retry.
+    spent_at = min((e.t for e in down.told), default=down.t1)
+    spent = [e for e in down.sent if e.t >= spent_at]
+    spent_amp = sum(e.attempts for e in spent) / len(spent) if spent else 0.0
+    # Calls the SDK sent again after an answer that said x-should-retry: false.
+    resent = sum(1 for call in down.calls
+                 if any(e.should_retry == "false" for e in call.exchanges[:-1]))
+    per_call = down.upstream / len(down.calls) if down.calls else 0.0
+
+    def share(part: int, whole: int) -> str:
+        return f"{part} of {whole} ({_pct(part, whole)})"
+
+    return [
+        Check("while healthy, every call succeeded at one attempt",
+              bool(healthy.calls) and healthy.calls_failed == 0
+              and healthy.upstream == len(healthy.sent),
+              healthy.describe()),
+        Check(f"with {FLAKY_ERROR_RATE:.0%} of attempts failing, retries rescued them: "
+              "≤ 5% of HTTP answers failed, ≤ 2% of calls",
+              len(flaky.sent) >= 20 and flaky.upstream_failed >= 0.08 * flaky.upstream
+              and len(flaky.failed) <= 0.05 * len(flaky.sent)
+              and flaky.calls_failed <= 0.02 * len(flaky.calls),
+              f"the replicas failed {share(flaky.upstream_failed, flaky.upstream)} attempts; "
+              f"clients saw {share(len(flaky.failed), len(flaky.sent))} HTTP answers fail "
+              f"and {share(flaky.calls_failed, len(flaky.calls))} calls"),
+        Check("those retries cost ≤ 1.4 attempts per request",
+              flaky.budget.get("retries", 0) > 0 and 1.05 <= flaky.amplification <= 1.4,
+              f"{flaky.describe()}; sluice counted {flaky.budget.get('retries', 0)} retries, "
+              f"refused {flaky.budget.get('refused', 0)}"),
+        Check(f"in the outage, the budget held attempts to ≤ 1.3× the requests once spent "
+              f"(1 + its {retried.budget:.0%} + the floor), ≤ 1.45× overall "
+              f"(max_retries alone: {unbudgeted}×)",
+              len(spent) >= 20 and spent_amp <= 1.3 and down.amplification <= 1.45
+              and down.budget.get("refused", 0) > 0,
+              f"spent {spent_at - down.t0:.1f} s in: {spent_amp:.2f}× over the next "
+              f"{len(spent)} requests; overall {down.describe()}; "
+              f"{down.budget.get('refused', 0)} requests refused a retry"),
+        Check("its failures told clients not to retry (x-should-retry: false), and the SDK "
+              "re-sent none of those: ≥ 60% of failures told",
+              bool(down.failed) and len(down.told) >= 0.6 * len(down.failed) and resent == 0,
+              f"{share(len(down.told), len(down.failed))} failures told, {resent} re-sent; "
+              f"{len(down.sent)} HTTP requests for {len(down.calls)} calls; the replicas got "
+              f"{per_call:.2f} attempts per call (without budget and header: up to "
+              f"{unbudgeted * (1 + specs[0].sdk_max_retries)})"),
+        Check("once the replicas recovered, every call of the last 3 s succeeded at one "
+              "attempt, and the budget refilled",
+              bool(tail) and all(o.outcome == "ok" for o in tail)
+              and all(e.attempts == 1 and not e.failed for e in tail_sent)
+              and balance >= 5,
+              f"last 3 s: {summarize(tail)['ok']} ok of {len(tail)} calls, "
+              f"{sum(e.attempts for e in tail_sent)} attempts for {len(tail_sent)} requests; "
+              f"balance {balance}; recovery: {back.describe()}"),
+        Check("every answer said how many attempts it took (x-envoy-attempt-count); they "
+              "add up to what the replicas received, and the budget was charged every retry "
+              "Envoy made (±2%)",
+              bool(sent) and unmarked == 0 and abs(counted - upstream) <= 0.02 * upstream + 2
+              and abs(charged - envoy_retries) <= 0.02 * envoy_retries + 2,
+              f"{counted} attempts in {len(sent)} answers' headers "
+              f"({unmarked} without one); the replicas counted {upstream}, Envoy's cluster "
+              f"{envoy_attempts} with {envoy_retries} retries; sluice charged {charged}"),
+    ]
+
+
 CHAPTERS: list[Chapter] = [
     Chapter("normal-traffic", "Normal traffic",
             "Two tenants (acme, globex) send chat completions through Envoy, streaming "
@@ -572,7 +842,15 @@ CHAPTERS: list[Chapter] = [
             "sees a 429. Cleared, all four serve again.",
             outlier_detection, endpoints=POOL),
     Chapter("retry-budget", "Retry budgets",
-            "Errors are retried within a budget, so a bad upstream is not hit with a retry storm."),
+            "Three replicas serve sim-flaky to clients using the openai SDK with its default "
+            "2 retries. 15% of attempts fail: Envoy retries them on another replica within "
+            "sluice's budget (20% of requests + 2/s), and clients barely notice. Then every "
+            "replica fails: the budget is spent within a second or two, requests get no retry "
+            "(about 1.2 attempts each, not max_retries' 3), and their failures carry "
+            "x-should-retry: false, so the SDK does not send them again (its 2 retries would "
+            "make 9 attempts per call). Recovered, every call takes one attempt again and the "
+            "budget refills.",
+            retry_budgets, retries=FLAKY),
     Chapter("zone-failover", "Zone failover",
             "zone-a dies; traffic fails over to zone-b and comes back when zone-a revives."),
 ]

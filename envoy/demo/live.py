@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import sys
+import textwrap
 from collections import Counter, defaultdict
+from typing import Protocol
 
 from .traffic import Recorder, percentile
 
 TENANTS = ("acme", "globex")
+
+
+class Columns(Protocol):
+    """A chapter's own columns, after the outcome counts (``LiveView.columns``)."""
+
+    #: The columns' titles, as wide as the values ``row`` returns (an
+    #: optional ``legend`` attribute is printed above them).
+    title: str
+
+    def row(self, t0: float, t1: float) -> str:
+        """The values for the second from ``t0`` to ``t1`` (the record's time)."""
 
 
 class LiveView:
@@ -17,6 +30,8 @@ class LiveView:
     the llm-sim instance names in the policy's order) sees instead which
     endpoint answered each request (``ep0``, ``ep1``… in that order) and
     the clients' time to first token (p50 and p99 of the second's streams).
+    A chapter may instead bring columns of its own (``columns(...)``, before
+    its first line: the header is printed with the first line).
     """
 
     def __init__(self, recorder: Recorder, out=sys.stdout):
@@ -25,12 +40,31 @@ class LiveView:
         self.last = 0.0
         self.chapter_start = 0.0
         self.endpoints: list[str] = []
+        self.extra: Columns | None = None
+        self.pending_header = False
 
     def header(self, chapter_start: float, endpoints: list[str] | None = None) -> None:
+        """Starts a chapter's view; its header is printed with its first line."""
         self.chapter_start = chapter_start
         self.last = chapter_start
         self.endpoints = list(endpoints or [])
+        self.extra = None
+        self.pending_header = True
+
+    def columns(self, columns: Columns) -> None:
+        """The chapter's own columns instead of the tokens per tenant."""
+        self.extra = columns
+        self.pending_header = True
+
+    def _print_header(self) -> None:
+        self.pending_header = False
         counts = f"  {'t(s)':>5} | {'req':>4} {'ok':>4} {'429':>4} {'fallbk':>6} {'errors':>6} | "
+        if self.extra is not None:
+            for line in textwrap.wrap(getattr(self.extra, "legend", ""), 96,
+                                      break_on_hyphens=False):
+                self._print(f"  {line}")
+            self._print(f"{counts}{self.extra.title}")
+            return
         if self.endpoints:
             for i, instance in enumerate(self.endpoints):
                 self._print(f"  {endpoint_label(i)} = {instance}")
@@ -43,10 +77,13 @@ class LiveView:
     def tick(self) -> None:
         now = self.recorder.now()
         window = self.recorder.between(self.last, now)
-        self.last = now
+        last, self.last = self.last, now
         counts = Counter(o.outcome for o in window)
         line = (f"  {now - self.chapter_start:>5.0f} | {len(window):>4} {counts['ok']:>4} "
                 f"{counts['429']:>4} {counts['fallback']:>6} {counts['error']:>6} | ")
+        if self.extra is not None:
+            self._print(f"{line}{self.extra.row(last, now)}")
+            return
         if self.endpoints:
             answered = Counter(o.instance for o in window)
             per_endpoint = " ".join(f"{answered.get(e, 0):>4}" for e in self.endpoints)
@@ -69,6 +106,8 @@ class LiveView:
         self._print(f"  {when - self.chapter_start:>5.1f} > {text}")
 
     def _print(self, line: str) -> None:
+        if self.pending_header:
+            self._print_header()
         print(line, file=self.out, flush=True)
 
 

@@ -1,4 +1,5 @@
-"""The demo's report: ``report.md`` and a plot of requests per second."""
+"""The demo's report: ``report.md``, a plot of requests per second and a
+plot for each chapter about one backend's endpoints or retries."""
 
 from __future__ import annotations
 
@@ -134,10 +135,104 @@ def plot_endpoints(recorder: Recorder, chapter: Chapter, endpoints: list[tuple[s
     plt.close(fig)
 
 
+def _marks(recorder: Recorder, axes, t0: float, t1: float, top_axis, peak: float) -> None:
+    """A chapter's marks (faults injected) across ``axes``, their words in
+    ``top_axis``'s headroom (``peak`` × 1.58)."""
+    for t, text in recorder.events:
+        if t0 < t < t1 and not text.endswith((" start", " end")):
+            for ax in axes:
+                ax.axvline(t - t0, color="#555", linestyle="--", linewidth=1)
+            words = "\n".join(textwrap.wrap(text, 22, break_on_hyphens=False))
+            top_axis.text(t - t0 + 0.2, peak * 1.58, words, fontsize=7, va="top")
+
+
+def plot_retries(recorder: Recorder, chapter: Chapter, path: Path) -> None:
+    """One chapter about a backend's retries: the HTTP requests clients sent
+    each second against the attempts its endpoints received (the watcher's
+    samples of their counters), then the answers by outcome (failures that
+    said ``x-should-retry: false`` apart) over the budget's balance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    retried = chapter.retries
+    assert retried is not None
+    t0 = chapter.started or 0.0
+    t1 = chapter.ended if chapter.ended is not None else recorder.now()
+    seconds = list(range(int(math.ceil(t1 - t0)) + 1))
+    sent = recorder.exchanges_between(t0, t1 + 1e-9, retried.model)
+    calls = recorder.between(t0, t1 + 1e-9)
+    requests, answers = Counter(), {k: Counter() for k in ("ok", "failed", "told")}
+    for e in sent:
+        second = int(e.t - t0)
+        requests[second] += 1
+        kind = ("told" if e.should_retry == "false" else "failed") if e.failed else "ok"
+        answers[kind][second] += 1
+    per_call = Counter(int(o.t - t0) for o in calls)
+    # Attempts per second from the counters sampled about once a second.
+    upstream = recorder.series(retried.series("upstream"), t0 - 1, t1 + 1)
+    rates = [((a + b) / 2 - t0, (vb - va) / (b - a))
+             for (a, va), (b, vb) in zip(upstream, upstream[1:]) if b - a > 0.2]
+    balance = recorder.series(retried.series("balance"), t0 - 1, t1 + 1)
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 7), dpi=110, sharex=True,
+                                      gridspec_kw={"height_ratios": [3, 2]})
+    xs = [s + 0.5 for s in seconds]
+    top.bar(seconds, [requests[s] for s in seconds], width=0.9, align="edge", color="#90a4ae",
+            label="HTTP requests the clients' SDK sent")
+    top.plot(xs, [per_call[s] for s in seconds], color="#1565c0", linewidth=1.2, marker=".",
+             label="SDK calls finished")
+    top.plot([x for x, _ in rates], [r for _, r in rates], color="#c62828", linewidth=1.8,
+             marker=".", label="attempts the replicas received")
+    peak = max([requests[s] for s in seconds] + [r for _, r in rates] + [1])
+    # Each stretch between the chapter's marks: attempts per request, as
+    # Envoy counted them for the answers (x-envoy-attempt-count).
+    bounds = [t0] + [t for t, text in recorder.events
+                     if t0 < t < t1 and not text.endswith((" start", " end"))] + [t1]
+    for a, b in zip(bounds, bounds[1:]):
+        stretch = [e for e in sent if a <= e.t < b]
+        if stretch:
+            amp = sum(e.attempts for e in stretch) / len(stretch)
+            top.text((a + b) / 2 - t0, peak * 1.22, f"{amp:.2f} attempts\nper request",
+                     fontsize=8, ha="center", va="center", color="#c62828")
+    top.set_ylim(0, peak * 1.6)
+    top.set_ylabel("per second")
+    top.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=3, fontsize=7, frameon=False)
+    fig.suptitle(f"{chapter.title}: requests against attempts, and what clients were told",
+                 fontsize=11)
+
+    stacked = [0] * len(seconds)
+    for kind, color, label in (("ok", "#2e7d32", "ok"),
+                               ("failed", "#ef6c00", "failed (SDK may retry)"),
+                               ("told", "#c62828", "failed, x-should-retry: false")):
+        values = [answers[kind][s] for s in seconds]
+        bottom.bar(seconds, values, bottom=stacked, width=0.9, align="edge", color=color,
+                   label=label)
+        stacked = [b + v for b, v in zip(stacked, values)]
+    bottom.set_ylim(0, max(stacked + [1]) * 1.45)
+    bottom.set_ylabel("HTTP answers\nper second")
+    bottom.set_xlabel(f"seconds since the chapter started ({t0:.0f} s into the demo)")
+    gauge = bottom.twinx()
+    gauge.plot([t - t0 for t, _ in balance], [v for _, v in balance], color="#6a1b9a",
+               linewidth=1.5, label="budget balance (retries)")
+    gauge.set_ylim(bottom=0)
+    gauge.set_ylabel("budget balance", color="#6a1b9a")
+    handles = bottom.get_legend_handles_labels()
+    extra = gauge.get_legend_handles_labels()
+    bottom.legend(handles[0] + extra[0], handles[1] + extra[1], loc="upper left", fontsize=7,
+                  ncol=2)
+    _marks(recorder, (top, bottom), t0, t1, top, peak)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def write(path: Path, *, chapters: list[Chapter], recorder: Recorder, lab_info: dict,
           envoy_stats: dict[str, int], plot_file: str | None,
           endpoints: dict[str, list[tuple[str, str]]] | None = None,
-          endpoint_plots: dict[str, str] | None = None) -> None:
+          endpoint_plots: dict[str, str] | None = None,
+          retry_plots: dict[str, str] | None = None) -> None:
     lines = [
         "# sluice demo report",
         "",
@@ -192,9 +287,23 @@ def write(path: Path, *, chapters: list[Chapter], recorder: Recorder, lab_info: 
             lines.append("- answered by endpoint: " + ", ".join(
                 f"{endpoint_label(i)} {instance} ({address}) {answered.get(instance, 0)}"
                 for i, (instance, address) in enumerate(pool)))
+        retried = ch.retries
+        if retried is not None:
+            sent = recorder.exchanges_between(ch.started, ch.ended + 1e-9, retried.model)
+            told = sum(1 for e in sent if e.failed and e.should_retry == "false")
+            calls = recorder.between(ch.started, ch.ended + 1e-9)
+            lines.append(
+                f"- {retried.backend}: {len(calls)} SDK calls sent {len(sent)} HTTP requests, "
+                f"which took {sum(e.attempts for e in sent)} attempts "
+                f"(x-envoy-attempt-count); {sum(1 for e in sent if e.failed)} failed, "
+                f"{told} of them with x-should-retry: false")
         plot_name = (endpoint_plots or {}).get(ch.key)
         if plot_name:
             lines += ["", f"![{ch.title}: answers by endpoint and time to first token]"
+                          f"({plot_name})"]
+        plot_name = (retry_plots or {}).get(ch.key)
+        if plot_name:
+            lines += ["", f"![{ch.title}: requests against attempts, answers and the budget]"
                           f"({plot_name})"]
     total = summarize(recorder.snapshot())
     lines += ["", "## Totals", "",

@@ -2,12 +2,16 @@
 the record of what each request came back as.
 
 Every loop is bounded twice: by a deadline and by a request count. Each
-request has its own timeout and the SDK's retries are off, so what the record
-shows is what Envoy and sluice did, not what the client papered over.
+request has its own timeout and the SDK's retries are off unless a chapter
+turns them on (``TrafficSpec.sdk_max_retries``), so what the record shows is
+what Envoy and sluice did, not what the client papered over. Every HTTP
+request the SDK sends, retries included, is recorded as well (an httpx event
+hook on its client): what came back and what Envoy said of it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import threading
@@ -36,6 +40,25 @@ class Outcome:
     instance: str = ""  # the llm-sim that answered (x-llm-sim-instance)
     pick: str = ""  # why sluice sent it there (x-sluice-endpoint's reason), if it picked
     ttft: float | None = None  # streams: seconds from the call to the first chunk
+    http_requests: int = 1  # HTTP requests the SDK sent for this call (its retries too)
+    exchanges: tuple["Exchange", ...] = ()  # their answers, in order
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """One HTTP request the SDK sent and the answer's head (an SDK call
+    that the SDK retries is several)."""
+
+    t: float  # when the answer's headers came back
+    tenant: str
+    model: str
+    status: int
+    attempts: int  # x-envoy-attempt-count: upstream attempts Envoy made for it (0 if absent)
+    should_retry: str  # x-should-retry as sent ("false" tells the SDK not to retry)
+
+    @property
+    def failed(self) -> bool:
+        return self.status == 429 or self.status >= 500
 
 
 @dataclass
@@ -45,6 +68,9 @@ class Recorder:
     start: float = field(default_factory=time.monotonic)
     outcomes: list[Outcome] = field(default_factory=list)
     events: list[tuple[float, str]] = field(default_factory=list)
+    exchanges: list[Exchange] = field(default_factory=list)
+    # Values a chapter's watcher samples (counters, gauges), by name: (t, value).
+    samples: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     # Smaller events (an endpoint ejected…): shown on their chapter's own plot only.
     details: list[tuple[float, str]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -55,6 +81,14 @@ class Recorder:
     def add(self, outcome: Outcome) -> None:
         with self._lock:
             self.outcomes.append(outcome)
+
+    def exchange(self, exchange: Exchange) -> None:
+        with self._lock:
+            self.exchanges.append(exchange)
+
+    def sample(self, name: str, value: float, at: float | None = None) -> None:
+        with self._lock:
+            self.samples.setdefault(name, []).append((self.now() if at is None else at, value))
 
     def mark(self, text: str) -> None:
         with self._lock:
@@ -70,6 +104,16 @@ class Recorder:
 
     def between(self, t0: float, t1: float) -> list[Outcome]:
         return [o for o in self.snapshot() if t0 <= o.t < t1]
+
+    def exchanges_between(self, t0: float, t1: float, model: str | None = None) -> list[Exchange]:
+        with self._lock:
+            return [e for e in self.exchanges
+                    if t0 <= e.t < t1 and (model is None or e.model == model)]
+
+    def series(self, name: str, t0: float = float("-inf"),
+               t1: float = float("inf")) -> list[tuple[float, float]]:
+        with self._lock:
+            return [(t, v) for t, v in self.samples.get(name, []) if t0 <= t < t1]
 
 
 def summarize(outcomes: list[Outcome]) -> dict:
@@ -101,6 +145,8 @@ class TrafficSpec:
     pause: tuple[float, float] = (0.05, 0.25)  # seconds between requests
     workers: int = 2
     max_requests: int = 2000  # per worker: the count bound of the loop
+    # The SDK's own retries (openai.DEFAULT_MAX_RETRIES is the SDK's default).
+    sdk_max_retries: int = 0
 
 
 def _answered_by(headers) -> dict[str, str]:
@@ -111,8 +157,25 @@ def _answered_by(headers) -> dict[str, str]:
             "pick": headers.get("x-sluice-endpoint", "").partition("reason=")[2].strip()}
 
 
+class _Sent(threading.local):
+    """HTTP requests the SDK sent from this thread for its current call, and
+    the answers it got."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.answers: list[Exchange] = []
+
+
 def _one_request(client: openai.OpenAI, spec: TrafficSpec, stream: bool, rng: random.Random,
-                 recorder: Recorder) -> Outcome:
+                 recorder: Recorder, sent: _Sent) -> Outcome:
+    sent.count, sent.answers = 0, []
+    outcome = _call(client, spec, stream, rng, recorder)
+    return dataclasses.replace(outcome, http_requests=sent.count,
+                               exchanges=tuple(sent.answers))
+
+
+def _call(client: openai.OpenAI, spec: TrafficSpec, stream: bool, rng: random.Random,
+          recorder: Recorder) -> Outcome:
     max_tokens = rng.randint(*spec.max_tokens)
     messages = [{"role": "user", "content": f"Say something about sluice, {spec.tenant}."}]
     ttft = None
@@ -161,26 +224,44 @@ def run_traffic(base_url: str, specs: list[TrafficSpec], seconds: float,
     """
     deadline = time.monotonic() + seconds
     done = threading.Event()
-    clients = {
-        spec.tenant: openai.OpenAI(base_url=f"{base_url}/v1", api_key="sk-demo",
-                                   max_retries=0, timeout=15.0,
-                                   default_headers={TENANT_HEADER: spec.tenant})
-        for spec in specs
-    }
+    sent = _Sent()
 
-    def worker(spec: TrafficSpec, index: int) -> None:
+    def client_for(spec: TrafficSpec) -> openai.OpenAI:
+        def on_request(request) -> None:
+            sent.count += 1
+
+        def on_response(response) -> None:
+            headers = response.headers
+            try:
+                attempts = int(headers.get("x-envoy-attempt-count", "0"))
+            except ValueError:
+                attempts = 0
+            exchange = Exchange(recorder.now(), spec.tenant, spec.model, response.status_code,
+                                attempts, headers.get("x-should-retry", ""))
+            sent.answers.append(exchange)
+            recorder.exchange(exchange)
+
+        http = openai.DefaultHttpxClient(
+            trust_env=False, event_hooks={"request": [on_request], "response": [on_response]})
+        return openai.OpenAI(base_url=f"{base_url}/v1", api_key="sk-demo",
+                             max_retries=spec.sdk_max_retries, timeout=15.0,
+                             default_headers={TENANT_HEADER: spec.tenant}, http_client=http)
+
+    clients = [client_for(spec) for spec in specs]
+
+    def worker(number: int, spec: TrafficSpec, index: int) -> None:
         rng = random.Random(f"{seed}-{spec.tenant}-{index}")
-        client = clients[spec.tenant]
+        client = clients[number]
         for n in range(spec.max_requests):
             if done.is_set() or time.monotonic() >= deadline:
                 return
             stream = spec.stream_every > 0 and (n + index) % spec.stream_every == 0
-            recorder.add(_one_request(client, spec, stream, rng, recorder))
+            recorder.add(_one_request(client, spec, stream, rng, recorder, sent))
             done.wait(rng.uniform(*spec.pause))
 
-    threads = [threading.Thread(target=worker, args=(spec, i), daemon=True,
-                                name=f"traffic-{spec.tenant}-{i}")
-               for spec in specs for i in range(spec.workers)]
+    threads = [threading.Thread(target=worker, args=(number, spec, i), daemon=True,
+                                name=f"traffic-{spec.tenant}-{number}-{i}")
+               for number, spec in enumerate(specs) for i in range(spec.workers)]
     for thread in threads:
         thread.start()
     try:
@@ -197,7 +278,7 @@ def run_traffic(base_url: str, specs: list[TrafficSpec], seconds: float,
         done.set()
         for thread in threads:
             thread.join(20.0)
-        for client in clients.values():
+        for client in clients:
             client.close()
 
 

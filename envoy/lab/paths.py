@@ -17,7 +17,8 @@ NATIVE_DIR = TARGET_DIR / "native"
 WASM_DIR = TARGET_DIR / "wasm32-wasip1" / "release"
 POLICIES_DIR = REPO_ROOT / "policies"
 LAB_POLICY = Path(os.environ.get("SLUICE_LAB_POLICY") or POLICIES_DIR / "lab.toml")
-# The demo's: the lab policy plus the endpoint pool of its outlier chapter.
+# The demo's: the lab policy plus the endpoint pool of its outlier chapter and
+# the retried backend of its retry-budget chapter.
 DEMO_POLICY = Path(os.environ.get("SLUICE_DEMO_POLICY") or POLICIES_DIR / "demo.toml")
 LOGS_DIR = TARGET_DIR / "lab-logs"
 RUNS_DIR = TARGET_DIR / "lab-runs"

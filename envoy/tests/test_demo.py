@@ -1,5 +1,6 @@
 """The demo runs end to end (shortened) and writes its report and plots; its
-policy is the lab's plus the endpoint pool of the outlier chapter."""
+policy is the lab's plus the endpoint pool of the outlier chapter and the
+retried backend of the retry-budget chapter."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from demo.chapters import FIRST_TOKEN_TIMEOUT_S, POOL, POOL_MODEL
+from demo.chapters import FIRST_TOKEN_TIMEOUT_S, FLAKY, POOL, POOL_MODEL
 from lab import paths, render_envoy
 
 
@@ -26,20 +27,21 @@ def test_demo_runs_and_reports(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "| Normal traffic | held |" in report
     assert "| Outlier detection | held |" in report
+    assert "| Retry budgets | held |" in report
     assert "not yet built" in report
-    for plot in ("requests.png", "outlier-detection.png"):
+    for plot in ("requests.png", "outlier-detection.png", "retry-budget.png"):
         png = (tmp_path / plot).read_bytes()
         assert png.startswith(b"\x89PNG") and len(png) > 5000, plot
 
 
-def test_demo_policy_is_the_lab_policy_plus_the_pool():
+def test_demo_policy_is_the_lab_policy_plus_the_pool_and_the_retried_backend():
     """The chapters before the pool's claim what the lab policy does: the
     demo's policy must not drift from it."""
     lab = tomllib.loads(paths.LAB_POLICY.read_text())
     demo = tomllib.loads(paths.DEMO_POLICY.read_text())
     kept = len(lab["backend"])
     assert demo["backend"][:kept] == lab["backend"]
-    (pool,) = demo["backend"][kept:]
+    pool, flaky = demo["backend"][kept:]
     assert {k: v for k, v in demo.items() if k not in ("name", "backend")} == \
         {k: v for k, v in lab.items() if k not in ("name", "backend")}
     # What the chapter assumes of the pool.
@@ -48,23 +50,55 @@ def test_demo_policy_is_the_lab_policy_plus_the_pool():
     assert zone["name"] == POOL.zone and len(zone["endpoints"]) == 4
     assert pool["outlier"]["first_token_timeout"] == f"{FIRST_TOKEN_TIMEOUT_S:g}s"
     assert POOL.first_token_timeout == FIRST_TOKEN_TIMEOUT_S
-    assert "outlier" not in demo
+    assert "outlier" not in demo and "retry" not in pool
+    # What the retry chapter assumes of its backend: retries within a
+    # budget, on one zone of several replicas, and no circuit (an outage
+    # must reach the clients, not the fallback model).
+    assert flaky["name"] == FLAKY.backend and flaky["models"] == [FLAKY.model]
+    (zone,) = flaky["zone"]
+    assert zone["name"] == FLAKY.zone and len(zone["endpoints"]) > FLAKY.max_retries
+    assert flaky["retry"]["max_retries"] == FLAKY.max_retries
+    assert flaky["retry"]["budget"] == f"{FLAKY.budget:.0%}"
+    assert flaky["breaker"] == {"enabled": False}
+    assert "outlier" not in flaky
+    assert "retry" not in demo
+
+
+def _upstream_filters(cluster: dict) -> list[str]:
+    options = cluster.get("typed_extension_protocol_options", {}).get(
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions", {})
+    return [f["name"] for f in options.get("http_filters", [])]
 
 
 def test_only_the_pool_is_steered_by_sluice():
     """``sluice render envoy`` gives the pool's cluster override_host and the
-    per-attempt filter; the clusters of the other chapters stay as the lab's."""
-    clusters = {c["name"]: c for c in
-                yaml.safe_load(render_envoy(paths.DEMO_POLICY))["static_resources"]["clusters"]}
-    lab_clusters = {c["name"]: c for c in
-                    yaml.safe_load(render_envoy(paths.LAB_POLICY))["static_resources"]["clusters"]}
+    per-attempt filter; the retried backend's route its retry policy; the
+    clusters and routes of the other chapters balance and retry as the lab's
+    (with [retry] in the policy, every cluster runs the per-attempt filter,
+    which counts attempts of the retried backend only)."""
+    bootstrap = yaml.safe_load(render_envoy(paths.DEMO_POLICY))
+    clusters = {c["name"]: c for c in bootstrap["static_resources"]["clusters"]}
+    lab_bootstrap = yaml.safe_load(render_envoy(paths.LAB_POLICY))
+    lab_clusters = {c["name"]: c for c in lab_bootstrap["static_resources"]["clusters"]}
     pool = clusters.pop(POOL.backend)
     lb = pool["load_balancing_policy"]["policies"][0]["typed_extension_config"]
     assert lb["name"] == "envoy.load_balancing_policies.override_host"
-    upstream = pool["typed_extension_protocol_options"][
-        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["http_filters"]
-    assert upstream[0]["name"] == "sluice.attempt"
+    assert _upstream_filters(pool)[0] == "sluice.attempt"
+    flaky = clusters.pop(FLAKY.backend)
+    assert "load_balancing_policy" not in flaky
+    assert _upstream_filters(flaky)[0] == "sluice.attempt"
     assert clusters.keys() == lab_clusters.keys()
     for name, cluster in clusters.items():
         assert "load_balancing_policy" not in cluster, name
         assert cluster["lb_policy"] == lab_clusters[name]["lb_policy"], name
+
+    def routes(config: dict) -> dict[str, dict]:
+        (listener,) = config["static_resources"]["listeners"]
+        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        return {r["name"]: r["route"] for vh in hcm["route_config"]["virtual_hosts"]
+                for r in vh["routes"]}
+
+    demo_routes, lab_routes = routes(bootstrap), routes(lab_bootstrap)
+    retried = [name for name, r in demo_routes.items() if "retry_policy" in r]
+    assert retried and all(demo_routes[name]["cluster"] == FLAKY.backend for name in retried)
+    assert not any("retry_policy" in r for r in lab_routes.values())
