@@ -155,10 +155,13 @@ fn section_lines(cap: Capability, policy: &Policy) -> Vec<String> {
                 lines.push(format!("all backends: {}", describe_breaker(b)));
             }
             for be in &policy.backends {
-                if be.breaker != policy.breaker
-                    && let Some(b) = &be.breaker
-                {
-                    lines.push(format!("backend {}: {}", be.name, describe_breaker(b)));
+                if be.breaker != policy.breaker {
+                    match &be.breaker {
+                        Some(b) => {
+                            lines.push(format!("backend {}: {}", be.name, describe_breaker(b)))
+                        }
+                        None => lines.push(format!("backend {}: off (enabled = false)", be.name)),
+                    }
                 }
             }
         }
