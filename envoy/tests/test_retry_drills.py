@@ -50,8 +50,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lab import drills, paths
+from lab import drills, paths, validate
 from lab.policies import two_zones
+from lab.render import render_envoy
 
 SECTIONS = """
 [retry]
@@ -210,6 +211,29 @@ def flushed(log: Path, quiet: float = 0.5, most: float = 10.0) -> str:
             break
         time.sleep(0.1)
     return log.read_text() if log.exists() else ""
+
+
+@pytest.mark.parametrize("args", [("--native-retry",), ("--native-retry", "--native-outlier")])
+def test_native_retry_bootstrap_is_accepted(tmp_path, args):
+    """Envoy 1.40 takes `--native-retry` alone (sluice still picks the
+    endpoints) and with `--native-outlier` (the drills' native variant)."""
+    policy = tmp_path / "drill.toml"
+    policy.write_text(two_zones("retry-render", SECTIONS))
+    text = render_envoy(policy, extra=args)
+    doc = yaml.safe_load(text)
+    (cluster,) = doc["static_resources"]["clusters"]
+    budget = cluster["circuit_breakers"]["thresholds"][0]["retry_budget"]
+    assert budget == {"budget_percent": {"value": 20.0}, "min_retry_concurrency": 10}
+    for route in doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+            "typed_config"]["route_config"]["virtual_hosts"][0]["routes"]:
+        retry = route["route"]["retry_policy"]
+        assert retry["num_retries"] == 2
+        assert retry["retry_on"] == "gateway-error,reset,connect-failure,retriable-status-codes"
+        assert retry["retriable_status_codes"] == [429]
+    bootstrap = tmp_path / "native-retry.yaml"
+    bootstrap.write_text(text)
+    result = validate(bootstrap)
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
 
 
 @pytest.mark.parametrize("variant", ["sluice", "native"])
