@@ -1,11 +1,14 @@
 """Drill traffic: real SDK clients against a lab, with faults on a timeline.
 
 A drill runs ``clients`` threads, each sending streamed chat completions
-through the ``openai`` SDK (no SDK retries: what a client sees is counted)
-until ``seconds`` have passed, while a timer thread applies ``events`` (a
-fault set on a simulator, a stats snapshot) at their offsets. Every request
-is a :class:`Sample`; the helpers below turn samples into the numbers the
-drills report (p99 time to first token per window, worst wait, failures).
+through the ``openai`` SDK until ``seconds`` have passed, while a timer
+thread applies ``events`` (a fault set on a simulator, a stats snapshot) at
+their offsets. By default the SDK does not retry, so what a client sees is
+counted; ``sdk_retries=2`` is the SDK's own default, for drills about what
+clients add on top. Every SDK call is a :class:`Sample`, with each HTTP
+response the SDK received for it (:class:`Try`: its own retries included);
+the helpers below turn samples into the numbers the drills report (p99 time
+to first token per window, worst wait, failures).
 """
 
 from __future__ import annotations
@@ -21,6 +24,15 @@ MESSAGES = [{"role": "user", "content": "Say something short."}]
 
 
 @dataclass
+class Try:
+    """One HTTP response the SDK received during a call."""
+
+    status: int
+    should_retry: str | None    # x-should-retry
+    attempts: int | None        # x-envoy-attempt-count: upstream attempts behind it
+
+
+@dataclass
 class Sample:
     start: float            # seconds since the drill began
     ttft: float | None      # seconds to the first streamed chunk
@@ -28,6 +40,8 @@ class Sample:
     status: int             # HTTP status (0: no answer at all)
     endpoint: str | None    # x-sluice-endpoint's address, else the simulator's instance
     error: str | None = None
+    sent: int = 0           # HTTP requests the SDK sent for this call
+    tries: list[Try] = field(default_factory=list)   # the responses it got, in order
 
 
 @dataclass
@@ -38,24 +52,44 @@ class Drill:
 
 def run(base_url: str, *, seconds: float, clients: int = 8, model: str = "sim-large",
         max_tokens: int = 8, events: list[tuple[float, Callable[[], object]]] | None = None,
-        tenant: str = "drill") -> Drill:
+        tenant: str = "drill", sdk_retries: int = 0) -> Drill:
     """Runs the drill; each event's return value is kept in ``marks`` under
-    its offset (``"t=3.0"``)."""
+    its offset (``"t=3.0"``). ``sdk_retries`` is the SDK's ``max_retries``
+    (its default is 2)."""
     drill = Drill()
     lock = threading.Lock()
     begin = time.monotonic()
     deadline = begin + seconds
 
     def client_loop() -> None:
-        c = openai.OpenAI(base_url=f"{base_url}/v1", api_key="sk-drill", max_retries=0,
-                          timeout=30.0, default_headers={"x-tenant-id": tenant})
+        sent = [0]
+        tries: list[Try] = []
+
+        def on_request(_request) -> None:
+            sent[0] += 1
+
+        def on_response(response) -> None:
+            attempts = response.headers.get("x-envoy-attempt-count")
+            tries.append(Try(response.status_code, response.headers.get("x-should-retry"),
+                             int(attempts) if attempts and attempts.isdigit() else None))
+
+        http = openai.DefaultHttpxClient(
+            trust_env=False, event_hooks={"request": [on_request], "response": [on_response]})
+        c = openai.OpenAI(base_url=f"{base_url}/v1", api_key="sk-drill",
+                          max_retries=sdk_retries, timeout=30.0, http_client=http,
+                          default_headers={"x-tenant-id": tenant})
         try:
             while time.monotonic() < deadline:
+                sent[0] = 0
+                tries.clear()
                 drill_sample = one(c, begin, model, max_tokens)
+                drill_sample.sent = sent[0]
+                drill_sample.tries = list(tries)
                 with lock:
                     drill.samples.append(drill_sample)
         finally:
             c.close()
+            http.close()
 
     def timeline() -> None:
         for offset, action in sorted(events or [], key=lambda e: e[0]):

@@ -301,6 +301,50 @@ fn render_without_overrides_gives_the_filter_the_file_as_is() {
 }
 
 #[test]
+fn render_native_retry_hands_the_section_to_envoy() {
+    let out = sluice(&[
+        "render",
+        "envoy",
+        "policies/gateway.toml",
+        "--wasm-dir",
+        "/x",
+        "--native-retry",
+        "--native-outlier",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("# [retry]: Envoy's own route retry policy and cluster retry_budget"));
+    assert!(stdout.contains("# [outlier]: Envoy's own outlier_detection"));
+    let yaml: serde_yaml::Value = serde_yaml::from_slice(&out.stdout).unwrap();
+    for cluster in yaml["static_resources"]["clusters"].as_sequence().unwrap() {
+        let budget = &cluster["circuit_breakers"]["thresholds"][0]["retry_budget"];
+        assert_eq!(budget["budget_percent"]["value"].as_f64(), Some(20.0));
+        assert_eq!(budget["min_retry_concurrency"].as_u64(), Some(10));
+        // Neither section is sluice's: no per-attempt instance.
+        assert!(cluster.get("typed_extension_protocol_options").is_none());
+    }
+    let hcm =
+        &yaml["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
+    for route in hcm["route_config"]["virtual_hosts"][0]["routes"]
+        .as_sequence()
+        .unwrap()
+    {
+        let retry = &route["route"]["retry_policy"];
+        assert_eq!(
+            retry["retry_on"].as_str(),
+            Some("gateway-error,reset,connect-failure")
+        );
+        assert_eq!(retry["num_retries"].as_u64(), Some(2));
+    }
+    let given = hcm["http_filters"][1]["typed_config"]["config"]["configuration"]["value"]
+        .as_str()
+        .unwrap();
+    let policy = sluice_policy::parse_toml("given.toml", given).unwrap();
+    assert!(policy.retry.is_none() && policy.outlier.is_none());
+    assert!(policy.breaker.is_some() && policy.tokens.is_some());
+}
+
+#[test]
 fn render_native_outlier_hands_the_section_to_envoy() {
     let out = sluice(&[
         "render",

@@ -14,10 +14,13 @@
 //! The filter is given the policy as rendered: with the endpoints of
 //! `--endpoints` ([`policy_text`]), so what it knows of a backend is what
 //! Envoy routes to. Backends with `[outlier]` get endpoint picking by sluice
-//! or, with `--native-outlier`, Envoy's own outlier detection ([`outlier`]).
+//! or, with `--native-outlier`, Envoy's own outlier detection ([`outlier`]);
+//! backends with `[retry]` get sluice's retry budget or, with
+//! `--native-retry`, Envoy's route retries and retry budget ([`retry`]).
 
 mod outlier;
 mod policy_text;
+mod retry;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -26,11 +29,12 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
-use sluice_core::config::{Backend, OutlierConfig, Policy};
+use sluice_core::config::{Backend, OutlierConfig, Policy, RetryConfig};
 use sluice_policy::{ATTEMPT_ROOT_ID, Capability, Diagnostics, MODULE, Source};
 
 use outlier::OutlierMode;
 use policy_text::{Edits, ZoneEndpoints};
+use retry::RetryMode;
 
 /// Request header naming the backend a request goes to; the route table
 /// matches it. Filters set it (fallback model, explicit routes).
@@ -75,6 +79,16 @@ pub struct EnvoyArgs {
     /// outliers too.
     #[arg(long)]
     native_outlier: bool,
+    /// For side-by-side drills: enforce `[retry]` with Envoy alone: a route
+    /// retry policy from the section (`retry_on` in Envoy's words,
+    /// `max_retries` retries each on a host not tried yet, back-off,
+    /// `retry-after`) and Envoy's retry budget on the clusters (retries in
+    /// flight at most `budget` of the requests in flight, at least
+    /// max(3, `min_retries_per_second`)). No budget over time, no
+    /// `x-should-retry: false` for clients. sluice.wasm gets the policy
+    /// without `[retry]`. Combines with --native-outlier.
+    #[arg(long)]
+    native_retry: bool,
     /// Write to this file instead of standard output.
     #[arg(short, long)]
     output: Option<PathBuf>,
@@ -101,10 +115,23 @@ pub fn envoy(args: &EnvoyArgs) -> anyhow::Result<ExitCode> {
     } else {
         OutlierMode::Off
     };
+    let retry_mode = if args.native_retry {
+        RetryMode::Native
+    } else if Capability::Retry.is_enforced() {
+        RetryMode::Sluice
+    } else {
+        RetryMode::Off
+    };
     let has_outlier = Capability::Outlier.is_enabled_in(&policy);
     if args.native_outlier && !has_outlier {
         eprintln!(
             "warning: --native-outlier: the policy enables no [outlier], so there is nothing to render for it"
+        );
+    }
+    let has_retry = Capability::Retry.is_enabled_in(&policy);
+    if args.native_retry && !has_retry {
+        eprintln!(
+            "warning: --native-retry: the policy enables no [retry], so there is nothing to render for it"
         );
     }
     let (filter_policy, filter_text) = match filter_policy_text(
@@ -116,6 +143,7 @@ pub fn envoy(args: &EnvoyArgs) -> anyhow::Result<ExitCode> {
             // Only when there is something to drop: otherwise the text stays
             // the file's, byte for byte.
             drop_outlier: args.native_outlier && has_outlier,
+            drop_retry: args.native_retry && has_retry,
         },
     )? {
         Ok(rendered) => rendered,
@@ -135,13 +163,20 @@ pub fn envoy(args: &EnvoyArgs) -> anyhow::Result<ExitCode> {
             cap.section()
         );
     }
-    let bootstrap = bootstrap(&policy, &filter_policy, &filter_text, args, outlier_mode)?;
+    let modes = Modes {
+        outlier: outlier_mode,
+        retry: retry_mode,
+    };
+    let bootstrap = bootstrap(&policy, &filter_policy, &filter_text, args, modes)?;
     let mut out = format!(
         "# Envoy bootstrap rendered by `sluice render envoy` from {}.\n",
         args.policy.display()
     );
     if args.native_outlier && has_outlier {
         out.push_str("# [outlier]: Envoy's own outlier_detection and route retries (--native-outlier); sluice.wasm is given the policy without it\n");
+    }
+    if args.native_retry && has_retry {
+        out.push_str("# [retry]: Envoy's own route retry policy and cluster retry_budget (--native-retry); sluice.wasm is given the policy without it\n");
     }
     for cap in &not_enforced {
         out.push_str(&format!(
@@ -175,6 +210,12 @@ fn filter_policy_text(
         expected.outlier = None;
         for b in &mut expected.backends {
             b.outlier = None;
+        }
+    }
+    if edits.drop_retry {
+        expected.retry = None;
+        for b in &mut expected.backends {
+            b.retry = None;
         }
     }
     if edits.is_empty() {
@@ -248,15 +289,23 @@ fn socket_address(addr: &str) -> anyhow::Result<Value> {
     Ok(json!({ "socket_address": { "address": host, "port_value": port } }))
 }
 
+/// Who enforces the sections Envoy can also enforce by itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Modes {
+    outlier: OutlierMode,
+    retry: RetryMode,
+}
+
 /// The bootstrap: `policy` drives the listener, routes and clusters;
 /// `filter_policy` is what sluice.wasm is given as `filter_text` (the same
-/// policy, without `[outlier]` under `--native-outlier`).
+/// policy, without `[outlier]` under `--native-outlier`, without `[retry]`
+/// under `--native-retry`).
 fn bootstrap(
     policy: &Policy,
     filter_policy: &Policy,
     filter_text: &str,
     args: &EnvoyArgs,
-    outlier_mode: OutlierMode,
+    modes: Modes,
 ) -> anyhow::Result<Value> {
     // Outlier detection needs the attempts of its own backends' clusters
     // only (see `clusters`); other enforced sections that learn from
@@ -318,7 +367,7 @@ fn bootstrap(
                         // with a 3xx in place of an answer.
                         "path_with_escaped_slashes_action": "REJECT_REQUEST",
                         "route_config": { "name": "sluice", "virtual_hosts": [{
-                            "name": "llm", "domains": ["*"], "routes": routes(policy, outlier_mode),
+                            "name": "llm", "domains": ["*"], "routes": routes(policy, modes),
                             // Every answer says how many attempts it took
                             // (`x-envoy-attempt-count`).
                             "include_attempt_count_in_response": true,
@@ -327,7 +376,7 @@ fn bootstrap(
                     }
                 }]}],
             }],
-            "clusters": clusters(policy, outlier_mode, &attempt_filter, every_cluster)?,
+            "clusters": clusters(policy, modes, &attempt_filter, every_cluster)?,
         },
     }))
 }
@@ -365,13 +414,13 @@ fn buffer_limit(policy: &Policy) -> u64 {
 /// Routes: a backend named by [`BACKEND_HEADER`] first (filters set it),
 /// then the policy's explicit routes on what Envoy can match by itself
 /// (path prefix, authority), then the default backend.
-fn routes(policy: &Policy, outlier_mode: OutlierMode) -> Vec<Value> {
+fn routes(policy: &Policy, modes: Modes) -> Vec<Value> {
     let mut routes = Vec::new();
     for b in &policy.backends {
         routes.push(json!({
             "name": format!("backend-{}", b.name),
             "match": { "prefix": "/", "headers": [{ "name": BACKEND_HEADER, "string_match": { "exact": b.name } }] },
-            "route": route_action(policy, &b.name, outlier_mode),
+            "route": route_action(policy, &b.name, modes),
         }));
     }
     for (i, r) in policy.routes.iter().enumerate() {
@@ -397,16 +446,19 @@ fn routes(policy: &Policy, outlier_mode: OutlierMode) -> Vec<Value> {
                     .join("|");
                 m["headers"] = json!([{ "name": ":authority", "string_match": { "safe_regex": { "regex": format!("^({pattern})$") } } }]);
             }
-            routes.push(json!({ "name": format!("route-{i}"), "match": m, "route": route_action(policy, &r.backend, outlier_mode) }));
+            routes.push(json!({ "name": format!("route-{i}"), "match": m, "route": route_action(policy, &r.backend, modes) }));
         }
     }
-    routes.push(json!({ "name": "default", "match": { "prefix": "/" }, "route": route_action(policy, &policy.default_backend, outlier_mode) }));
+    routes.push(json!({ "name": "default", "match": { "prefix": "/" }, "route": route_action(policy, &policy.default_backend, modes) }));
     routes
 }
 
-/// The route to a backend's first cluster, with its timeout; with native
-/// outlier detection for the backend, the retries that go with it.
-fn route_action(policy: &Policy, backend: &str, outlier_mode: OutlierMode) -> Value {
+/// The route to a backend's first cluster, with its timeout, and its retry
+/// policy: Envoy's own for `[retry]` under `--native-retry` (with the
+/// first-token timeout of a native `[outlier]` as its per-try timeout),
+/// else the one native outlier detection goes with, else the route's part
+/// of sluice's `[retry]`.
+fn route_action(policy: &Policy, backend: &str, modes: Modes) -> Value {
     let Some(b) = policy.backend(backend) else {
         return json!({ "cluster": backend });
     };
@@ -415,47 +467,20 @@ fn route_action(policy: &Policy, backend: &str, outlier_mode: OutlierMode) -> Va
         .first()
         .map_or(b.name.as_str(), |z| z.cluster.as_str());
     let mut action = json!({ "cluster": cluster, "timeout": format!("{}s", b.timeout.as_secs()) });
-    if outlier_mode == OutlierMode::Native
-        && let Some(o) = &b.outlier
-    {
-        action["retry_policy"] = outlier::native_retry_policy(o);
-    } else if let Some(r) = &b.retry
-        && Capability::Retry.is_enforced()
-    {
-        action["retry_policy"] = retry_policy(r);
+    let native_outlier = b
+        .outlier
+        .as_ref()
+        .filter(|_| modes.outlier == OutlierMode::Native);
+    match (modes.retry, &b.retry, native_outlier) {
+        (RetryMode::Native, Some(r), o) => {
+            action["retry_policy"] =
+                retry::native_retry_policy(r, o.map(|o| o.first_token_timeout));
+        }
+        (_, _, Some(o)) => action["retry_policy"] = outlier::native_retry_policy(o),
+        (RetryMode::Sluice, Some(r), None) => action["retry_policy"] = retry::route_policy(r),
+        _ => {}
     }
     action
-}
-
-/// The route's part of `[retry]`: what Envoy cannot take per request.
-///
-/// sluice.wasm sets each request's retry count and conditions from the
-/// budget (`x-envoy-max-retries`, `x-envoy-retry-on`); the route keeps
-/// none of its own (`num_retries: 0`: a request sluice did not plan is not
-/// retried), picks a host not tried yet for each retry (a 429 is never
-/// retried on the endpoint that sent it), and backs off as the policy says,
-/// waiting for an upstream's `retry-after` when `honor_retry_after` is set.
-fn retry_policy(r: &sluice_core::config::RetryConfig) -> Value {
-    let ms = |d: std::time::Duration| format!("{}s", d.as_secs_f64());
-    let mut policy = json!({
-        "retry_on": "5xx",
-        "num_retries": 0,
-        "retry_host_predicate": [{
-            "name": "envoy.retry_host_predicates.previous_hosts",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
-            }
-        }],
-        "host_selection_retry_max_attempts": 3,
-        "retry_back_off": { "base_interval": ms(r.backoff_base), "max_interval": ms(r.backoff_max) },
-    });
-    if r.honor_retry_after {
-        policy["rate_limited_retry_back_off"] = json!({
-            "reset_headers": [{ "name": "retry-after", "format": "SECONDS" }],
-            "max_interval": ms(r.backoff_max.max(std::time::Duration::from_secs(1))),
-        });
-    }
-    policy
 }
 
 fn regex_escape(s: &str) -> String {
@@ -477,7 +502,7 @@ type ClusterBackends<'p> = Vec<(&'p Backend, &'p sluice_core::config::Zone)>;
 /// when sluice picks its endpoints.
 fn clusters(
     policy: &Policy,
-    outlier_mode: OutlierMode,
+    modes: Modes,
     attempt_filter: &Value,
     every_cluster: bool,
 ) -> anyhow::Result<Vec<Value>> {
@@ -491,6 +516,7 @@ fn clusters(
         .into_iter()
         .map(|(name, members)| {
             let outlier = cluster_outlier(name, &members);
+            let retry = cluster_retry(name, &members);
             let mut all_ips = true;
             let mut localities = Vec::new();
             for (_, z) in &members {
@@ -516,7 +542,7 @@ fn clusters(
                 "load_assignment": { "cluster_name": name, "endpoints": localities },
             });
             let mut with_attempts = every_cluster;
-            match (outlier_mode, outlier) {
+            match (modes.outlier, outlier) {
                 (OutlierMode::Sluice, Some(_)) => {
                     if !all_ips {
                         eprintln!("warning: cluster `{name}` has host names: sluice names endpoints by address for `override_host`, so its requests fall back to least request");
@@ -537,10 +563,17 @@ fn clusters(
                 }
                 _ => {}
             }
-            // Retries across requests are the budget's to bound, not
-            // Envoy's default of 3 in flight per cluster.
-            if Capability::Retry.is_enforced() && members.iter().any(|(b, _)| b.retry.is_some()) {
-                cluster["circuit_breakers"] = outlier::retry_circuit_breaker();
+            match (modes.retry, retry) {
+                // Retries across requests are the budget's to bound, not
+                // Envoy's default of 3 in flight per cluster.
+                (RetryMode::Sluice, Some(_)) => {
+                    cluster["circuit_breakers"] = outlier::retry_circuit_breaker();
+                }
+                // Envoy's own budget, which replaces its `max_retries`.
+                (RetryMode::Native, Some(r)) => {
+                    cluster["circuit_breakers"] = retry::native_circuit_breaker(r);
+                }
+                _ => {}
             }
             if with_attempts {
                 cluster["typed_extension_protocol_options"] = json!({
@@ -572,6 +605,18 @@ fn cluster_outlier<'p>(name: &str, members: &ClusterBackends<'p>) -> Option<&'p 
     if configs.any(|other| other != first) {
         eprintln!(
             "warning: backends sharing cluster `{name}` set [outlier] differently: the cluster follows the first of them"
+        );
+    }
+    Some(first)
+}
+
+/// The `[retry]` settings of a cluster, chosen like [`cluster_outlier`]'s.
+fn cluster_retry<'p>(name: &str, members: &ClusterBackends<'p>) -> Option<&'p RetryConfig> {
+    let mut configs = members.iter().filter_map(|(b, _)| b.retry.as_ref());
+    let first = configs.next()?;
+    if configs.any(|other| other != first) {
+        eprintln!(
+            "warning: backends sharing cluster `{name}` set [retry] differently: the cluster's retry budget follows the first of them"
         );
     }
     Some(first)
@@ -667,7 +712,7 @@ consecutive_errors = 3
 interval = "5s"
 "#;
 
-    fn args(native_outlier: bool) -> EnvoyArgs {
+    fn args(native_outlier: bool, native_retry: bool) -> EnvoyArgs {
         EnvoyArgs {
             policy: PathBuf::from("p.toml"),
             wasm_dir: PathBuf::from("/wasm"),
@@ -677,23 +722,39 @@ interval = "5s"
             failure_policy: "FAIL_RELOAD".into(),
             attempt_filter: false,
             native_outlier,
+            native_retry,
             output: None,
         }
     }
 
-    /// The bootstrap of `text` as `envoy` renders it, in `mode`.
+    /// The bootstrap of `text` as `envoy` renders it, in `mode` (sluice's
+    /// `[retry]`).
     fn render(text: &str, mode: OutlierMode) -> Value {
+        render_in(
+            text,
+            Modes {
+                outlier: mode,
+                retry: RetryMode::Sluice,
+            },
+        )
+    }
+
+    /// The bootstrap of `text` as `envoy` renders it, in `modes`.
+    fn render_in(text: &str, modes: Modes) -> Value {
         let policy = sluice_policy::parse_toml("p.toml", text).unwrap();
-        let native = mode == OutlierMode::Native;
+        let native_outlier = modes.outlier == OutlierMode::Native;
+        let native_retry = modes.retry == RetryMode::Native;
         let edits = Edits {
             endpoints: &[],
-            drop_outlier: native && Capability::Outlier.is_enabled_in(&policy),
+            drop_outlier: native_outlier && Capability::Outlier.is_enabled_in(&policy),
+            drop_retry: native_retry && Capability::Retry.is_enabled_in(&policy),
         };
         let (filter_policy, filter_text) =
             filter_policy_text(&policy, text, Path::new("p.toml"), edits)
                 .unwrap()
                 .unwrap();
-        bootstrap(&policy, &filter_policy, &filter_text, &args(native), mode).unwrap()
+        let args = args(native_outlier, native_retry);
+        bootstrap(&policy, &filter_policy, &filter_text, &args, modes).unwrap()
     }
 
     fn cluster<'v>(b: &'v Value, name: &str) -> &'v Value {
@@ -891,5 +952,220 @@ models = ["b"]
         assert!(cluster(&b, "pool").get("load_balancing_policy").is_some());
         let b = render(text, OutlierMode::Native);
         assert!(cluster(&b, "pool").get("outlier_detection").is_some());
+    }
+
+    /// `primary` (two zones of two endpoints, `[retry]` with 429 and a
+    /// larger budget) and `small` (its own cluster, `[retry]` off for it).
+    const WITH_RETRY: &str = r#"
+[[backend]]
+name = "primary"
+models = ["big"]
+  [[backend.zone]]
+  name = "zone-a"
+  endpoints = ["127.0.0.1:1", "127.0.0.1:2"]
+  [[backend.zone]]
+  name = "zone-b"
+  endpoints = ["127.0.0.1:3", "127.0.0.1:4"]
+
+[[backend]]
+name = "small"
+models = ["small"]
+  [[backend.zone]]
+  name = "zone-a"
+  endpoints = ["127.0.0.1:5"]
+  [backend.retry]
+  enabled = false
+
+[retry]
+budget = "25%"
+min_retries_per_second = 5
+max_retries = 2
+retry_on = ["gateway-error", "reset", "connect-failure", "429"]
+backoff_base = "50ms"
+"#;
+
+    const NATIVE_RETRY: Modes = Modes {
+        outlier: OutlierMode::Sluice,
+        retry: RetryMode::Native,
+    };
+
+    #[test]
+    fn sluice_retry_keeps_the_routes_part_and_budgets_in_the_filter() {
+        let b = render(WITH_RETRY, OutlierMode::Sluice);
+        let retry = &route(&b, "backend-primary")["route"]["retry_policy"];
+        assert_eq!(retry["num_retries"], 0);
+        assert_eq!(retry["retry_on"], "5xx");
+        assert_eq!(
+            retry["retry_host_predicate"][0]["name"],
+            "envoy.retry_host_predicates.previous_hosts"
+        );
+        assert_eq!(retry["retry_back_off"]["base_interval"], "0.05s");
+        assert!(retry.get("rate_limited_retry_back_off").is_some());
+        let primary = cluster(&b, "primary");
+        assert_eq!(
+            primary["circuit_breakers"],
+            json!({ "thresholds": [{ "priority": "DEFAULT", "max_retries": 1024 }] })
+        );
+        // Every cluster sees its attempts: deposits and charges.
+        for name in ["primary", "small"] {
+            assert_eq!(
+                upstream_filters(cluster(&b, name)).unwrap(),
+                [ATTEMPT_ROOT_ID, "envoy.filters.http.upstream_codec"]
+            );
+        }
+        assert!(cluster(&b, "small").get("circuit_breakers").is_none());
+        assert!(
+            route(&b, "backend-small")["route"]
+                .get("retry_policy")
+                .is_none()
+        );
+        assert_eq!(filter_text(&b), WITH_RETRY);
+    }
+
+    #[test]
+    fn native_retry_renders_what_envoy_alone_would_do() {
+        let b = render_in(WITH_RETRY, NATIVE_RETRY);
+        let retry = &route(&b, "backend-primary")["route"]["retry_policy"];
+        assert_eq!(
+            retry["retry_on"],
+            "gateway-error,reset,connect-failure,retriable-status-codes"
+        );
+        assert_eq!(retry["retriable_status_codes"], json!([429]));
+        assert_eq!(retry["num_retries"], 2);
+        assert_eq!(
+            retry["retry_host_predicate"][0]["name"],
+            "envoy.retry_host_predicates.previous_hosts"
+        );
+        assert_eq!(
+            retry["retry_back_off"],
+            json!({ "base_interval": "0.05s", "max_interval": "0.5s" })
+        );
+        assert_eq!(
+            retry["rate_limited_retry_back_off"]["reset_headers"][0]["name"],
+            "retry-after"
+        );
+        assert!(retry.get("per_try_timeout").is_none());
+        assert_eq!(route(&b, "default")["route"]["retry_policy"], *retry);
+        let primary = cluster(&b, "primary");
+        assert_eq!(
+            primary["circuit_breakers"],
+            json!({ "thresholds": [{
+                "priority": "DEFAULT",
+                "retry_budget": {
+                    "budget_percent": { "value": 25.0 },
+                    "min_retry_concurrency": 5,
+                },
+            }]})
+        );
+        // Nothing left for sluice to learn from attempts.
+        assert_eq!(primary["lb_policy"], "ROUND_ROBIN");
+        assert!(upstream_filters(primary).is_none());
+        // A backend that switches the section off gets none of it.
+        let small = cluster(&b, "small");
+        assert!(small.get("circuit_breakers").is_none());
+        assert!(upstream_filters(small).is_none());
+        assert!(
+            route(&b, "backend-small")["route"]
+                .get("retry_policy")
+                .is_none()
+        );
+        // sluice.wasm does not budget retries too.
+        let given = sluice_policy::parse_toml("given.toml", filter_text(&b)).unwrap();
+        assert!(given.retry.is_none());
+        assert!(given.backends.iter().all(|b| b.retry.is_none()));
+        assert!(!filter_text(&b).contains("retry"));
+    }
+
+    #[test]
+    fn native_retry_combines_with_native_outlier() {
+        let text = format!(
+            "{WITH_RETRY}\n[outlier]\nconsecutive_errors = 3\nfirst_token_timeout = \"2s\"\n"
+        );
+        let b = render_in(
+            &text,
+            Modes {
+                outlier: OutlierMode::Native,
+                retry: RetryMode::Native,
+            },
+        );
+        // The route retries as [retry] says, with the outlier section's
+        // first-token timeout per try.
+        let retry = &route(&b, "backend-primary")["route"]["retry_policy"];
+        assert_eq!(retry["num_retries"], 2);
+        assert_eq!(
+            retry["retry_on"],
+            "gateway-error,reset,connect-failure,retriable-status-codes"
+        );
+        assert_eq!(retry["per_try_timeout"], "2s");
+        assert!(retry.get("retry_back_off").is_some());
+        let primary = cluster(&b, "primary");
+        assert_eq!(primary["lb_policy"], "LEAST_REQUEST");
+        assert_eq!(primary["outlier_detection"]["consecutive_5xx"], 3);
+        assert_eq!(
+            primary["circuit_breakers"]["thresholds"][0]["retry_budget"]["min_retry_concurrency"],
+            5
+        );
+        assert!(
+            primary["circuit_breakers"]["thresholds"][0]
+                .get("max_retries")
+                .is_none()
+        );
+        assert!(upstream_filters(primary).is_none());
+        // `small` has [outlier] but no [retry]: native outlier's retries.
+        let small_retry = &route(&b, "backend-small")["route"]["retry_policy"];
+        assert_eq!(small_retry["num_retries"], 2);
+        assert_eq!(small_retry["per_try_timeout"], "2s");
+        assert_eq!(
+            cluster(&b, "small")["circuit_breakers"]["thresholds"][0]["max_retries"],
+            1024
+        );
+        let given = sluice_policy::parse_toml("given.toml", filter_text(&b)).unwrap();
+        assert!(given.retry.is_none() && given.outlier.is_none());
+        assert!(
+            given
+                .backends
+                .iter()
+                .all(|b| b.retry.is_none() && b.outlier.is_none())
+        );
+    }
+
+    #[test]
+    fn native_retry_with_sluices_outlier_keeps_the_endpoint_picking() {
+        let text = format!("{WITH_RETRY}\n[outlier]\n");
+        let b = render_in(&text, NATIVE_RETRY);
+        let primary = cluster(&b, "primary");
+        assert!(primary.get("load_balancing_policy").is_some());
+        assert_eq!(
+            upstream_filters(primary).unwrap(),
+            [ATTEMPT_ROOT_ID, "envoy.filters.http.upstream_codec"]
+        );
+        assert!(
+            primary["circuit_breakers"]["thresholds"][0]
+                .get("retry_budget")
+                .is_some()
+        );
+        assert_eq!(
+            route(&b, "backend-primary")["route"]["retry_policy"]["num_retries"],
+            2
+        );
+        let given = sluice_policy::parse_toml("given.toml", filter_text(&b)).unwrap();
+        assert!(given.retry.is_none() && given.outlier.is_some());
+    }
+
+    #[test]
+    fn native_retry_without_a_retry_section_changes_nothing() {
+        let without = WITH_RETRY.split("[retry]").next().unwrap();
+        let sluice = render(without, OutlierMode::Sluice);
+        assert_eq!(render_in(without, NATIVE_RETRY), sluice);
+        assert!(
+            route(&sluice, "backend-primary")["route"]
+                .get("retry_policy")
+                .is_none()
+        );
+        assert!(
+            cluster(&sluice, "primary")
+                .get("circuit_breakers")
+                .is_none()
+        );
     }
 }

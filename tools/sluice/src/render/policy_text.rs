@@ -3,7 +3,8 @@
 //! The filter validates the text it is given, so it must be told what the
 //! render changed: the endpoints given with `--endpoints` (an outlier detector
 //! judges the endpoints Envoy really has, not the file's placeholders), and,
-//! with `--native-outlier`, that `[outlier]` is Envoy's job and not its own.
+//! with `--native-outlier` or `--native-retry`, that `[outlier]` or `[retry]`
+//! is Envoy's job and not its own.
 //! TOML is edited in place with `toml_edit`, so the admin's comments and
 //! layout survive into the bootstrap; JSON (what Istio hands a filter) is
 //! re-serialized. Either way the caller re-validates the result and checks
@@ -30,11 +31,25 @@ pub struct Edits<'a> {
     pub endpoints: &'a [ZoneEndpoints],
     /// Remove the `[outlier]` table and every backend's `[backend.outlier]`.
     pub drop_outlier: bool,
+    /// Remove the `[retry]` table and every backend's `[backend.retry]`.
+    pub drop_retry: bool,
 }
 
 impl Edits<'_> {
     pub fn is_empty(&self) -> bool {
-        self.endpoints.is_empty() && !self.drop_outlier
+        self.endpoints.is_empty() && !self.drop_outlier && !self.drop_retry
+    }
+
+    /// The sections to remove, everywhere they appear.
+    fn dropped(&self) -> Vec<&'static str> {
+        let mut sections = Vec::new();
+        if self.drop_outlier {
+            sections.push("outlier");
+        }
+        if self.drop_retry {
+            sections.push("retry");
+        }
+        sections
     }
 }
 
@@ -73,10 +88,10 @@ fn edit_toml(text: &str, edits: Edits<'_>) -> anyhow::Result<String> {
         };
         set_endpoints(zone, &e.endpoints);
     }
-    if edits.drop_outlier {
-        doc.remove("outlier");
+    for section in edits.dropped() {
+        doc.remove(section);
         for backend in named_tables(doc.get_mut("backend")) {
-            backend.remove("outlier");
+            backend.remove(section);
         }
     }
     Ok(doc.to_string())
@@ -142,13 +157,13 @@ fn edit_json(text: &str, edits: Edits<'_>) -> anyhow::Result<String> {
         };
         zone.insert("endpoints".to_string(), Json::from(e.endpoints.clone()));
     }
-    if edits.drop_outlier {
+    for section in edits.dropped() {
         if let Some(root) = doc.as_object_mut() {
-            root.remove("outlier");
+            root.remove(section);
         }
         for backend in json_objects(doc.get_mut("backend")) {
             if let Some(b) = backend.as_object_mut() {
-                b.remove("outlier");
+                b.remove(section);
             }
         }
     }
@@ -219,6 +234,7 @@ consecutive_errors = 3
             Edits {
                 endpoints: &eps,
                 drop_outlier: false,
+                drop_retry: false,
             },
         )
         .unwrap();
@@ -257,6 +273,7 @@ consecutive_errors = 3
             Edits {
                 endpoints: &[],
                 drop_outlier: true,
+                drop_retry: false,
             },
         )
         .unwrap();
@@ -271,6 +288,50 @@ consecutive_errors = 3
     }
 
     #[test]
+    fn dropping_retry_removes_the_section_and_every_override_and_nothing_else() {
+        let text = format!(
+            "{POLICY}\n# Budget retries.\n[retry]\nmax_retries = 2\n\n[[backend]]\nname = \"third\"\nmodels = [\"t\"]\nzone = {{ name = \"zone-a\" }}\n  [backend.retry]\n  max_retries = 3\n"
+        );
+        let before = sluice_policy::parse_toml("in.toml", &text).unwrap();
+        assert!(before.retry.is_some() && before.backends[2].retry.is_some());
+        for drop_outlier in [false, true] {
+            let out = edit(
+                &text,
+                Format::Toml,
+                Edits {
+                    endpoints: &[],
+                    drop_outlier,
+                    drop_retry: true,
+                },
+            )
+            .unwrap();
+            assert!(!out.contains("retry"), "{out}");
+            let policy = sluice_policy::parse_toml("out.toml", &out).unwrap();
+            assert!(policy.retry.is_none());
+            assert!(policy.backends.iter().all(|b| b.retry.is_none()));
+            assert_eq!(policy.outlier.is_none(), drop_outlier);
+            assert!(out.starts_with("# The admin's comment stays.\n"), "{out}");
+        }
+        let json = r#"{"backend": [{"name": "b", "models": ["*"], "zone": [{"name": "z"}],
+            "retry": {"max_retries": 3}}], "retry": {"budget": "10%"}, "outlier": {}}"#;
+        let out = edit(
+            json,
+            Format::Json,
+            Edits {
+                endpoints: &[],
+                drop_outlier: false,
+                drop_retry: true,
+            },
+        )
+        .unwrap();
+        let policy =
+            sluice_policy::parse(sluice_policy::Source::new("out.json", out, Format::Json))
+                .unwrap();
+        assert!(policy.retry.is_none() && policy.backends[0].retry.is_none());
+        assert!(policy.outlier.is_some());
+    }
+
+    #[test]
     fn a_single_table_backend_is_edited_too() {
         let text = "[backend]\nname = \"b\"\nmodels = \"*\"\nzone = { name = \"z\" }\n";
         let out = edit(
@@ -279,6 +340,7 @@ consecutive_errors = 3
             Edits {
                 endpoints: &[zone("b", "z", &["127.0.0.1:9"])],
                 drop_outlier: false,
+                drop_retry: false,
             },
         )
         .unwrap();
@@ -300,6 +362,7 @@ consecutive_errors = 3
                 Edits {
                     endpoints: &eps,
                     drop_outlier,
+                    drop_retry: false,
                 },
             )
             .unwrap();
@@ -324,6 +387,7 @@ consecutive_errors = 3
             Edits {
                 endpoints: &[zone("primary", "zone-z", &["127.0.0.1:1"])],
                 drop_outlier: false,
+                drop_retry: false,
             },
         )
         .unwrap_err();
