@@ -368,9 +368,10 @@ fn bootstrap(
                         "path_with_escaped_slashes_action": "REJECT_REQUEST",
                         "route_config": { "name": "sluice", "virtual_hosts": [{
                             "name": "llm", "domains": ["*"], "routes": routes(policy, modes),
-                            // Every answer says how many attempts it took
-                            // (`x-envoy-attempt-count`).
-                            "include_attempt_count_in_response": true,
+                            // With retries on, every answer says how many
+                            // attempts it took (`x-envoy-attempt-count`).
+                            "include_attempt_count_in_response":
+                                Capability::Retry.is_enabled_in(policy),
                         }]},
                         "http_filters": http_filters,
                     }
