@@ -25,14 +25,11 @@ reported:
 - total outage (every endpoint 503): the target is 1.2 upstream attempts
   per SDK call (the 20% budget). Asserted: sluice's own bound per HTTP
   request (retries ≤ 20% of requests plus the floor's reserve, both zones'),
-  at most half of Envoy alone's attempts per SDK call (3 × 3 = 9, whatever
-  the load), clients told ``x-should-retry: false`` and never re-sending
-  such a request. Measured on a loaded 2-core machine: 1.8 to 2.4 per SDK
-  call (more as the machine is slower), because a request that was granted
-  retries and still failed is not marked, so the SDK sends it again (a
-  third to a half more HTTP requests than calls, each waiting out the SDK's
-  back-off, which also thins the traffic), and because the reserve
-  (2 × 100 retries) is a fifth to a third of a 10 s drill's requests;
+  at most 1.6 attempts per SDK call (the reserve, 2 × 100 retries, weighs
+  more when a slow machine sends fewer requests), clients told
+  ``x-should-retry: false`` and never re-sending such a request. Before
+  every failure said so (only those the budget refused did), the SDK re-sent
+  the rest and this drill measured 1.8 to 2.4 per SDK call;
 - 30% random 503s: fewer failures than without retries (a third variant
   with every retry off measures that baseline), at a bounded amplification;
 - one zone of two down: no failure reaches the application;
@@ -255,9 +252,10 @@ def test_total_outage(lab_factory, tmp_path, variant):
         http = result["http_requests"]
         retries = result["upstream_attempts"] - http
         assert retries <= 0.2 * http + RESERVE + 0.1 * http, result
-        # Target 1.2 per SDK call; measured 1.8-2.4 (see the module docs),
-        # more when fewer requests share the reserve.
-        assert result["attempts_per_sdk_call"] <= 4.5, result
+        # Target 1.2 per SDK call (the budget, and clients told not to
+        # retry); loosely, since the floor's reserve weighs more when a
+        # slow machine sends fewer requests.
+        assert result["attempts_per_sdk_call"] <= 1.6, result
         assert result["told_not_to_retry"] >= result["sdk_calls"] // 2, result
         assert result["resent_after_told"] == 0, result
 

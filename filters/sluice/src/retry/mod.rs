@@ -18,9 +18,11 @@
 //!   the budget of the zone that receives it; every later one is charged
 //!   to the zone that receives the retry, even into debt (it has
 //!   happened). Both are batched per worker and flushed every [`TICK`].
-//! - **The answer**: a failure that reaches the client while the budget is
-//!   spent carries `x-should-retry: false`, which the official OpenAI and
-//!   Anthropic SDKs honour, so their own retries stop multiplying the storm.
+//! - **The answer**: a failure that reaches the client carries
+//!   `x-should-retry: false` (sluice already retried it on other endpoints
+//!   as far as the budget allows, or the budget allowed none), which the
+//!   official OpenAI and Anthropic SDKs honour, so their own retries do not
+//!   multiply the storm.
 //!   Envoy never retries once a response has started towards the client:
 //!   nothing is retried after the first streamed byte.
 //!
@@ -265,7 +267,14 @@ impl Capability for Retry {
         }
         Admitted {
             verdict: Verdict::Go,
-            flow: Some(Box::new(RetryFlow { spent: refused })),
+            // A failure that reaches the client has either been retried
+            // already, on other endpoints, within the budget, or the budget
+            // allowed none: a client retrying on top only multiplies the
+            // load (the SDKs' own two retries made a total outage 1.8-2.4
+            // attempts per call where the budget alone allows 1.2).
+            flow: Some(Box::new(RetryFlow {
+                tell: refused || p.max_retries > 0,
+            })),
         }
     }
 
@@ -289,8 +298,9 @@ impl Capability for Retry {
 
 /// One request's plan, followed to its answer.
 struct RetryFlow {
-    /// The budget was spent when the request was planned: it got no retry.
-    spent: bool,
+    /// A failure reaching the client says `x-should-retry: false`: sluice
+    /// retried it as far as the budget allows (perhaps not at all).
+    tell: bool,
 }
 
 impl Flow for RetryFlow {
@@ -302,9 +312,7 @@ impl Flow for RetryFlow {
         let failed = observation
             .status
             .is_some_and(|s| s == 429 || (500..600).contains(&s));
-        // Retrying cannot help while the budget is spent: the upstream is
-        // failing broadly, and more attempts are what would sink it.
-        if failed && self.spent {
+        if failed && self.tell {
             add.push((SHOULD_RETRY_HEADER, "false".to_owned()));
         }
     }
