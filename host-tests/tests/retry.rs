@@ -128,7 +128,20 @@ fn a_total_outage_is_not_multiplied_and_clients_are_told_not_to_retry() {
         all.len()
     );
     assert!(host.metric("sluice_retry.primary.refused") > 0);
-    assert!(host.metric("sluice_retry.primary.retries") > 0);
+    assert_eq!(host.metric("sluice_retry.primary.deposits"), 500);
+    assert_eq!(
+        host.metric("sluice_retry.primary.retries") as u64,
+        attempts - 500,
+        "every retry charged"
+    );
+    // Attempts per request, as the router counted them, one sample each.
+    let samples = host
+        .metrics()
+        .get("sluice_retry.primary.attempts_per_request")
+        .map(|m| m.samples.clone())
+        .unwrap_or_default();
+    assert_eq!(samples.len(), 500);
+    assert_eq!(samples.iter().sum::<u64>(), attempts);
     no_failures(&host);
 }
 

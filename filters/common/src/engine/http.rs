@@ -419,6 +419,11 @@ impl Exchange {
                     host::property_u64(&["response", "flags"]).unwrap_or(0),
                 );
             }
+            if self.config.as_ref().is_some_and(|c| c.reads_attempts) {
+                self.observation.attempts =
+                    host::property_u64(&["upstream", "request_attempt_count"])
+                        .and_then(|n| u32::try_from(n).ok());
+            }
             if self.observation.upstream_address.is_none()
                 && self.config.as_ref().is_some_and(|c| c.reads_endpoint)
             {

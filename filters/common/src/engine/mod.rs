@@ -225,6 +225,12 @@ pub trait Capability {
         false
     }
 
+    /// Whether it counts a request's upstream attempts
+    /// ([`Observation::attempts`], one host call per request).
+    fn reads_attempts(&self) -> bool {
+        false
+    }
+
     /// Whether it needs the upstream address a request reached
     /// ([`Observation::upstream_address`], one host call per request).
     fn reads_endpoint(&self) -> bool {

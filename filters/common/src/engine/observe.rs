@@ -63,6 +63,9 @@ pub struct Observation {
     pub last_event: Option<Timestamp>,
     /// Envoy's `response.flags`, read when the request is done.
     pub flags: ResponseFlags,
+    /// Upstream attempts the router made (`upstream.request_attempt_count`),
+    /// read when the request is done for a capability that counts them.
+    pub attempts: Option<u32>,
     /// The upstream host (`ip:port`) it reached, read when done.
     pub upstream_address: Option<String>,
     /// The response was sluice's own local reply.

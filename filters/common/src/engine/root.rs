@@ -35,6 +35,8 @@ pub(crate) struct Config {
     pub reads_endpoint: bool,
     /// Some capability judges outcomes by Envoy's response flags.
     pub reads_flags: bool,
+    /// Some capability counts each request's upstream attempts.
+    pub reads_attempts: bool,
 }
 
 /// What the root and every request of one VM share.
@@ -148,6 +150,7 @@ impl RootContext for Engine {
             reads_prompt: caps.iter().any(|c| c.reads_prompt()),
             reads_endpoint: caps.iter().any(|c| c.reads_endpoint()),
             reads_flags: caps.iter().any(|c| c.reads_flags()),
+            reads_attempts: caps.iter().any(|c| c.reads_attempts()),
             caps,
             max_body,
             policy,

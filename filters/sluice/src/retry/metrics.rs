@@ -1,9 +1,14 @@
-//! The retry capability's Envoy stats: `sluice_retry.<backend>.<metric>`
-//! and `sluice_retry.<backend>.<zone>.balance`, bounded by the policy.
+//! The retry capability's Envoy stats: `sluice_retry.<backend>.{deposits,
+//! retries, refused, attempts_per_request}` and
+//! `sluice_retry.<backend>.<zone>.balance`, bounded by the policy.
 
-use sluice_filter_common::{Counter, Gauge, label};
+use sluice_filter_common::{Counter, Gauge, Histogram, label};
 
 pub struct RetryMetrics {
+    /// First attempts, each depositing a share of a retry.
+    pub deposits: Counter,
+    /// Upstream attempts per request that reached the upstream.
+    pub attempts: Histogram,
     /// Retry attempts Envoy made (charged to the budget).
     pub retries: Counter,
     /// Requests the budget allowed no retry.
@@ -16,6 +21,8 @@ impl RetryMetrics {
     pub fn define(backend: &str, zones: &[String]) -> Self {
         let prefix = format!("sluice_retry.{}", label(backend));
         RetryMetrics {
+            deposits: Counter::define(&format!("{prefix}.deposits")),
+            attempts: Histogram::define(&format!("{prefix}.attempts_per_request")),
             retries: Counter::define(&format!("{prefix}.retries")),
             refused: Counter::define(&format!("{prefix}.refused")),
             balance: zones

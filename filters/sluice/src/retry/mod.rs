@@ -198,6 +198,10 @@ impl Capability for Retry {
         true
     }
 
+    fn reads_attempts(&self) -> bool {
+        true
+    }
+
     fn tick_period(&self) -> Option<Duration> {
         Some(TICK)
     }
@@ -274,6 +278,7 @@ impl Capability for Retry {
             // attempts per call where the budget alone allows 1.2).
             flow: Some(Box::new(RetryFlow {
                 tell: refused || p.max_retries > 0,
+                attempts: b.metrics.attempts,
             })),
         }
     }
@@ -289,6 +294,7 @@ impl Capability for Retry {
         let mut pending = b.pending.borrow_mut();
         if attempt.number <= 1 {
             pending[zone].0 = pending[zone].0.saturating_add(1);
+            b.metrics.deposits.inc();
         } else {
             pending[zone].1 = pending[zone].1.saturating_add(1);
             b.metrics.retries.inc();
@@ -301,6 +307,7 @@ struct RetryFlow {
     /// A failure reaching the client says `x-should-retry: false`: sluice
     /// retried it as far as the budget allows (perhaps not at all).
     tell: bool,
+    attempts: sluice_filter_common::Histogram,
 }
 
 impl Flow for RetryFlow {
@@ -317,5 +324,9 @@ impl Flow for RetryFlow {
         }
     }
 
-    fn done(&mut self, _observation: &mut Observation, _now: Timestamp) {}
+    fn done(&mut self, observation: &mut Observation, _now: Timestamp) {
+        if let Some(n) = observation.attempts.filter(|&n| n > 0) {
+            self.attempts.record(u64::from(n));
+        }
+    }
 }
