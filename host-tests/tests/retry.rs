@@ -171,3 +171,45 @@ fn random_failures_are_rescued_within_the_budget() {
     assert!(all.iter().any(|r| r.attempts > 1));
     no_failures(&host);
 }
+
+/// Big requests' retries in a total outage, with and without weighing
+/// requests by their tokens.
+fn big_retries(typical_request_tokens: u32) -> u64 {
+    let mut host = host(
+        &format!(
+            "max_retries = 1\nbudget = \"20%\"\nmin_retries_per_second = 1\nttl = \"60s\"\n\
+             typical_request_tokens = {typical_request_tokens}"
+        ),
+        vec![down(), down()],
+    );
+    // About 2,000 prompt tokens and a 100-token cap: 21 typical requests
+    // of 100 tokens each.
+    let prompt = "lorem ipsum dolor sit amet ".repeat(300);
+    let body = format!(
+        r#"{{"model":"big","max_tokens":100,"messages":[{{"role":"user","content":"{prompt}"}}]}}"#
+    );
+    for i in 0..40u64 {
+        host.schedule_request(
+            Duration::from_millis(i * 100),
+            None,
+            Request::post_json("/v1/chat/completions", &body),
+            i,
+        );
+    }
+    assert!(host.run_until(Duration::from_secs(60), |h| h.finished_count() == 40));
+    no_failures(&host);
+    host.metric("sluice_retry.primary.retries") as u64
+}
+
+#[test]
+fn a_huge_prompt_s_retry_costs_what_many_small_ones_do() {
+    // Unweighted, the floor's reserve (60 retries) pays every big retry;
+    // weighted, the reserve and the 20% deposits are worth about 11 of them.
+    let unweighted = big_retries(0);
+    let weighted = big_retries(100);
+    assert!(unweighted >= 38, "unweighted: {unweighted} of 40 retried");
+    assert!(
+        (5..=15).contains(&weighted),
+        "weighted: {weighted} of 40 retried"
+    );
+}

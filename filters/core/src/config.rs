@@ -693,6 +693,11 @@ pub struct RetryConfig {
     pub backoff_max: Duration,
     /// Wait at least an upstream's `retry-after` before retrying.
     pub honor_retry_after: bool,
+    /// Tokens of a typical request (prompt estimate plus completion cap):
+    /// a request deposits, and its retry withdraws, its tokens over this,
+    /// so retrying a huge prompt costs what many small ones do. 0: every
+    /// request weighs 1.
+    pub typical_request_tokens: u32,
 }
 
 /// Zone and region failover.

@@ -175,8 +175,16 @@ fn section_lines(cap: Capability, policy: &Policy) -> Vec<String> {
         Capability::Retry => {
             for be in &policy.backends {
                 if let Some(r) = &be.retry {
+                    let weighed = if r.typical_request_tokens > 0 {
+                        format!(
+                            ", counted in typical requests of {} tokens",
+                            r.typical_request_tokens
+                        )
+                    } else {
+                        String::new()
+                    };
                     lines.push(format!(
-                        "backend {}: up to {} retries on {}, back-off {}..{}, while retries stay under {} of requests (+{} per second, over {}); never after the first streamed byte",
+                        "backend {}: up to {} retries on {}, back-off {}..{}, while retries stay under {} of requests (+{} per second, over {}){weighed}; never after the first streamed byte; a failure that reaches the client says x-should-retry: false",
                         be.name, r.max_retries, kinds(&r.retry_on), HumanDuration(r.backoff_base), HumanDuration(r.backoff_max), r.budget, r.min_retries_per_second, HumanDuration(r.ttl)
                     ));
                 }

@@ -236,6 +236,7 @@ raw_table! {
         backoff_base: Duration,
         backoff_max: Duration,
         honor_retry_after: bool,
+        typical_request_tokens: u32,
     }
 }
 

@@ -208,6 +208,7 @@ mod tests {
             backoff_base: Duration::from_millis(25),
             backoff_max: Duration::from_millis(250),
             honor_retry_after: true,
+            typical_request_tokens: 0,
         }
     }
 

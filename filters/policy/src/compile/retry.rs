@@ -53,6 +53,7 @@ impl Compiler {
             backoff_base: base,
             backoff_max: max,
             honor_retry_after: or(&raw.honor_retry_after, true),
+            typical_request_tokens: or(&raw.typical_request_tokens, 0),
         }
     }
 }

@@ -36,6 +36,7 @@ use std::time::Duration;
 
 use log::warn;
 use sluice_core::config::{Policy, RetryConfig};
+use sluice_core::llm::Cap;
 use sluice_core::outlier::DESTINATION_HEADER;
 use sluice_core::retry::{
     self, MAX_RETRIES_HEADER, RETRIABLE_STATUS_CODES_HEADER, RETRY_ON_HEADER, RetryBudget, plan,
@@ -53,6 +54,10 @@ pub const TICK: Duration = Duration::from_millis(50);
 
 /// The zone of endpoints the policy does not list (EDS, Istio).
 const OTHER_ZONE: &str = "other";
+
+/// Stream property (Envoy filter state) carrying a request's weight to the
+/// per-attempt instance, when the policy weighs requests by their tokens.
+const WEIGHT_PROPERTY: &str = "sluice_retry_weight";
 
 /// Response header telling official SDKs not to retry.
 pub const SHOULD_RETRY_HEADER: &str = "x-should-retry";
@@ -75,12 +80,41 @@ struct Budgeted {
     endpoints: Vec<(String, usize)>,
     /// Balances as last read, less the retries granted since.
     seen: RefCell<Vec<f64>>,
-    /// Deposits (requests) and charges (retries) not yet flushed.
-    pending: RefCell<Vec<(u32, u32)>>,
+    /// Deposits (requests, their weight) and charges (retry weight) not
+    /// yet flushed.
+    pending: RefCell<Vec<(u32, f64, f64)>>,
     metrics: RetryMetrics,
 }
 
 impl Budgeted {
+    /// A request's weight in typical requests: its prompt estimate and
+    /// completion cap (times its completions) over
+    /// `typical_request_tokens`; 1 when weighting is off or the body was
+    /// not read.
+    fn weight(&self, request: &sluice_filter_common::engine::RequestContext) -> f64 {
+        let typical = self.cfg.typical_request_tokens;
+        let Some(info) = request.info().filter(|_| typical > 0) else {
+            return 1.0;
+        };
+        let cap = match info.cap {
+            Cap::Given { tokens, .. } => tokens,
+            Cap::Absent | Cap::Invalid { .. } => u64::from(typical),
+        };
+        // The token limiter's estimate when it ran; else OpenAI's rule of
+        // thumb, four characters a token.
+        let prompt = if info.prompt_tokens > 0 {
+            info.prompt_tokens
+        } else {
+            info.prompt_chars
+                .div_ceil(4)
+                .saturating_add(info.prompt_token_ids)
+        };
+        let tokens = prompt
+            .saturating_add(cap)
+            .saturating_mul(info.completions.max(1));
+        (tokens as f64 / f64::from(typical)).clamp(retry::MIN_WEIGHT, retry::MAX_WEIGHT)
+    }
+
     /// The zones attempts can land in: those the policy lists endpoints
     /// for, else ([`OTHER_ZONE`]) wherever Envoy's endpoints are.
     fn served_zones(&self) -> std::ops::Range<usize> {
@@ -102,23 +136,23 @@ impl Budgeted {
     /// zone's balance.
     fn flush(&self, now: Timestamp) {
         for (z, key) in self.keys.iter().enumerate() {
-            let (deposits, charges) = self.pending.borrow()[z];
-            let result = if deposits == 0 && charges == 0 {
+            let (deposits, weight, charges) = self.pending.borrow()[z];
+            let result = if deposits == 0 && charges <= 0.0 {
                 STATE
                     .read::<RetryBudget>(key)
                     .map(|b| b.balance(now, &self.cfg))
             } else {
                 STATE.update(key, |b: &mut RetryBudget| {
-                    b.deposit_many(now, &self.cfg, deposits, f64::from(deposits));
-                    for _ in 0..charges {
-                        b.charge(now, &self.cfg, 1.0);
+                    b.deposit_many(now, &self.cfg, deposits, weight);
+                    if charges > 0.0 {
+                        b.charge(now, &self.cfg, charges);
                     }
                     b.balance(now, &self.cfg)
                 })
             };
             match result {
                 Ok(balance) => {
-                    self.pending.borrow_mut()[z] = (0, 0);
+                    self.pending.borrow_mut()[z] = (0, 0.0, 0.0);
                     self.seen.borrow_mut()[z] = balance;
                     if let Some(g) = self.metrics.balance.get(z) {
                         g.set(balance.max(0.0) as u64);
@@ -158,7 +192,7 @@ impl Retry {
                     keys: zones.iter().map(|z| retry::state_key(&b.name, z)).collect(),
                     metrics: RetryMetrics::define(&b.name, &zones),
                     seen: RefCell::new(vec![retry::reserve(&cfg); n]),
-                    pending: RefCell::new(vec![(0, 0); n]),
+                    pending: RefCell::new(vec![(0, 0.0, 0.0); n]),
                     cfg,
                     zones,
                     endpoints,
@@ -200,6 +234,12 @@ impl Capability for Retry {
 
     fn reads_attempts(&self) -> bool {
         true
+    }
+
+    fn reads_prompt(&self) -> bool {
+        self.backends
+            .iter()
+            .any(|b| b.cfg.typical_request_tokens > 0)
     }
 
     fn tick_period(&self) -> Option<Duration> {
@@ -253,12 +293,25 @@ impl Capability for Retry {
                 }
             }
         };
-        let p = plan(&b.cfg, available, admission.request.stream, fallbacks);
+        let weight = b.weight(admission.request);
+        if weight != 1.0 {
+            // The per-attempt instance deposits and charges this weight.
+            admission
+                .edits
+                .properties
+                .push((WEIGHT_PROPERTY, weight.to_string().into_bytes()));
+        }
+        let p = plan(
+            &b.cfg,
+            available / weight,
+            admission.request.stream,
+            fallbacks,
+        );
         let refused = p.max_retries == 0 && b.cfg.max_retries > 0 && available < 1.0;
         if refused {
             b.metrics.refused.inc();
         }
-        b.seen.borrow_mut()[zone] -= f64::from(p.max_retries);
+        b.seen.borrow_mut()[zone] -= f64::from(p.max_retries) * weight;
         for name in [
             MAX_RETRIES_HEADER,
             RETRY_ON_HEADER,
@@ -291,12 +344,21 @@ impl Capability for Retry {
         else {
             return;
         };
+        let weight = if b.cfg.typical_request_tokens > 0 {
+            sluice_filter_common::host::property(&[WEIGHT_PROPERTY])
+                .and_then(|v| String::from_utf8(v).ok()?.parse::<f64>().ok())
+                .filter(|w| w.is_finite())
+                .map_or(1.0, |w| w.clamp(retry::MIN_WEIGHT, retry::MAX_WEIGHT))
+        } else {
+            1.0
+        };
         let mut pending = b.pending.borrow_mut();
         if attempt.number <= 1 {
             pending[zone].0 = pending[zone].0.saturating_add(1);
+            pending[zone].1 += weight;
             b.metrics.deposits.inc();
         } else {
-            pending[zone].1 = pending[zone].1.saturating_add(1);
+            pending[zone].2 += weight;
             b.metrics.retries.inc();
         }
     }
