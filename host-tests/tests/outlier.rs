@@ -452,3 +452,37 @@ fn hostile_requests_are_picked_like_any_other() {
     }
     no_failures(&host);
 }
+
+#[test]
+fn a_stream_that_stalls_after_its_headers_is_abandoned_at_the_first_token_deadline() {
+    // An endpoint that answers `200` at once and then sends nothing for 5 s:
+    // without the per-attempt instance holding the headers, the router
+    // would see them, stop the per-try timer, and the client would wait the
+    // 5 s. With the hold, the attempt is cut at the deadline and retried.
+    let stalled = healthy().with_body_delay(Duration::from_secs(5));
+    let mut host = host(
+        r#"first_token_timeout = "500ms""#,
+        vec![stalled, healthy(), healthy()],
+    );
+    load(&mut host, Duration::ZERO, 4, 30, || chat(true));
+    let all = responses(&host);
+    assert!(all.iter().all(|(_, r)| r.status == 200 && !r.reset));
+    let first_token = |r: &Response| {
+        r.chunks
+            .first()
+            .map(|(at, _)| Duration::from_nanos(at.saturating_sub(r.started_ns)))
+            .unwrap()
+    };
+    let worst = all.iter().map(|(_, r)| first_token(r)).max().unwrap();
+    // The deadline, a healthy first token (50 ms + 20 %) and the back-off.
+    assert!(
+        worst <= Duration::from_millis(500 + 60 + 50),
+        "a client waited {worst:?}"
+    );
+    assert!(
+        all.iter().any(|(_, r)| r.attempts > 1),
+        "no attempt was abandoned: the stalled endpoint was never tried"
+    );
+    assert!(all.iter().all(|(_, r)| served_by(r) != ENDPOINTS[0]));
+    no_failures(&host);
+}
