@@ -136,7 +136,9 @@ impl HttpContext for AttemptHttp {
             .and_then(|n| u32::try_from(n).ok())
             .unwrap_or(1);
         self.attempt.endpoint = host::property_string(&["upstream", "address"]);
-        self.hold = host::property(&[FIRST_TOKEN_PROPERTY]).is_some();
+        // A host call per attempt, only when some capability may ask.
+        self.hold = self.config.as_ref().is_some_and(|c| c.holds_first_token)
+            && host::property(&[FIRST_TOKEN_PROPERTY]).is_some();
         if let Some(config) = &self.config {
             for cap in &config.caps {
                 cap.attempt_started(&self.attempt);

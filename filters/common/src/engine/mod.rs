@@ -225,6 +225,13 @@ pub trait Capability {
         false
     }
 
+    /// Whether it may ask, through [`FIRST_TOKEN_PROPERTY`], that attempts
+    /// hold their response headers until the first token (the per-attempt
+    /// instance then reads that property on every attempt).
+    fn holds_first_token(&self) -> bool {
+        false
+    }
+
     /// Whether it counts a request's upstream attempts
     /// ([`Observation::attempts`], one host call per request).
     fn reads_attempts(&self) -> bool {

@@ -37,6 +37,9 @@ pub(crate) struct Config {
     pub reads_flags: bool,
     /// Some capability counts each request's upstream attempts.
     pub reads_attempts: bool,
+    /// Some capability may ask attempts to hold their response headers
+    /// until the first token ([`super::FIRST_TOKEN_PROPERTY`]).
+    pub holds_first_token: bool,
 }
 
 /// What the root and every request of one VM share.
@@ -151,6 +154,7 @@ impl RootContext for Engine {
             reads_endpoint: caps.iter().any(|c| c.reads_endpoint()),
             reads_flags: caps.iter().any(|c| c.reads_flags()),
             reads_attempts: caps.iter().any(|c| c.reads_attempts()),
+            holds_first_token: caps.iter().any(|c| c.holds_first_token()),
             caps,
             max_body,
             policy,

@@ -44,6 +44,7 @@ use sluice_core::outlier::{
     self, BackendState, Candidate, DESTINATION_HEADER, Event, PickReason, Standing, Tally, Verdict,
     is_slow, peers, pick,
 };
+use sluice_core::retry::{MAX_RETRIES_HEADER, RETRIABLE_STATUS_CODES_HEADER, RETRY_ON_HEADER};
 use sluice_core::time::Timestamp;
 use sluice_filter_common::STATE;
 use sluice_filter_common::engine::{
@@ -61,6 +62,10 @@ pub const TICK: Duration = Duration::from_millis(50);
 /// still end and silent endpoints are still judged, at a quarter of the
 /// pace.
 const IDLE_FLUSH_TICKS: u32 = 4;
+
+/// Request header by which a filter sets an attempt's per-try timeout
+/// (honoured by Envoy 1.40's router when a filter, not a client, sets it).
+const PER_TRY_TIMEOUT_HEADER: &str = "x-envoy-upstream-rq-per-try-timeout-ms";
 
 /// Response header naming the endpoint that served a request and why.
 pub const ENDPOINT_HEADER: &str = "x-sluice-endpoint";
@@ -280,6 +285,13 @@ impl Capability for Outlier {
         true
     }
 
+    fn holds_first_token(&self) -> bool {
+        self.backends
+            .iter()
+            .flatten()
+            .any(|g| !g.cfg.first_token_timeout.is_zero())
+    }
+
     fn needs_attempts(&self) -> bool {
         true
     }
@@ -338,33 +350,25 @@ impl Capability for Outlier {
             .iter()
             .map(|&i| g.endpoints[i].0.as_str())
             .collect();
-        let edits = &mut admission.edits.request_headers;
-        edits.push((DESTINATION_HEADER.to_owned(), Some(list.join(","))));
+        let edits = &mut *admission.edits;
+        edits.set_request_header(DESTINATION_HEADER, Some(list.join(",")));
         if list.len() > 1 {
             // The router retries before anything reached the client, on the
-            // next endpoint of the list each time.
-            edits.push((
-                "x-envoy-retry-on".to_owned(),
+            // next endpoint of the list each time (`[retry]`, after this,
+            // bounds the count by its budget).
+            edits.set_request_header(
+                RETRY_ON_HEADER,
                 Some("5xx,reset,connect-failure,retriable-status-codes".to_owned()),
-            ));
-            edits.push((
-                "x-envoy-retriable-status-codes".to_owned(),
-                Some("429".to_owned()),
-            ));
-            edits.push((
-                "x-envoy-max-retries".to_owned(),
-                Some((list.len() - 1).to_string()),
-            ));
+            );
+            edits.set_request_header(RETRIABLE_STATUS_CODES_HEADER, Some("429".to_owned()));
+            edits.set_request_header(MAX_RETRIES_HEADER, Some((list.len() - 1).to_string()));
         }
         if admission.request.stream && !g.cfg.first_token_timeout.is_zero() {
-            edits.push((
-                "x-envoy-upstream-rq-per-try-timeout-ms".to_owned(),
+            edits.set_request_header(
+                PER_TRY_TIMEOUT_HEADER,
                 Some(g.cfg.first_token_timeout.as_millis().to_string()),
-            ));
-            admission
-                .edits
-                .properties
-                .push((FIRST_TOKEN_PROPERTY, b"1".to_vec()));
+            );
+            edits.properties.push((FIRST_TOKEN_PROPERTY, b"1".to_vec()));
         }
         if let Some(n) = g.load.borrow_mut().get_mut(first) {
             *n = n.saturating_add(1);
