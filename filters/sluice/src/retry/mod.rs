@@ -269,16 +269,18 @@ impl Capability for Retry {
         // named. Without it Envoy's balancer picks, in any zone: the
         // backend's zones then count as one budget (their sum), and the
         // grant is taken from the richest.
-        let named: Vec<String> = admission
-            .edits
-            .request_header(DESTINATION_HEADER)
-            .flatten()
-            .map(|list| list.split(',').map(str::to_owned).collect())
-            .unwrap_or_default();
-        let fallbacks = named.len().saturating_sub(1);
+        let (fallbacks, next) = match admission.edits.request_header(DESTINATION_HEADER).flatten() {
+            Some(list) => {
+                let mut entries = list.split(',');
+                let _first = entries.next();
+                let next = entries.next();
+                (usize::from(next.is_some()) + entries.count(), next)
+            }
+            None => (0, None),
+        };
         let (zone, available) = {
             let seen = b.seen.borrow();
-            match named.get(1) {
+            match next {
                 Some(next) => {
                     let z = b.zone_of(next);
                     (z, seen[z])
