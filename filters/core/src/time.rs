@@ -55,6 +55,30 @@ impl Timestamp {
     }
 }
 
+impl Timestamp {
+    /// The instant of a civil UTC date and time, `secs` into the day
+    /// (Howard Hinnant's `days_from_civil`, the inverse of
+    /// [`civil_from_days`]); `None` outside 1970–9999 or for a month or
+    /// day out of range.
+    pub fn from_civil(year: u64, month: u64, day: u64, secs: u64, nanos: u64) -> Option<Self> {
+        if !(1970..=9999).contains(&year) || !(1..=12).contains(&month) || !(1..=31).contains(&day)
+        {
+            return None;
+        }
+        let y = if month <= 2 { year - 1 } else { year };
+        let era = y / 400;
+        let yoe = y - era * 400;
+        let mp = if month > 2 { month - 3 } else { month + 9 };
+        let doy = (153 * mp + 2) / 5 + day - 1;
+        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+        let days = (era * 146_097 + doe).checked_sub(719_468)?;
+        let total = days.checked_mul(86_400)?.checked_add(secs)?;
+        Some(Timestamp(
+            total.checked_mul(1_000_000_000)?.checked_add(nanos)?,
+        ))
+    }
+}
+
 /// (year, month, day) of a day count since 1970-01-01, in the proleptic
 /// Gregorian calendar (Howard Hinnant's `civil_from_days`, for days ≥ 0).
 fn civil_from_days(days: u64) -> (u64, u64, u64) {
@@ -110,6 +134,17 @@ mod tests {
             Timestamp::from_millis(951_782_399_001).rfc3339(),
             "2000-02-29T00:00:00Z"
         );
+    }
+
+    #[test]
+    fn civil_dates_round_trip() {
+        for secs in [0u64, 951_782_400, 1_795_978_959, 4_102_444_800] {
+            let t = Timestamp::from_millis(secs * 1000);
+            let (y, m, d) = civil_from_days(secs / 86_400);
+            assert_eq!(Timestamp::from_civil(y, m, d, secs % 86_400, 0), Some(t));
+        }
+        assert_eq!(Timestamp::from_civil(2026, 13, 1, 0, 0), None);
+        assert_eq!(Timestamp::from_civil(1969, 12, 31, 0, 0), None);
     }
 
     #[test]

@@ -64,7 +64,7 @@ fn retry_after(v: &str, now: Timestamp) -> Option<Duration> {
     let year: u64 = parts.next()?.parse().ok()?;
     let secs = clock_seconds(parts.next()?)?;
     (parts.next()? == "GMT").then_some(())?;
-    Some(at(year, month, day, secs, 0)?.since(now))
+    Some(Timestamp::from_civil(year, month, day, secs, 0)?.since(now))
 }
 
 /// Go's `time.Duration` spelling as OpenAI sends it: `1s`, `6m0s`, `1h2m3s`,
@@ -133,7 +133,7 @@ pub fn rfc3339(v: &str) -> Option<Timestamp> {
             sign * (h * 3600 + m * 60)
         }
     };
-    let utc = at(year, month, day, secs, nanos)?;
+    let utc = Timestamp::from_civil(year, month, day, secs, nanos)?;
     Some(if offset >= 0 {
         utc - Duration::from_secs(offset.unsigned_abs())
     } else {
@@ -155,25 +155,6 @@ fn clock_seconds(v: &str) -> Option<u64> {
     let m: u64 = it.next()?.parse().ok()?;
     let s: u64 = it.next()?.parse().ok()?;
     (it.next().is_none() && h < 24 && m < 60 && s <= 60).then_some(h * 3600 + m * 60 + s)
-}
-
-/// The instant of a civil UTC date and time (Howard Hinnant's
-/// `days_from_civil`, for years from 1970).
-fn at(year: u64, month: u64, day: u64, secs: u64, nanos: u64) -> Option<Timestamp> {
-    if !(1970..=9999).contains(&year) || !(1..=12).contains(&month) || !(1..=31).contains(&day) {
-        return None;
-    }
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y / 400;
-    let yoe = y - era * 400;
-    let mp = if month > 2 { month - 3 } else { month + 9 };
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = (era * 146_097 + doe).checked_sub(719_468)?;
-    let total = days.checked_mul(86_400)?.checked_add(secs)?;
-    Some(Timestamp(
-        total.checked_mul(1_000_000_000)?.checked_add(nanos)?,
-    ))
 }
 
 #[cfg(test)]
