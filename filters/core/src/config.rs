@@ -208,6 +208,15 @@ pub struct Zone {
     /// elsewhere (EDS, Istio).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub endpoints: Vec<String>,
+    /// The provider quota behind this zone (the account's limit in its
+    /// region), in requests per minute: `[failover]` spills new requests
+    /// away as this proxy's use nears it (`max_utilization`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requests_per_minute: Option<NonZeroU32>,
+    /// The same quota in tokens per minute (prompt and completion, as the
+    /// responses' `usage` reports them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_per_minute: Option<NonZeroU32>,
 }
 
 /// An explicit routing rule, tried in file order before model-based routing.
@@ -718,6 +727,10 @@ pub struct FailoverConfig {
     /// Time a zone must stay healthy before traffic fails back to it.
     #[serde(serialize_with = "serialize_duration")]
     pub failback_after: Duration,
+    /// How often (per proxy) one request is sent to a zone that gets no
+    /// traffic, to learn whether it recovered.
+    #[serde(serialize_with = "serialize_duration")]
+    pub probe_interval: Duration,
     /// Whether traffic may leave the local region.
     pub cross_region: bool,
 }

@@ -161,3 +161,6 @@ pub const FAILOVER_MIN_HEALTHY: Ratio = Ratio::percent(71);
 pub const FAILOVER_MAX_UTILIZATION: Ratio = Ratio::percent(90);
 /// sluice: hysteresis before failing back.
 pub const FAILOVER_FAILBACK_AFTER: Duration = secs(30);
+/// sluice: one request per second (per proxy) tells whether a drained zone
+/// recovered, at under 1% of a busy proxy's traffic.
+pub const FAILOVER_PROBE_INTERVAL: Duration = secs(1);

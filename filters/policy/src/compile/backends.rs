@@ -161,6 +161,8 @@ impl Compiler {
                 cluster,
                 endpoints,
                 name,
+                requests_per_minute: None,
+                tokens_per_minute: None,
             });
         }
         if list.value.is_empty() {

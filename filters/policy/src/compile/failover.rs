@@ -40,6 +40,7 @@ impl Compiler {
                 raw::Spill::All => cfg::Spill::All,
             },
             failback_after: or(&raw.failback_after, dflt::FAILOVER_FAILBACK_AFTER),
+            probe_interval: dflt::FAILOVER_PROBE_INTERVAL,
             cross_region: or(&raw.cross_region, true),
         }
     }
