@@ -77,6 +77,8 @@ raw_table! {
         region: String,
         cluster: String,
         endpoints: Vec<Spanned<String>>,
+        requests_per_minute: u32,
+        tokens_per_minute: u32,
     }
 }
 
@@ -252,6 +254,7 @@ raw_table! {
         max_utilization: Ratio,
         spill: Spill,
         failback_after: Duration,
+        probe_interval: Duration,
         cross_region: bool,
     }
 }

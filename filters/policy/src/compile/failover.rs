@@ -40,7 +40,12 @@ impl Compiler {
                 raw::Spill::All => cfg::Spill::All,
             },
             failback_after: or(&raw.failback_after, dflt::FAILOVER_FAILBACK_AFTER),
-            probe_interval: dflt::FAILOVER_PROBE_INTERVAL,
+            probe_interval: self.positive(
+                &raw.probe_interval,
+                "probe_interval",
+                dflt::FAILOVER_PROBE_INTERVAL,
+                l,
+            ),
             cross_region: or(&raw.cross_region, true),
         }
     }
