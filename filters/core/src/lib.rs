@@ -9,6 +9,7 @@
 pub mod breaker;
 pub mod config;
 pub mod draw;
+pub mod failover;
 pub mod llm;
 pub mod outcome;
 pub mod outlier;

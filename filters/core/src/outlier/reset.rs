@@ -69,7 +69,7 @@ fn retry_after(v: &str, now: Timestamp) -> Option<Duration> {
 
 /// Go's `time.Duration` spelling as OpenAI sends it: `1s`, `6m0s`, `1h2m3s`,
 /// `20ms`, `0.5s`.
-fn go_duration(v: &str) -> Option<Duration> {
+pub(crate) fn go_duration(v: &str) -> Option<Duration> {
     let mut total = 0.0_f64;
     let mut rest = v;
     if rest.is_empty() {

@@ -163,6 +163,7 @@ impl Sim {
             draws,
             !worker.probing,
             self.cfg.retries as usize,
+            &[],
         );
         let order = match choice {
             Some(c) => {
