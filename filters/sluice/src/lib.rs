@@ -8,7 +8,8 @@
 //! admission: the token limiter first (a request over quota never takes a
 //! bulkhead slot), then the breaker (an open circuit answers before the
 //! upstream is called; the tokens reserved for it are refunded when the
-//! request is done), then outlier detection, which picks the endpoint of a
+//! request is done), then zone failover, which picks the request's zone,
+//! then outlier detection, which picks the endpoint within that zone for a
 //! request every earlier capability let go (a refused request takes no
 //! endpoint's load), and last the retry budget, which bounds the router's
 //! retries over the endpoints the outlier capability named.
@@ -16,6 +17,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod breaker;
+pub mod failover;
 pub mod outlier;
 pub mod retry;
 pub mod tokens;
@@ -35,6 +37,9 @@ pub fn capabilities(policy: &Policy) -> Vec<Box<dyn Capability>> {
     }
     if let Some(breaker) = breaker::Breaker::from_policy(policy) {
         caps.push(Box::new(breaker));
+    }
+    if let Some(failover) = failover::Failover::from_policy(policy) {
+        caps.push(Box::new(failover));
     }
     if let Some(outlier) = outlier::Outlier::from_policy(policy) {
         caps.push(Box::new(outlier));

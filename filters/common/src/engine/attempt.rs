@@ -32,7 +32,7 @@ pub const FIRST_TOKEN_PROPERTY: &str = "sluice_first_token";
 pub use sluice_policy::ATTEMPT_ROOT_ID;
 
 /// One upstream attempt, as it ended.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Attempt {
     /// 1 for the first try, 2 for the first retry, …
     pub number: u32,
@@ -50,6 +50,10 @@ pub struct Attempt {
     /// On a 429: how long the endpoint asked not to be sent requests
     /// (`retry-after`, `x-ratelimit-reset-*`, `anthropic-ratelimit-*-reset`).
     pub cooldown: Option<Duration>,
+    /// The quota the answer says is left (`x-ratelimit-remaining-*`,
+    /// `anthropic-ratelimit-*-remaining`), read when a capability asks
+    /// ([`super::Capability::reads_quota`]).
+    pub headroom: Option<sluice_core::failover::Headroom>,
 }
 
 use std::rc::Rc;
@@ -57,6 +61,7 @@ use std::rc::Rc;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 
+use sluice_core::failover::headroom;
 use sluice_core::outlier::reset::cooldown;
 
 use super::root::Config;
@@ -150,13 +155,19 @@ impl HttpContext for AttemptHttp {
     fn on_http_response_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
         let now = host::now();
         // One header read per attempt; the whole map only on a 429, for its
-        // reset time.
+        // reset time, or when a capability reads rate-limit headers.
         let status: Option<u16> = host::header_bytes(Map::ResponseHeaders, ":status")
             .and_then(|s| std::str::from_utf8(&s).ok()?.trim().parse().ok());
         self.attempt.status = status;
-        if status == Some(429) {
+        let quota = self.config.as_ref().is_some_and(|c| c.reads_quota);
+        if status == Some(429) || quota {
             let headers = host::headers(Map::ResponseHeaders).unwrap_or_default();
-            self.attempt.cooldown = cooldown(|name| headers.get(name), now);
+            if status == Some(429) {
+                self.attempt.cooldown = cooldown(|name| headers.get(name), now);
+            }
+            if quota {
+                self.attempt.headroom = headroom(|name| headers.get(name), now);
+            }
         }
         if end_of_stream {
             self.attempt.first_byte.get_or_insert(now);

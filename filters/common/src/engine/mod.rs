@@ -104,6 +104,11 @@ pub struct Edits {
     /// Body edits (include usage in streams, lower the completion cap),
     /// applied on top of `body` when there is one.
     pub rewrite: sluice_core::llm::Rewrite,
+    /// The request's zones in order of preference, by the index of the
+    /// zone in its backend (`[failover]` sets it; the endpoint picker keeps
+    /// to rank 0 and falls back through the others,
+    /// `sluice_core::outlier::pick`). `None`: no zone preference.
+    pub zone_ranks: Option<Vec<sluice_core::outlier::pick::Rank>>,
 }
 
 impl Edits {
@@ -235,6 +240,13 @@ pub trait Capability {
     /// Whether it counts a request's upstream attempts
     /// ([`Observation::attempts`], one host call per request).
     fn reads_attempts(&self) -> bool {
+        false
+    }
+
+    /// Whether it reads every attempt's rate-limit headers
+    /// ([`Attempt::headroom`]: the per-attempt instance then reads the
+    /// whole response header map, one host call per attempt).
+    fn reads_quota(&self) -> bool {
         false
     }
 

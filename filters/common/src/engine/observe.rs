@@ -74,6 +74,8 @@ pub struct Observation {
     /// `identity`) although sluice asked for none: its body cannot be read.
     pub compressed: bool,
     usage: Option<UsageParser>,
+    /// Total tokens of the request, once a capability settled its usage.
+    pub settled_tokens: Option<u64>,
     /// Bytes of a JSON answer this observation holds in the worker's budget.
     held: usize,
     /// Events arrived after `last_event` was last stamped.
@@ -102,9 +104,26 @@ impl Observation {
         self.status.is_some_and(|s| (200..300).contains(&s))
     }
 
-    /// The usage reader, for the one capability that settles usage.
+    /// The usage reader, for the one capability that settles usage (which
+    /// then records the total in [`Observation::settled_tokens`]).
     pub fn take_usage(&mut self) -> Option<UsageParser> {
         self.usage.take()
+    }
+
+    /// The tokens the request used (prompt and completion), as the
+    /// capability that settled usage counted them, or read here when none
+    /// did (nothing assumed where the answer says nothing).
+    pub fn tokens_used(&mut self) -> Option<u64> {
+        if self.settled_tokens.is_none()
+            && let Some(parser) = self.usage.take()
+        {
+            let report = parser.finish(&sluice_core::llm::UsageFallback {
+                prompt_tokens: 0,
+                chars_per_token: f64::INFINITY,
+            });
+            self.settled_tokens = Some(report.usage.total_tokens);
+        }
+        self.settled_tokens
     }
 
     /// Gives back what this observation holds of the worker's budget.

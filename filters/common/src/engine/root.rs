@@ -40,6 +40,8 @@ pub(crate) struct Config {
     /// Some capability may ask attempts to hold their response headers
     /// until the first token ([`super::FIRST_TOKEN_PROPERTY`]).
     pub holds_first_token: bool,
+    /// Some capability reads every attempt's rate-limit headers.
+    pub reads_quota: bool,
 }
 
 /// What the root and every request of one VM share.
@@ -155,6 +157,7 @@ impl RootContext for Engine {
             reads_flags: caps.iter().any(|c| c.reads_flags()),
             reads_attempts: caps.iter().any(|c| c.reads_attempts()),
             holds_first_token: caps.iter().any(|c| c.holds_first_token()),
+            reads_quota: caps.iter().any(|c| c.reads_quota()),
             caps,
             max_body,
             policy,

@@ -40,6 +40,7 @@ use std::time::Duration;
 use log::{info, warn};
 use sluice_core::config::{OutlierConfig, Policy};
 use sluice_core::draw::unit;
+use sluice_core::outlier::pick::{NO_ZONE, Rank};
 use sluice_core::outlier::{
     self, BackendState, Candidate, DESTINATION_HEADER, Event, PickReason, Standing, Tally, Verdict,
     is_slow, peers, pick,
@@ -88,6 +89,8 @@ struct Guarded {
     /// `(ip:port, zone)` in the policy's order; every vector below is
     /// indexed like it.
     endpoints: Vec<(String, String)>,
+    /// Each endpoint's zone, by its index in the backend's zones.
+    zones: Vec<usize>,
     /// The picker's copy of the shared records.
     view: RefCell<Vec<Candidate>>,
     /// This worker's outstanding requests per endpoint (request's instance).
@@ -216,10 +219,12 @@ impl Outlier {
             .map(|b| {
                 let cfg = b.outlier.clone()?;
                 let mut endpoints: Vec<(String, String)> = Vec::new();
-                for z in &b.zones {
+                let mut zones: Vec<usize> = Vec::new();
+                for (zi, z) in b.zones.iter().enumerate() {
                     for e in &z.endpoints {
                         if !endpoints.iter().any(|(a, _)| a == e) {
                             endpoints.push((e.clone(), z.name.clone()));
+                            zones.push(zi);
                         }
                     }
                 }
@@ -243,6 +248,7 @@ impl Outlier {
                     metrics: BackendMetrics::define(&b.name, &endpoints),
                     cfg,
                     endpoints,
+                    zones,
                     view: RefCell::new(view),
                     load: RefCell::new(vec![0; n]),
                     tallies: RefCell::new(vec![Tally::default(); n]),
@@ -322,6 +328,13 @@ impl Capability for Outlier {
         };
         let mut x = admission.rand.to_bits() | 1;
         let draws = (admission.rand, unit(&mut x));
+        // The zone order `[failover]` chose for this request, by endpoint.
+        let rank: Vec<Rank> = admission.edits.zone_ranks.as_ref().map_or_else(Vec::new, |ranks| {
+            g.zones
+                .iter()
+                .map(|&z| ranks.get(z).copied().unwrap_or(NO_ZONE))
+                .collect()
+        });
         let choice = {
             let view = g.view.borrow();
             let load = g.load.borrow();
@@ -331,6 +344,7 @@ impl Capability for Outlier {
                 draws,
                 !g.probing.get(),
                 g.cfg.retries as usize,
+                &rank,
             )
         };
         let Some(choice) = choice else {

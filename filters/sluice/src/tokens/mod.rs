@@ -307,6 +307,7 @@ impl Flow for TokensFlow {
             _ if observation.compressed && succeeded => self.ticket.reserved,
             _ => 0,
         };
+        observation.settled_tokens = Some(actual);
         if observation.compressed {
             inner.metrics.compressed.inc();
         }
