@@ -20,6 +20,21 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// `policies/gateway.toml` without its `[failover]` section (the file's
+/// last), written to a directory of its own; the path. `[failover]` judges
+/// zones from sluice's `[outlier]`, so a render that hands `[outlier]` to
+/// Envoy (`--native-outlier`) cannot give the filter the gateway's
+/// failover (see `native_outlier_never_hands_the_filter_failover_alone`).
+fn gateway_without_failover(test: &str) -> PathBuf {
+    let file = std::fs::read_to_string(repo().join("policies/gateway.toml")).unwrap();
+    let (before, _) = file.split_once("\n[failover]\n").unwrap();
+    let dir = std::env::temp_dir().join(format!("sluice-cli-{}-{test}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, format!("{before}\n")).unwrap();
+    path
+}
+
 #[test]
 fn validate_accepts_the_example_policies() {
     let out = sluice(&[
@@ -302,15 +317,17 @@ fn render_without_overrides_gives_the_filter_the_file_as_is() {
 
 #[test]
 fn render_native_retry_hands_the_section_to_envoy() {
+    let policy_file = gateway_without_failover("native-retry");
     let out = sluice(&[
         "render",
         "envoy",
-        "policies/gateway.toml",
+        policy_file.to_str().unwrap(),
         "--wasm-dir",
         "/x",
         "--native-retry",
         "--native-outlier",
     ]);
+    std::fs::remove_dir_all(policy_file.parent().unwrap()).unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     assert!(stdout.contains("# [retry]: Envoy's own route retry policy and cluster retry_budget"));
@@ -346,14 +363,16 @@ fn render_native_retry_hands_the_section_to_envoy() {
 
 #[test]
 fn render_native_outlier_hands_the_section_to_envoy() {
+    let policy_file = gateway_without_failover("native-outlier");
     let out = sluice(&[
         "render",
         "envoy",
-        "policies/gateway.toml",
+        policy_file.to_str().unwrap(),
         "--wasm-dir",
         "/x",
         "--native-outlier",
     ]);
+    std::fs::remove_dir_all(policy_file.parent().unwrap()).unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     assert!(stdout.contains("# [outlier]: Envoy's own outlier_detection"));
@@ -379,6 +398,38 @@ fn render_native_outlier_hands_the_section_to_envoy() {
     assert!(policy.backends.iter().all(|b| b.outlier.is_none()));
     // Everything else as written.
     assert!(policy.breaker.is_some() && policy.tokens.is_some());
+}
+
+/// A filter refuses `[failover]` on zones with endpoints when `[outlier]`
+/// is off, so a render that takes `[outlier]` away from sluice.wasm must
+/// either refuse the policy or not hand the filter its `[failover]`.
+#[test]
+fn native_outlier_never_hands_the_filter_failover_alone() {
+    let out = sluice(&[
+        "render",
+        "envoy",
+        "policies/gateway.toml",
+        "--wasm-dir",
+        "/x",
+        "--native-outlier",
+    ]);
+    if out.status.code() == Some(1) {
+        assert!(
+            text(&out.stderr).contains("[failover]"),
+            "{}",
+            text(&out.stderr)
+        );
+        return;
+    }
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let yaml: serde_yaml::Value = serde_yaml::from_slice(&out.stdout).unwrap();
+    let hcm =
+        &yaml["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
+    let given = hcm["http_filters"][1]["typed_config"]["config"]["configuration"]["value"]
+        .as_str()
+        .unwrap();
+    let policy = sluice_policy::parse_toml("given.toml", given).unwrap();
+    assert!(policy.failover.is_none(), "{given}");
 }
 
 #[test]
