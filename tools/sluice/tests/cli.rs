@@ -42,6 +42,7 @@ fn validate_accepts_the_example_policies() {
         "policies/minimal.toml",
         "policies/gateway.toml",
         "policies/lab.toml",
+        "policies/failover.toml",
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(
@@ -49,7 +50,7 @@ fn validate_accepts_the_example_policies() {
             .lines()
             .filter(|l| l.ends_with(": ok"))
             .count(),
-        3
+        4
     );
 }
 
