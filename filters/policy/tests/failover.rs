@@ -1,11 +1,11 @@
-//! `[failover]`'s compile-time rules.
+//! `[failover]`'s compile-time rules and what `explain` says about it.
 //!
 //! Each error is asserted with its message, its place (line:column) and
 //! its hint, as a policy author sees them.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test helpers
 
-use sluice_policy::{Diagnostics, Policy, parse_json, parse_toml};
+use sluice_policy::{Capability, Diagnostics, Policy, explain, parse_json, parse_toml};
 
 /// `line:column: message` and the hint of each error, in text order.
 fn errors(text: &str) -> Vec<(String, Option<String>)> {
@@ -27,6 +27,14 @@ fn errors(text: &str) -> Vec<(String, Option<String>)> {
 
 fn valid(text: &str) -> Policy {
     parse_toml("p.toml", text).unwrap_or_else(|d| panic!("{}", d.render(false)))
+}
+
+/// The `[failover]` lines of `explain`'s summary, without their prefix.
+fn failover_lines(policy: &Policy) -> Vec<String> {
+    explain::summary(policy)
+        .into_iter()
+        .filter_map(|l| l.strip_prefix("[failover] ").map(str::to_string))
+        .collect()
 }
 
 /// One backend `pool` in zones a and b of region r1 (one endpoint each) and
@@ -118,12 +126,11 @@ fn json_policies_name_the_backend_by_pointer() {
     assert!(d.items[0].message.contains("[outlier] off"));
 }
 
-/// Backends failover has nothing to do for (one zone, fewer than two
-/// zones that list endpoints) need no `[outlier]`.
+/// Backends failover has nothing to do for need no `[outlier]`; explain
+/// says why they are left alone.
 #[test]
-fn a_backend_with_fewer_than_two_zones_with_endpoints_needs_no_outlier() {
-    valid(
-        r#"
+fn a_backend_with_fewer_than_two_zones_with_endpoints_is_left_alone() {
+    let text = r#"
 [[backend]]
 name = "single"
 models = ["a"]
@@ -146,7 +153,20 @@ models = ["c"]
   name = "z2"
   endpoints = ["10.0.0.2:8000"]
 [failover]
-"#,
+"#;
+    let policy = valid(text);
+    let lines = failover_lines(&policy);
+    assert!(
+        lines.contains(&"backend single: one zone (z1), nothing to fail over, requests go to its zone as without [failover]".to_string()),
+        "{lines:#?}"
+    );
+    assert!(
+        lines.contains(&"backend eds: no zone lists endpoints, so failover has none to name and Envoy's own balancing decides (list `endpoints`, or pass `sluice render envoy --endpoints`)".to_string()),
+        "{lines:#?}"
+    );
+    assert!(
+        lines.contains(&"backend partial: only zone z2 lists endpoints, so failover has no other zone to name; the others are left to Envoy (list their `endpoints`, or pass `sluice render envoy --endpoints`)".to_string()),
+        "{lines:#?}"
     );
 }
 
@@ -239,6 +259,22 @@ fn unknown_zones_in_local_zone_and_order_are_errors_with_suggestions() {
 }
 
 #[test]
+fn the_local_zone_may_also_appear_in_order_and_auto_may_stay_in_its_region() {
+    valid(&three_zones(
+        "[outlier]\n[failover]\nlocal_zone = \"a\"\norder = [\"a\", \"c\"]\n",
+    ));
+    let policy = valid(&three_zones(
+        "[outlier]\n[failover]\nlocal_zone = \"auto\"\ncross_region = false\n",
+    ));
+    let lines = failover_lines(&policy);
+    assert!(
+        lines.iter().any(|l| l.starts_with("backend pool: zone order: the proxy's zone")
+            && l.contains("then the other zones of the proxy's region, never another region's (cross_region = false; `order` included); zones by region: r1: a, b; r2: c")),
+        "{lines:#?}"
+    );
+}
+
+#[test]
 fn min_healthy_is_above_zero_and_at_most_all() {
     let e = errors(&three_zones(
         "[outlier]\n[failover]\nmin_healthy = \"0%\"\n",
@@ -288,5 +324,111 @@ order = ["a", "a"]
             "9:13: backend `pool` has zones in two clusters (`a` in `pool`, `b` in `other`), but [failover] needs all of a backend's zones in one",
             "12:15: zone `a` is named twice in `order`",
         ]
+    );
+}
+
+#[test]
+fn failover_is_enforced_and_learns_from_attempts() {
+    assert!(Capability::Failover.is_enforced());
+    assert!(Capability::Failover.learns_from_attempts());
+    let policy = valid(&three_zones("[outlier]\n[failover]\n"));
+    for line in explain::summary(&policy) {
+        assert!(!line.contains("NOT ENFORCED"), "{line}");
+    }
+}
+
+#[test]
+fn explain_gives_a_named_local_zone_s_order_with_regions() {
+    let policy = valid(&three_zones(
+        "[outlier]\n[failover]\nlocal_zone = \"b\"\norder = [\"c\"]\n",
+    ));
+    let lines = failover_lines(&policy);
+    assert!(
+        lines.contains(
+            &"backend pool: zone order: b (r1) [local_zone], then c (r2) [order], then a (r1) [local region]".to_string()
+        ),
+        "{lines:#?}"
+    );
+    // Staying in the region drops the other region, `order` included.
+    let policy = valid(&three_zones(
+        "[outlier]\n[failover]\nlocal_zone = \"b\"\norder = [\"c\"]\ncross_region = false\n",
+    ));
+    assert!(
+        failover_lines(&policy).contains(
+            &"backend pool: zone order: b (r1) [local_zone], then a (r1) [local region]; never c (r2) (another region, cross_region = false)".to_string()
+        ),
+        "{:#?}",
+        failover_lines(&policy)
+    );
+    // Without `order`: the local region, then the others.
+    let policy = valid(&three_zones("[outlier]\n[failover]\nlocal_zone = \"c\"\n"));
+    assert!(
+        failover_lines(&policy).contains(
+            &"backend pool: zone order: c (r2) [local_zone], then a (r1) [other region], then b (r1) [other region]".to_string()
+        ),
+        "{:#?}",
+        failover_lines(&policy)
+    );
+}
+
+#[test]
+fn explain_gives_the_triggers_with_their_numbers() {
+    let policy = valid(&three_zones(
+        r#"  [backend.outlier]
+  latency_factor = 2.5
+  ttft_floor = "300ms"
+[failover]
+min_healthy = "60%"
+max_utilization = "80%"
+failback_after = "45s"
+probe_interval = "2s"
+spill = "all"
+"#,
+    ));
+    let lines = failover_lines(&policy);
+    let all = lines.join("\n");
+    for expected in [
+        "x-sluice-zone: <zone>; reason=<preferred|spill|probe|panic|retry>",
+        "override_host",
+        "the first zone in order whose health is at least 60% takes every new request (spill = \"all\")",
+        "a zone under 10% health is drained: it gets one probe request per 2s per proxy",
+        "panic: requests spread over all of them (sluice_failover.<backend>.panic = 1, logged)",
+        "rises only after 45s without a tick under 60%, at most once per 45s",
+        "the share of its endpoints in rotation ([outlier]'s ejections and 429 benches)",
+        "(1 − the share of its recent attempts that failed or got 429)",
+        "quota (1 up to 80% use, falling to 0 at 100%; use is what the provider reports (x-ratelimit-remaining-*/-limit-*, anthropic-ratelimit-*-remaining/-limit); no zone gives requests_per_minute or tokens_per_minute)",
+        "latency (0 when its time to first token is over 2.5× the best other zone's and over 300ms: [outlier]'s latency_factor and ttft_floor)",
+    ] {
+        assert!(all.contains(expected), "no `{expected}` in\n{all}");
+    }
+    // Gradual spill, and a zone's own quota.
+    let text = three_zones("[outlier]\nlatency_factor = 0.0\n[failover]\n").replace(
+        "  name = \"a\"\n",
+        "  name = \"a\"\n  requests_per_minute = 600\n  tokens_per_minute = 200000\n",
+    );
+    let all = failover_lines(&valid(&text)).join("\n");
+    for expected in [
+        "each zone, in order, takes min(what is left, its health / 71%) of new requests (spill = \"gradual\", Envoy's priority load)",
+        "use is the larger of what the provider reports (x-ratelimit-remaining-*/-limit-*, anthropic-ratelimit-*-remaining/-limit) and this proxy's use of the zone's requests_per_minute / tokens_per_minute (a: 600 requests/min, 200k tokens/min)",
+        "latency (not counted: [outlier]'s latency_factor is 0)",
+    ] {
+        assert!(all.contains(expected), "no `{expected}` in\n{all}");
+    }
+}
+
+/// What explain prints reads back as the same policy, zone quotas and
+/// every failover key included.
+#[test]
+fn the_effective_policy_keeps_every_failover_value() {
+    let text = three_zones(
+        "[outlier]\n[failover]\nlocal_zone = \"b\"\norder = [\"c\", \"a\"]\nspill = \"all\"\ncross_region = false\nprobe_interval = \"250ms\"\n",
+    )
+    .replace("  name = \"c\"\n", "  name = \"c\"\n  requests_per_minute = 60\n  tokens_per_minute = 90000\n");
+    let policy = valid(&text);
+    let effective = explain::effective_toml(&policy).unwrap();
+    assert_eq!(
+        parse_toml("effective.toml", &effective).unwrap(),
+        policy,
+        "{effective}"
     );
 }
