@@ -8,12 +8,13 @@
 use std::fmt::Write as _;
 
 use sluice_core::config::{
-    BreakerConfig, BreakerMode, DegradeAction, FailureKind, LocalZone, Match, Policy,
-    StateErrorPolicy, TenantSource, Window,
+    Backend, BreakerConfig, BreakerMode, DegradeAction, FailoverConfig, FailureKind, LocalZone,
+    Match, Policy, Spill, StateErrorPolicy, TenantSource, Window, Zone,
 };
 use sluice_core::units::{Count, HumanDuration};
 
 use crate::Capability;
+use crate::compile::failover::routable_zones;
 
 /// The effective policy as TOML, every default filled in.
 pub fn effective_toml(policy: &Policy) -> Result<String, toml::ser::Error> {
@@ -192,20 +193,7 @@ fn section_lines(cap: Capability, policy: &Policy) -> Vec<String> {
         }
         Capability::Failover => {
             if let Some(f) = &policy.failover {
-                let local = match &f.local_zone {
-                    LocalZone::Auto => "the proxy's own zone".to_string(),
-                    LocalZone::Named(z) => format!("zone {z}"),
-                };
-                let order = if f.order.is_empty() {
-                    "same region first".to_string()
-                } else {
-                    f.order.join(" → ")
-                };
-                lines.push(format!(
-                    "prefer {local}, then {order}; spill ({:?}) when fewer than {} of a zone's endpoints are healthy or its quota use passes {}; fail back after {} healthy; {}",
-                    f.spill, f.min_healthy, f.max_utilization, HumanDuration(f.failback_after),
-                    if f.cross_region { "may cross regions" } else { "stays in the region" }
-                ));
+                lines.extend(describe_failover(policy, f));
             }
         }
     }
@@ -401,4 +389,227 @@ fn describe_outlier(o: &sluice_core::config::OutlierConfig) -> String {
         o.retries
     ));
     text
+}
+
+/// Health under which a zone is drained (probe requests only): the
+/// filter's fixed threshold, not a policy key.
+const FAILOVER_DRAINED_BELOW: &str = "10%";
+
+/// What `[failover]` does, in words: how it routes, how zones spill, drain
+/// and fail back, then per backend the zone order it produces and what
+/// makes a zone unhealthy, with the numbers that apply to that backend.
+fn describe_failover(policy: &Policy, f: &FailoverConfig) -> Vec<String> {
+    let mut lines = vec![
+        "sends each new request of a backend to one of its zones by naming that zone's endpoints in x-gateway-destination-endpoint (the cluster's override_host load balancing), with the next zone's endpoint as the first fallback, so the router's retries leave a sick zone within the same request; a zone decision applies from the next request; each answer says where it went in x-sluice-zone: <zone>; reason=<preferred|spill|probe|panic|retry>".to_string(),
+    ];
+    let spill = match f.spill {
+        Spill::Gradual => format!(
+            "each zone, in order, takes min(what is left, its health / {}) of new requests (spill = \"gradual\", Envoy's priority load)",
+            f.min_healthy
+        ),
+        Spill::All => format!(
+            "the first zone in order whose health is at least {} takes every new request (spill = \"all\")",
+            f.min_healthy
+        ),
+    };
+    lines.push(format!(
+        "{spill}; a zone under {FAILOVER_DRAINED_BELOW} health is drained: it gets one probe request per {} per proxy, with fallbacks to healthy zones, so a failed probe costs its client latency only; when every zone it may use is drained, panic: requests spread over all of them (sluice_failover.<backend>.panic = 1, logged); a zone's share drops as soon as its health does, and rises only after {} without a tick under {}, at most once per {}",
+        HumanDuration(f.probe_interval),
+        HumanDuration(f.failback_after),
+        f.min_healthy,
+        HumanDuration(f.failback_after),
+    ));
+    for b in &policy.backends {
+        let routable = routable_zones(b);
+        if routable.len() < 2 {
+            lines.push(format!(
+                "backend {}: {}",
+                b.name,
+                nothing_to_do(b, &routable)
+            ));
+            continue;
+        }
+        lines.push(format!(
+            "backend {}: zone order: {}",
+            b.name,
+            zone_order(policy, f, b)
+        ));
+        lines.push(format!(
+            "backend {}: {}",
+            b.name,
+            zone_health(f, b, &routable)
+        ));
+        for z in b.zones.iter().filter(|z| z.endpoints.is_empty()) {
+            lines.push(format!(
+                "backend {}: zone {} lists no endpoints, so failover never sends to it (list them, or pass `sluice render envoy --endpoints {}/{}=HOST:PORT`)",
+                b.name, z.name, b.name, z.name
+            ));
+        }
+    }
+    lines
+}
+
+/// Why failover leaves `backend` alone: it has fewer than two zones it
+/// could name endpoints of.
+fn nothing_to_do(backend: &Backend, routable: &[&Zone]) -> String {
+    let how = "nothing to fail over, requests go to its zone as without [failover]";
+    match (backend.zones.as_slice(), routable) {
+        ([only], _) => format!("one zone ({}), {how}", only.name),
+        (_, []) => "no zone lists endpoints, so failover has none to name and Envoy's own balancing decides (list `endpoints`, or pass `sluice render envoy --endpoints`)".to_string(),
+        (_, [only, ..]) => format!(
+            "only zone {} lists endpoints, so failover has no other zone to name; the others are left to Envoy (list their `endpoints`, or pass `sluice render envoy --endpoints`)",
+            only.name
+        ),
+    }
+}
+
+/// The order in which `backend`'s zones are preferred: the local zone,
+/// then `order`, then the rest of the local region, then (with
+/// `cross_region`) the other regions, each zone with its region.
+fn zone_order(policy: &Policy, f: &FailoverConfig, backend: &Backend) -> String {
+    let zones: Vec<&Zone> = routable_zones(backend);
+    let listed = |z: &Zone| format!("{} ({})", z.name, z.region);
+    let in_order: Vec<&Zone> = f
+        .order
+        .iter()
+        .filter_map(|name| zones.iter().copied().find(|z| &z.name == name))
+        .collect();
+    match &f.local_zone {
+        LocalZone::Auto => {
+            let mut text = String::from(
+                "the proxy's zone (node.locality.zone, which Istio sets, as does `sluice render envoy --node-zone`) when it is one of this backend's zones",
+            );
+            if !in_order.is_empty() {
+                let names: Vec<&str> = in_order.iter().map(|z| z.name.as_str()).collect();
+                let _ = write!(text, ", then {} (from `order`)", names.join(", "));
+            }
+            text.push_str(", then the other zones of the proxy's region");
+            if f.cross_region {
+                text.push_str(", then the other regions' zones");
+            } else {
+                text.push_str(", never another region's (cross_region = false; `order` included)");
+            }
+            let mut regions: Vec<(&str, Vec<&str>)> = Vec::new();
+            for z in &zones {
+                match regions.iter_mut().find(|(r, _)| *r == z.region) {
+                    Some((_, names)) => names.push(&z.name),
+                    None => regions.push((&z.region, vec![&z.name])),
+                }
+            }
+            let regions: Vec<String> = regions
+                .iter()
+                .map(|(r, names)| format!("{r}: {}", names.join(", ")))
+                .collect();
+            let _ = write!(text, "; zones by region: {}", regions.join("; "));
+            text
+        }
+        LocalZone::Named(local) => {
+            // A zone name is a place: a backend without the local zone takes
+            // its region from a backend that has it.
+            let region = zones
+                .iter()
+                .copied()
+                .chain(policy.backends.iter().flat_map(|b| &b.zones))
+                .find(|z| &z.name == local)
+                .map(|z| z.region.as_str());
+            let same_region = |z: &Zone| Some(z.region.as_str()) == region;
+            let mut placed: Vec<(&Zone, &str)> = Vec::new();
+            let candidates = zones
+                .iter()
+                .filter(|z| &z.name == local)
+                .map(|z| (*z, "local_zone"))
+                .chain(
+                    in_order
+                        .iter()
+                        .filter(|z| f.cross_region || same_region(z))
+                        .map(|z| (*z, "order")),
+                )
+                .chain(
+                    zones
+                        .iter()
+                        .filter(|z| same_region(z))
+                        .map(|z| (*z, "local region")),
+                )
+                .chain(
+                    zones
+                        .iter()
+                        .filter(|z| f.cross_region && !same_region(z))
+                        .map(|z| (*z, "other region")),
+                );
+            for (z, why) in candidates {
+                if !placed.iter().any(|(p, _)| p.name == z.name) {
+                    placed.push((z, why));
+                }
+            }
+            let never: Vec<String> = zones
+                .iter()
+                .filter(|z| !f.cross_region && !same_region(z))
+                .map(|z| listed(z))
+                .collect();
+            let mut text = String::new();
+            if !zones.iter().any(|z| &z.name == local) {
+                let why = if backend.zones.iter().any(|z| &z.name == local) {
+                    "lists no endpoints here"
+                } else {
+                    "is not one of this backend's"
+                };
+                let _ = write!(
+                    text,
+                    "(local zone {local}{} {why}) ",
+                    region.map(|r| format!(" in {r}")).unwrap_or_default()
+                );
+            }
+            let steps: Vec<String> = placed
+                .iter()
+                .map(|(z, why)| format!("{} [{why}]", listed(z)))
+                .collect();
+            text.push_str(&steps.join(", then "));
+            if !never.is_empty() {
+                let _ = write!(
+                    text,
+                    "; never {} (another region, cross_region = false)",
+                    never.join(", ")
+                );
+            }
+            text
+        }
+    }
+}
+
+/// What makes a zone of `backend` unhealthy, with its numbers.
+fn zone_health(f: &FailoverConfig, backend: &Backend, routable: &[&Zone]) -> String {
+    let quotas: Vec<String> = routable
+        .iter()
+        .filter_map(|z| {
+            let mut limits = Vec::new();
+            if let Some(r) = z.requests_per_minute {
+                limits.push(format!("{r} requests/min"));
+            }
+            if let Some(t) = z.tokens_per_minute {
+                limits.push(format!("{} tokens/min", Count(u64::from(t.get()))));
+            }
+            (!limits.is_empty()).then(|| format!("{}: {}", z.name, limits.join(", ")))
+        })
+        .collect();
+    let provider = "what the provider reports (x-ratelimit-remaining-*/-limit-*, anthropic-ratelimit-*-remaining/-limit)";
+    let usage = if quotas.is_empty() {
+        format!("use is {provider}; no zone gives requests_per_minute or tokens_per_minute")
+    } else {
+        format!(
+            "use is the larger of {provider} and this proxy's use of the zone's requests_per_minute / tokens_per_minute ({})",
+            quotas.join("; ")
+        )
+    };
+    let latency = match &backend.outlier {
+        Some(o) if o.latency_factor > 0.0 => format!(
+            "latency (0 when its time to first token is over {}× the best other zone's and over {}: [outlier]'s latency_factor and ttft_floor)",
+            o.latency_factor,
+            HumanDuration(o.ttft_floor)
+        ),
+        _ => "latency (not counted: [outlier]'s latency_factor is 0)".to_string(),
+    };
+    format!(
+        "a zone's health is the share of its endpoints in rotation ([outlier]'s ejections and 429 benches) × (1 − the share of its recent attempts that failed or got 429) × quota (1 up to {} use, falling to 0 at 100%; {usage}) × {latency}",
+        f.max_utilization
+    )
 }

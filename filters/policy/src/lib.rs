@@ -168,20 +168,29 @@ impl Capability {
         }
     }
 
-    /// Whether `sluice.wasm` enforces this capability yet. Until it does,
-    /// the section is accepted but `explain` and `render` say plainly that it
-    /// is not enforced: nothing may look protected that is not.
+    /// Whether `sluice.wasm` enforces this capability yet. A capability
+    /// that is not is accepted, but `explain` and `render` say plainly that
+    /// it is not enforced: nothing may look protected that is not. Every
+    /// capability is enforced today; a new one starts here as `false`.
     pub fn is_enforced(self) -> bool {
-        matches!(
-            self,
-            Capability::Tokens | Capability::Breaker | Capability::Outlier | Capability::Retry
-        )
+        match self {
+            Capability::Tokens
+            | Capability::Breaker
+            | Capability::Outlier
+            | Capability::Retry
+            | Capability::Failover => true,
+        }
     }
 
     /// Whether it learns from each upstream attempt (retries included), so
-    /// the render adds `sluice.wasm` as an upstream filter of the clusters.
+    /// the render adds `sluice.wasm` as an upstream filter of the clusters:
+    /// outlier's endpoint records, retry's per-zone budgets, and failover's
+    /// zone health (each attempt's zone, status and time to first token).
     pub fn learns_from_attempts(self) -> bool {
-        matches!(self, Capability::Outlier | Capability::Retry)
+        matches!(
+            self,
+            Capability::Outlier | Capability::Retry | Capability::Failover
+        )
     }
 
     /// Whether `policy` switches it on.

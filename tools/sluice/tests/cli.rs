@@ -20,6 +20,21 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// `policies/gateway.toml` without its `[failover]` section (the file's
+/// last), written to a directory of its own; the path. `[failover]` judges
+/// zones from sluice's `[outlier]`, so a render that hands `[outlier]` to
+/// Envoy (`--native-outlier`) cannot give the filter the gateway's
+/// failover (see `native_outlier_never_hands_the_filter_failover_alone`).
+fn gateway_without_failover(test: &str) -> PathBuf {
+    let file = std::fs::read_to_string(repo().join("policies/gateway.toml")).unwrap();
+    let (before, _) = file.split_once("\n[failover]\n").unwrap();
+    let dir = std::env::temp_dir().join(format!("sluice-cli-{}-{test}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, format!("{before}\n")).unwrap();
+    path
+}
+
 #[test]
 fn validate_accepts_the_example_policies() {
     let out = sluice(&[
@@ -27,6 +42,7 @@ fn validate_accepts_the_example_policies() {
         "policies/minimal.toml",
         "policies/gateway.toml",
         "policies/lab.toml",
+        "policies/failover.toml",
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(
@@ -34,7 +50,7 @@ fn validate_accepts_the_example_policies() {
             .lines()
             .filter(|l| l.ends_with(": ok"))
             .count(),
-        3
+        4
     );
 }
 
@@ -135,7 +151,7 @@ fn a_file_that_is_not_utf8_is_located_at_its_first_bad_byte() {
 }
 
 #[test]
-fn explain_prints_every_effective_value_and_what_is_not_enforced() {
+fn explain_prints_every_effective_value_and_claims_nothing_it_does_not_enforce() {
     let out = sluice(&["explain", "policies/gateway.toml"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
@@ -155,7 +171,39 @@ fn explain_prints_every_effective_value_and_what_is_not_enforced() {
             "missing default `{default}` in\n{stdout}"
         );
     }
-    assert!(stdout.contains("NOT ENFORCED YET"));
+    // Every section the file enables is enforced by sluice.wasm: none is
+    // flagged (a capability that is not would be, see `Capability::is_enforced`).
+    assert!(!stdout.contains("NOT ENFORCED"), "{stdout}");
+}
+
+#[test]
+fn explain_gives_failover_s_zone_order_and_triggers() {
+    let out = sluice(&["explain", "policies/failover.toml"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    for expected in [
+        "# - [failover] backend pool: zone order: the proxy's zone (node.locality.zone, which Istio sets, as does `sluice render envoy --node-zone`) when it is one of this backend's zones, then zone-a, zone-b (from `order`), then the other zones of the proxy's region, then the other regions' zones; zones by region: region-1: zone-a, zone-b; region-2: zone-c",
+        "this proxy's use of the zone's requests_per_minute / tokens_per_minute (zone-a: 600 requests/min, 200k tokens/min; zone-b: 600 requests/min, 200k tokens/min)",
+        "latency (0 when its time to first token is over 3× the best other zone's and over 200ms: [outlier]'s latency_factor and ttft_floor)",
+        "each zone, in order, takes min(what is left, its health / 71%) of new requests",
+        "one probe request per 1s per proxy",
+        "x-sluice-zone: <zone>; reason=<preferred|spill|probe|panic|retry>",
+        // The effective values:
+        "probe_interval = \"1s\"",
+        "requests_per_minute = 600",
+        "tokens_per_minute = 200000",
+    ] {
+        assert!(stdout.contains(expected), "no `{expected}` in\n{stdout}");
+    }
+    assert!(!stdout.contains("NOT ENFORCED"), "{stdout}");
+    // A backend failover has nothing to do for says so.
+    let out = sluice(&["explain", "policies/gateway.toml"]);
+    assert!(
+        text(&out.stdout)
+            .contains("[failover] backend fallback: one zone (us-east-1a), nothing to fail over"),
+        "{}",
+        text(&out.stdout)
+    );
 }
 
 #[test]
@@ -302,15 +350,17 @@ fn render_without_overrides_gives_the_filter_the_file_as_is() {
 
 #[test]
 fn render_native_retry_hands_the_section_to_envoy() {
+    let policy_file = gateway_without_failover("native-retry");
     let out = sluice(&[
         "render",
         "envoy",
-        "policies/gateway.toml",
+        policy_file.to_str().unwrap(),
         "--wasm-dir",
         "/x",
         "--native-retry",
         "--native-outlier",
     ]);
+    std::fs::remove_dir_all(policy_file.parent().unwrap()).unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     assert!(stdout.contains("# [retry]: Envoy's own route retry policy and cluster retry_budget"));
@@ -346,14 +396,16 @@ fn render_native_retry_hands_the_section_to_envoy() {
 
 #[test]
 fn render_native_outlier_hands_the_section_to_envoy() {
+    let policy_file = gateway_without_failover("native-outlier");
     let out = sluice(&[
         "render",
         "envoy",
-        "policies/gateway.toml",
+        policy_file.to_str().unwrap(),
         "--wasm-dir",
         "/x",
         "--native-outlier",
     ]);
+    std::fs::remove_dir_all(policy_file.parent().unwrap()).unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     assert!(stdout.contains("# [outlier]: Envoy's own outlier_detection"));
@@ -379,6 +431,38 @@ fn render_native_outlier_hands_the_section_to_envoy() {
     assert!(policy.backends.iter().all(|b| b.outlier.is_none()));
     // Everything else as written.
     assert!(policy.breaker.is_some() && policy.tokens.is_some());
+}
+
+/// A filter refuses `[failover]` on zones with endpoints when `[outlier]`
+/// is off, so a render that takes `[outlier]` away from sluice.wasm must
+/// either refuse the policy or not hand the filter its `[failover]`.
+#[test]
+fn native_outlier_never_hands_the_filter_failover_alone() {
+    let out = sluice(&[
+        "render",
+        "envoy",
+        "policies/gateway.toml",
+        "--wasm-dir",
+        "/x",
+        "--native-outlier",
+    ]);
+    if out.status.code() == Some(1) {
+        assert!(
+            text(&out.stderr).contains("[failover]"),
+            "{}",
+            text(&out.stderr)
+        );
+        return;
+    }
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let yaml: serde_yaml::Value = serde_yaml::from_slice(&out.stdout).unwrap();
+    let hcm =
+        &yaml["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
+    let given = hcm["http_filters"][1]["typed_config"]["config"]["configuration"]["value"]
+        .as_str()
+        .unwrap();
+    let policy = sluice_policy::parse_toml("given.toml", given).unwrap();
+    assert!(policy.failover.is_none(), "{given}");
 }
 
 #[test]

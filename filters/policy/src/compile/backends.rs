@@ -161,10 +161,9 @@ impl Compiler {
                 cluster,
                 endpoints,
                 name,
-                requests_per_minute: z
-                    .requests_per_minute
-                    .as_ref()
-                    .map(|_| self.nonzero(&z.requests_per_minute, "requests_per_minute", 1, &z.loc)),
+                requests_per_minute: z.requests_per_minute.as_ref().map(|_| {
+                    self.nonzero(&z.requests_per_minute, "requests_per_minute", 1, &z.loc)
+                }),
                 tokens_per_minute: z
                     .tokens_per_minute
                     .as_ref()

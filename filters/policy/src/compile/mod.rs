@@ -13,7 +13,7 @@
 
 mod backends;
 mod breaker;
-mod failover;
+pub(crate) mod failover;
 mod identity;
 mod outlier;
 mod retry;
@@ -277,6 +277,7 @@ impl Compiler {
             && policy.failover.is_some()
         {
             self.check_failover_zones(&raw.value, &policy.backends);
+            self.check_failover_backends(doc, &policy.backends);
         }
         self.check_quota_caps(doc, &policy);
         policy
