@@ -391,9 +391,10 @@ fn describe_outlier(o: &sluice_core::config::OutlierConfig) -> String {
     text
 }
 
-/// Health under which a zone is drained (probe requests only): the
-/// filter's fixed threshold, not a policy key.
-const FAILOVER_DRAINED_BELOW: &str = "10%";
+/// Health under which a zone is drained (probe requests only), in percent:
+/// the filter's fixed threshold, not a policy key.
+const FAILOVER_DRAINED_BELOW: u32 =
+    sluice_core::failover::DRAINED as u32 * 100 / sluice_core::failover::LEVELS as u32;
 
 /// What `[failover]` does, in words: how it routes, how zones spill, drain
 /// and fail back, then per backend the zone order it produces and what
@@ -413,7 +414,7 @@ fn describe_failover(policy: &Policy, f: &FailoverConfig) -> Vec<String> {
         ),
     };
     lines.push(format!(
-        "{spill}; a zone under {FAILOVER_DRAINED_BELOW} health is drained: it gets one probe request per {} per proxy, with fallbacks to healthy zones, so a failed probe costs its client latency only; when every zone it may use is drained, panic: requests spread over all of them (sluice_failover.<backend>.panic = 1, logged); a zone's share drops as soon as its health does, and rises only after {} without a tick under {}, at most once per {}",
+        "{spill}; a zone under {FAILOVER_DRAINED_BELOW}% health is drained: it gets one probe request per {} per proxy, with fallbacks to healthy zones, so a failed probe costs its client latency only; when every zone it may use is drained, panic: requests spread over all of them (sluice_failover.<backend>.panic = 1, logged); a zone's share drops as soon as its health does, and rises only after {} without a tick under {}, at most once per {}",
         HumanDuration(f.probe_interval),
         HumanDuration(f.failback_after),
         f.min_healthy,
