@@ -19,6 +19,11 @@ pub const LEVELS: u8 = 20;
 /// only.
 pub const DRAINED: u8 = 2;
 
+/// Levels within which a partly healthy zone counts as settled (no longer
+/// recovering): it is then granted the level it held, rather than waiting
+/// for a health it may never reach (an endpoint ejected for minutes).
+pub const SETTLED: u8 = 2;
+
 /// Time constant of a zone's failure share: short, so a zone that starts
 /// failing every request is left within a tick or two.
 pub const ERROR_WINDOW: Duration = Duration::from_secs(2);
@@ -469,8 +474,9 @@ impl FailoverState {
                 && now.since(r.raised_at) >= cfg.failback_after
                 // Healthy (at `min_healthy` or more) for the whole window:
                 // back to its health now; else, once its level stopped
-                // rising (the window holds one level), to that level.
-                && (sustained >= full || r.held.len() == 1)
+                // rising (within [`SETTLED`] of the window's lowest), to
+                // that lowest level.
+                && (sustained >= full || now_level <= sustained.saturating_add(SETTLED))
             {
                 r.granted = if sustained >= full {
                     now_level

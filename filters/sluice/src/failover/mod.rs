@@ -171,7 +171,11 @@ impl Zoned {
             .iter()
             .map(|&z| zones.get(z).map_or(1.0, ZoneRecord::granted_share))
             .collect();
-        let endpoints: Vec<u32> = self.ranked.iter().map(|&z| self.zone_endpoints[z]).collect();
+        let endpoints: Vec<u32> = self
+            .ranked
+            .iter()
+            .map(|&z| self.zone_endpoints[z])
+            .collect();
         let plan = shares(
             &granted,
             &endpoints,
@@ -204,7 +208,11 @@ impl Zoned {
         let zone = |z: usize| self.specs.get(z).map_or("?", |s| s.name.as_str());
         for event in events {
             match *event {
-                Event::Spilling { zone: z, cause, share } => info!(
+                Event::Spilling {
+                    zone: z,
+                    cause,
+                    share,
+                } => info!(
                     "sluice failover: backend {}: zone {} at {:.0}% health ({}): spilling",
                     self.name,
                     zone(z),
@@ -260,7 +268,7 @@ impl Failover {
     /// fail over between (more than one, with endpoints, under `[outlier]`).
     pub fn from_policy(policy: &Policy) -> Option<Self> {
         let cfg = policy.failover.clone()?;
-        let node_zone = host::property_string(&["node", "locality", "zone"]);
+        let node_zone = host::property_string(&["xds", "node", "locality", "zone"]);
         let backends: Vec<Option<Rc<Zoned>>> = policy
             .backends
             .iter()
@@ -293,6 +301,13 @@ impl Failover {
                     })
                     .collect();
                 let ranked = order::rank(&b.zones, &cfg, node_zone.as_deref());
+                let names: Vec<&str> = ranked.iter().map(|&z| b.zones[z].name.as_str()).collect();
+                info!(
+                    "sluice failover: backend {}: zones in order {} (proxy zone {})",
+                    b.name,
+                    names.join(", "),
+                    node_zone.as_deref().unwrap_or("unknown")
+                );
                 let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
                 let n = specs.len();
                 let mut shares = vec![0.0; ranked.len()];
@@ -416,7 +431,8 @@ impl Capability for Failover {
         ranks[chosen] = 0;
         let mut next: Rank = 1;
         for &other in &z.ranked {
-            if other != chosen && (view.panic || !view.drained.get(other).copied().unwrap_or(false)) {
+            if other != chosen && (view.panic || !view.drained.get(other).copied().unwrap_or(false))
+            {
                 ranks[other] = next;
                 next = next.saturating_add(1).min(NO_ZONE - 1);
             }
@@ -458,6 +474,13 @@ impl Capability for Failover {
             Verdict::Unjudged => {}
         }
         t.reading = failover::Headroom::newer(t.reading, attempt.headroom);
+        let streak = t.trailing_failures;
+        drop(tallies);
+        // A zone failing every attempt is news for every worker now, not at
+        // the next tick.
+        if streak == failover::zone::CONSECUTIVE_FAILURES {
+            z.flush(host::now(), false);
+        }
     }
 }
 
@@ -482,15 +505,18 @@ impl Flow for FailoverFlow {
         else {
             return;
         };
-        let why = if served == self.chosen {
-            self.why.as_str()
+        let value = if served == self.chosen {
+            format!("{}; reason={}", z.specs[served].name, self.why.as_str())
         } else {
-            "retry"
+            // The router's retry left the zone first chosen.
+            format!(
+                "{}; reason=retry; first={}/{}",
+                z.specs[served].name,
+                z.specs[self.chosen].name,
+                self.why.as_str()
+            )
         };
-        add.push((
-            ZONE_HEADER,
-            format!("{}; reason={why}", z.specs[served].name),
-        ));
+        add.push((ZONE_HEADER, value));
     }
 
     fn done(&mut self, observation: &mut Observation, _now: Timestamp) {

@@ -329,12 +329,16 @@ impl Capability for Outlier {
         let mut x = admission.rand.to_bits() | 1;
         let draws = (admission.rand, unit(&mut x));
         // The zone order `[failover]` chose for this request, by endpoint.
-        let rank: Vec<Rank> = admission.edits.zone_ranks.as_ref().map_or_else(Vec::new, |ranks| {
-            g.zones
-                .iter()
-                .map(|&z| ranks.get(z).copied().unwrap_or(NO_ZONE))
-                .collect()
-        });
+        let rank: Vec<Rank> = admission
+            .edits
+            .zone_ranks
+            .as_ref()
+            .map_or_else(Vec::new, |ranks| {
+                g.zones
+                    .iter()
+                    .map(|&z| ranks.get(z).copied().unwrap_or(NO_ZONE))
+                    .collect()
+            });
         let choice = {
             let view = g.view.borrow();
             let load = g.load.borrow();
