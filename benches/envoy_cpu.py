@@ -51,6 +51,10 @@ Not in the default set, for [outlier]'s cost (issue target: the engine with
   the per-attempt filter instead: splits that instance's cost into the
   floor of any wasm filter run per attempt and sluice's own work.
 
+For [failover]'s cost, ``sluice-failover`` ([outlier] and [failover], the
+simulators split over two zones) against ``sluice-outlier-2z`` ([outlier]
+alone on the same two zones).
+
 The report then has a table of these pairs' ratios, both as total CPU and
 as CPU added over ``none``::
 
@@ -133,6 +137,14 @@ timeout = "60s"
   region = "lab"
   endpoints = ["127.0.0.1:1"]
 """
+# The same backend split over two zones of one region (the simulators
+# alternate between them): what [failover] needs to have an opinion.
+POLICY_TWO_ZONES = POLICY_BASE + """
+  [[backend.zone]]
+  name = "zone-b"
+  region = "lab"
+  endpoints = ["127.0.0.1:2"]
+"""
 # The zone's endpoints are replaced by the llm-sims' addresses at run time
 # (``sluice render envoy --endpoints``, which also writes them into the policy
 # text the filters are given): every variant's cluster holds the same
@@ -159,6 +171,13 @@ consecutive_failures = 1000
 # the report lists the outlier counters to show it).
 OUTLIER = """
 [outlier]
+"""
+
+# Every key at its default but the proxy's zone (the bench renders no
+# node locality).
+FAILOVER = """
+[failover]
+local_zone = "zone-a"
 """
 
 LOCAL_RATELIMIT = {
@@ -193,6 +212,8 @@ class Variant:
     # place of sluice.wasm: its own VM, no configuration. With sluice_noop,
     # the floor of any wasm filter that runs once per attempt.
     attempt_module: str | None = None
+    # Zones the backend's endpoints are split over (1 or 2).
+    zones: int = 1
 
 
 VARIANTS = {
@@ -210,6 +231,14 @@ VARIANTS = {
     "sluice-outlier": Variant("sluice.wasm, [outlier] only (defaults): endpoint picking "
                               "through override_host, plus the per-attempt instance "
                               "`sluice.attempt` on the cluster", ("sluice",), OUTLIER),
+    "sluice-outlier-2z": Variant("sluice-outlier with the endpoints split over two zones "
+                                 "(the baseline of sluice-failover)", ("sluice",), OUTLIER,
+                                 zones=2),
+    "sluice-failover": Variant("sluice.wasm, [outlier] and [failover] (defaults, local zone "
+                               "zone-a), the endpoints split over two zones: every request "
+                               "drawn to a zone, its endpoints picked within it; each "
+                               "attempt's rate-limit headers read", ("sluice",),
+                               OUTLIER + FAILOVER, zones=2),
     "sluice-all": Variant("sluice.wasm, [tokens], [breaker] and [outlier] (defaults), with "
                           "override_host and the per-attempt instance `sluice.attempt` on the "
                           "cluster, as rendered", ("sluice",), TOKENS + BREAKER + OUTLIER),
@@ -276,7 +305,17 @@ UPSTREAM_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 def policy_for(name: str) -> str:
     """The policy ``sluice render envoy`` is given for variant ``name``."""
-    return POLICY_BASE + VARIANTS[name.partition("@")[0]].sections
+    variant = VARIANTS[name.partition("@")[0]]
+    base = POLICY_TWO_ZONES if variant.zones == 2 else POLICY_BASE
+    return base + variant.sections
+
+
+def zone_endpoints(name: str, addresses: list[str]) -> dict[tuple[str, str], list[str]]:
+    """``--endpoints`` of variant ``name``: every simulator in zone-a, or
+    alternately in zone-a and zone-b."""
+    if VARIANTS[name.partition("@")[0]].zones == 2:
+        return {("primary", "zone-a"): addresses[0::2], ("primary", "zone-b"): addresses[1::2]}
+    return {("primary", "zone-a"): addresses}
 
 
 def attempt_file(name: str, wasm_dir: Path, builds: dict[str, Path]) -> Path:
@@ -484,7 +523,7 @@ def main() -> int:
                 policy_file.write_text(policy)
                 renders[policy] = render_envoy(
                     policy_file, wasm_dir=paths.WASM_DIR,
-                    endpoints={("primary", "zone-a"): [s.listen for s in sims]})
+                    endpoints=zone_endpoints(v, [s.listen for s in sims]))
             envoy = Envoy(bootstrap_for(v, renders[policy], paths.WASM_DIR, builds), run_dir,
                           name=f"envoy-{v.replace('@', '-')}", concurrency=1,
                           log_level="warning", component_log_level="wasm:warning")
@@ -551,6 +590,7 @@ PAIRS = (
     ("sluice-outlier", "sluice-none-enabled", "[outlier] alone, over the module with no section"),
     ("sluice-all-noattempt", "sluice-both",
      "[outlier] added, per-attempt instance removed (profiling split)"),
+    ("sluice-failover", "sluice-outlier-2z", "[failover] added to [outlier], two zones"),
 )
 
 # The issue's target on PAIRS' ratios.
