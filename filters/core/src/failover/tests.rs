@@ -546,3 +546,28 @@ fn capacity_quota_from_the_policy_spills_before_the_provider_says_anything() {
         }
     )));
 }
+
+#[test]
+fn a_reload_keeps_each_zones_record_by_name() {
+    let mut sim = two_zones();
+    sim.run(1.0, &|_, _| Mode::Up);
+    sim.run(1.0, &|z, _| if z == 0 { Mode::Failing } else { Mode::Up });
+    assert!(sim.state.zones[0].is_drained());
+    // The reloaded policy lists b first and adds c: a keeps its drain.
+    let specs: Vec<ZoneSpec> = ["b", "c", "a"]
+        .iter()
+        .map(|n| ZoneSpec {
+            name: (*n).into(),
+            requests_per_minute: None,
+            tokens_per_minute: None,
+        })
+        .collect();
+    sim.state.align(&specs);
+    let names: Vec<&str> = sim.state.zones.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["b", "c", "a"]);
+    assert!(sim.state.zones[2].is_drained());
+    assert_eq!(sim.state.zones[1].granted, LEVELS);
+    // A zone the policy dropped is forgotten: the key stays bounded.
+    sim.state.align(&specs[..1]);
+    assert_eq!(sim.state.zones.len(), 1);
+}
