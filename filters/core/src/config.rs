@@ -38,6 +38,9 @@ pub struct Policy {
     pub tokens: Option<TokensConfig>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetryConfig>,
+    /// The global `[failover]` section as written, defaults filled in. What
+    /// applies to a backend is its [`Backend::failover`]: this section with
+    /// the backend's `[backend.failover]` laid over it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failover: Option<FailoverConfig>,
 }
@@ -187,6 +190,8 @@ pub struct Backend {
     pub breaker: Option<BreakerConfig>,
     #[serde(serialize_with = "serialize_section")]
     pub retry: Option<RetryConfig>,
+    #[serde(serialize_with = "serialize_section")]
+    pub failover: Option<FailoverConfig>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -812,6 +817,7 @@ mod tests {
             outlier: None,
             breaker: None,
             retry: None,
+            failover: None,
         }
     }
 

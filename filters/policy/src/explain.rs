@@ -191,11 +191,7 @@ fn section_lines(cap: Capability, policy: &Policy) -> Vec<String> {
                 }
             }
         }
-        Capability::Failover => {
-            if let Some(f) = &policy.failover {
-                lines.extend(describe_failover(policy, f));
-            }
-        }
+        Capability::Failover => lines.extend(describe_failover(policy)),
     }
     lines
 }
@@ -397,30 +393,27 @@ const FAILOVER_DRAINED_BELOW: u32 =
     sluice_core::failover::DRAINED as u32 * 100 / sluice_core::failover::LEVELS as u32;
 
 /// What `[failover]` does, in words: how it routes, how zones spill, drain
-/// and fail back, then per backend the zone order it produces and what
-/// makes a zone unhealthy, with the numbers that apply to that backend.
-fn describe_failover(policy: &Policy, f: &FailoverConfig) -> Vec<String> {
+/// and fail back, then per backend (with its effective section) the zone
+/// order it produces and what makes a zone unhealthy, with the numbers that
+/// apply to that backend.
+fn describe_failover(policy: &Policy) -> Vec<String> {
     let mut lines = vec![
         "sends each new request of a backend to one of its zones by naming that zone's endpoints in x-gateway-destination-endpoint (the cluster's override_host load balancing), with the next zone's endpoint as the first fallback, so the router's retries leave a sick zone within the same request; a zone decision applies from the next request; each answer says where it went in x-sluice-zone: <zone>; reason=<preferred|spill|probe|panic|retry>".to_string(),
     ];
-    let spill = match f.spill {
-        Spill::Gradual => format!(
-            "each zone, in order, takes min(what is left, its health / {}) of new requests (spill = \"gradual\", Envoy's priority load)",
-            f.min_healthy
-        ),
-        Spill::All => format!(
-            "the first zone in order whose health is at least {} takes every new request (spill = \"all\")",
-            f.min_healthy
-        ),
-    };
-    lines.push(format!(
-        "{spill}; a zone under {FAILOVER_DRAINED_BELOW}% health is drained: it gets one probe request per {} per proxy, with fallbacks to healthy zones, so a failed probe costs its client latency only; when every zone it may use is drained, panic: requests spread over all of them (sluice_failover.<backend>.panic = 1, logged); a zone's share drops as soon as its health does, and rises only after {} without a tick under {}, at most once per {}",
-        HumanDuration(f.probe_interval),
-        HumanDuration(f.failback_after),
-        f.min_healthy,
-        HumanDuration(f.failback_after),
-    ));
+    // The spill and fail-back numbers: once for the global section, and
+    // again for each backend whose own differ.
+    let global = policy.failover.as_ref().map(spill_and_failback);
+    lines.extend(global.clone());
     for b in &policy.backends {
+        let Some(f) = &b.failover else {
+            let how = if policy.failover.is_some() {
+                " (enabled = false in its [backend.failover])"
+            } else {
+                ""
+            };
+            lines.push(format!("failover off for backend {}{how}", b.name));
+            continue;
+        };
         let routable = routable_zones(b);
         if routable.len() < 2 {
             lines.push(format!(
@@ -435,6 +428,10 @@ fn describe_failover(policy: &Policy, f: &FailoverConfig) -> Vec<String> {
             b.name,
             zone_order(policy, f, b)
         ));
+        let own = spill_and_failback(f);
+        if global.as_ref() != Some(&own) {
+            lines.push(format!("backend {}: {own}", b.name));
+        }
         lines.push(format!(
             "backend {}: {}",
             b.name,
@@ -448,6 +445,27 @@ fn describe_failover(policy: &Policy, f: &FailoverConfig) -> Vec<String> {
         }
     }
     lines
+}
+
+/// How zones of a backend under `f` spill, drain and fail back.
+fn spill_and_failback(f: &FailoverConfig) -> String {
+    let spill = match f.spill {
+        Spill::Gradual => format!(
+            "each zone, in order, takes min(what is left, its health / {}) of new requests (spill = \"gradual\", Envoy's priority load)",
+            f.min_healthy
+        ),
+        Spill::All => format!(
+            "the first zone in order whose health is at least {} takes every new request (spill = \"all\")",
+            f.min_healthy
+        ),
+    };
+    format!(
+        "{spill}; a zone under {FAILOVER_DRAINED_BELOW}% health is drained: it gets one probe request per {} per proxy, with fallbacks to healthy zones, so a failed probe costs its client latency only; when every zone it may use is drained, panic: requests spread over all of them (sluice_failover.<backend>.panic = 1, logged); a zone's share drops as soon as its health does, and rises only after {} without a tick under {}, at most once per {}",
+        HumanDuration(f.probe_interval),
+        HumanDuration(f.failback_after),
+        f.min_healthy,
+        HumanDuration(f.failback_after),
+    )
 }
 
 /// Why failover leaves `backend` alone: it has fewer than two zones it

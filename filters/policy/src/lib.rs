@@ -206,7 +206,9 @@ impl Capability {
             Capability::Retry => {
                 policy.retry.is_some() || policy.backends.iter().any(|b| b.retry.is_some())
             }
-            Capability::Failover => policy.failover.is_some(),
+            Capability::Failover => {
+                policy.failover.is_some() || policy.backends.iter().any(|b| b.failover.is_some())
+            }
         }
     }
 }

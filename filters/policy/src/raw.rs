@@ -67,6 +67,7 @@ raw_table! {
         outlier: Outlier,
         breaker: Breaker,
         retry: Retry,
+        failover: Failover,
     }
 }
 

@@ -5,6 +5,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test helpers
 
+use std::time::Duration;
+
+use sluice_core::config::{FailoverConfig, LocalZone};
 use sluice_policy::{Capability, Diagnostics, Policy, explain, parse_json, parse_toml};
 
 /// `line:column: message` and the hint of each error, in text order.
@@ -62,6 +65,11 @@ models = ["*"]
 
 const NEEDS_OUTLIER_HINT: &str = "zone health is judged from [outlier]'s endpoint records (ejections, 429 benches, attempts, time to first token)";
 
+/// How every hint about a backend failover cannot act on ends: a backend
+/// that is not meant to fail over can say so.
+const SWITCH_OFF: &str =
+    "switch failover off for this backend with `enabled = false` in its `[backend.failover]`";
+
 #[test]
 fn failover_without_outlier_is_an_error_at_the_backend() {
     let e = errors(&three_zones("[failover]\n"));
@@ -72,7 +80,12 @@ fn failover_without_outlier_is_an_error_at_the_backend() {
     );
     assert_eq!(
         e[0].1.as_deref(),
-        Some(format!("{NEEDS_OUTLIER_HINT}; add `[outlier]`: its defaults are fine").as_str())
+        Some(
+            format!(
+                "{NEEDS_OUTLIER_HINT}; add `[outlier]` (its defaults are fine), or {SWITCH_OFF}"
+            )
+            .as_str()
+        )
     );
 }
 
@@ -89,10 +102,8 @@ fn outlier_switched_off_is_an_error_where_it_is_switched_off() {
     assert_eq!(
         e[0].1.as_deref(),
         Some(
-            format!(
-                "{NEEDS_OUTLIER_HINT}; remove `enabled = false` here, or switch [failover] off"
-            )
-            .as_str()
+            format!("{NEEDS_OUTLIER_HINT}; remove `enabled = false` here, or {SWITCH_OFF}")
+                .as_str()
         )
     );
     // In the global section.
@@ -105,7 +116,7 @@ fn outlier_switched_off_is_an_error_where_it_is_switched_off() {
     );
     assert_eq!(
         e[0].1.as_deref(),
-        Some(format!("{NEEDS_OUTLIER_HINT}; remove `enabled = false` here (or switch it on in this backend's `[backend.outlier]`), or switch [failover] off").as_str())
+        Some(format!("{NEEDS_OUTLIER_HINT}; remove `enabled = false` here (or switch it on in this backend's `[backend.outlier]`), or {SWITCH_OFF}").as_str())
     );
     // A backend may switch it on for itself.
     valid(&three_zones(
@@ -194,7 +205,7 @@ models = ["*"]
     assert_eq!(
         e[0].1.as_deref(),
         Some(
-            "failover sends a request to another zone by naming its endpoints to the cluster's override_host load balancing, which picks only among its own cluster's endpoints; give every zone of `pool` the same `cluster` (or none: the default is the backend's name)"
+            format!("failover sends a request to another zone by naming its endpoints to the cluster's override_host load balancing, which picks only among its own cluster's endpoints; give every zone of `pool` the same `cluster` (or none: the default is the backend's name), or {SWITCH_OFF}").as_str()
         )
     );
     // The first zone names the odd cluster: the error points there.
@@ -430,5 +441,221 @@ fn the_effective_policy_keeps_every_failover_value() {
         parse_toml("effective.toml", &effective).unwrap(),
         policy,
         "{effective}"
+    );
+}
+
+/// A failover backend `pool` (zones a and b, `[backend.outlier]`) next to a
+/// plain two-zone backend `primary` without `[outlier]`, then `rest`.
+fn pool_and_primary(primary_rest: &str, rest: &str) -> String {
+    format!(
+        r#"[[backend]]
+name = "pool"
+models = ["pool-*"]
+  [[backend.zone]]
+  name = "a"
+  region = "r1"
+  endpoints = ["10.0.0.1:8000"]
+  [[backend.zone]]
+  name = "b"
+  region = "r1"
+  endpoints = ["10.0.0.2:8000"]
+  [backend.outlier]
+[[backend]]
+name = "primary"
+models = ["*"]
+  [[backend.zone]]
+  name = "a"
+  region = "r1"
+  endpoints = ["10.0.1.1:8000"]
+  [[backend.zone]]
+  name = "b"
+  region = "r1"
+  endpoints = ["10.0.1.2:8000"]
+{primary_rest}[failover]
+local_zone = "a"
+{rest}"#
+    )
+}
+
+const PRIMARY_OFF: &str = "  [backend.failover]\n  enabled = false\n";
+
+#[test]
+fn a_plain_multi_zone_backend_switched_out_of_failover_needs_no_outlier() {
+    let policy = valid(&pool_and_primary(PRIMARY_OFF, ""));
+    let pool = policy.backend("pool").unwrap();
+    let primary = policy.backend("primary").unwrap();
+    assert_eq!(pool.failover, policy.failover);
+    assert!(pool.failover.is_some());
+    assert_eq!(primary.failover, None);
+    assert!(Capability::Failover.is_enabled_in(&policy));
+    let lines = failover_lines(&policy);
+    assert!(
+        lines.contains(
+            &"failover off for backend primary (enabled = false in its [backend.failover])"
+                .to_string()
+        ),
+        "{lines:#?}"
+    );
+    assert!(
+        lines.contains(
+            &"backend pool: zone order: a (r1) [local_zone], then b (r1) [local region]"
+                .to_string()
+        ),
+        "{lines:#?}"
+    );
+    assert!(
+        !lines.iter().any(|l| l.starts_with("backend primary")),
+        "{lines:#?}"
+    );
+    // Switched off, its zones may also be separate clusters.
+    valid(&pool_and_primary(PRIMARY_OFF, "").replace(
+        "  endpoints = [\"10.0.1.2:8000\"]\n",
+        "  endpoints = [\"10.0.1.2:8000\"]\n  cluster = \"primary-b\"\n",
+    ));
+}
+
+#[test]
+fn without_switching_it_out_the_plain_backend_is_an_error_at_its_name() {
+    let e = errors(&pool_and_primary("", ""));
+    assert_eq!(
+        e,
+        [(
+            "14:8: backend `primary` has [outlier] off, but [failover] judges the health of its zones (`a`, `b`) from it".to_string(),
+            Some(format!(
+                "{NEEDS_OUTLIER_HINT}; add `[outlier]` (its defaults are fine), or {SWITCH_OFF}"
+            ))
+        )]
+    );
+    // `enabled = true` in its own section is no way out.
+    let e = errors(&pool_and_primary(
+        "  [backend.failover]\n  enabled = true\n",
+        "",
+    ));
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].0.starts_with("14:8: backend `primary`"), "{e:?}");
+}
+
+#[test]
+fn a_backend_override_shows_in_its_effective_failover_only() {
+    let text = pool_and_primary(PRIMARY_OFF, "failback_after = \"45s\"\n").replace(
+        "  [backend.outlier]\n",
+        "  [backend.outlier]\n  [backend.failover]\n  failback_after = \"5s\"\n",
+    );
+    let policy = valid(&text);
+    let global = policy.failover.clone().unwrap();
+    let pool = policy.backend("pool").unwrap().failover.clone().unwrap();
+    assert_eq!(global.failback_after, Duration::from_secs(45));
+    assert_eq!(pool.failback_after, Duration::from_secs(5));
+    // Keys the backend does not set come from the global section.
+    assert_eq!(
+        pool,
+        FailoverConfig {
+            failback_after: Duration::from_secs(5),
+            ..global
+        }
+    );
+    // Explain gives the backend its own numbers, after the global ones.
+    let lines = failover_lines(&policy);
+    assert!(
+        lines.iter().any(|l| !l.starts_with("backend ")
+            && l.contains("rises only after 45s without a tick under 71%")),
+        "{lines:#?}"
+    );
+    assert!(
+        lines.iter().any(|l| l.starts_with("backend pool: ")
+            && l.contains("rises only after 5s without a tick under 71%, at most once per 5s")),
+        "{lines:#?}"
+    );
+    // The effective policy prints it in the backend's section and reads
+    // back as the same policy.
+    let effective = explain::effective_toml(&policy).unwrap();
+    assert!(
+        effective.contains("[backend.failover]\nlocal_zone = \"a\"\nmin_healthy = \"71%\""),
+        "{effective}"
+    );
+    assert_eq!(
+        parse_toml("effective.toml", &effective).unwrap(),
+        policy,
+        "{effective}"
+    );
+}
+
+#[test]
+fn a_backend_may_fail_over_without_the_global_section() {
+    let text = pool_and_primary("", "")
+        .replace("[failover]\nlocal_zone = \"a\"\n", "")
+        .replace(
+            "  [backend.outlier]\n",
+            "  [backend.outlier]\n  [backend.failover]\n  order = [\"b\"]\n",
+        );
+    let policy = valid(&text);
+    assert_eq!(policy.failover, None);
+    assert!(policy.backend("primary").unwrap().failover.is_none());
+    assert_eq!(
+        policy
+            .backend("pool")
+            .unwrap()
+            .failover
+            .as_ref()
+            .unwrap()
+            .order,
+        ["b"]
+    );
+    assert!(Capability::Failover.is_enabled_in(&policy));
+    let lines = failover_lines(&policy);
+    assert!(
+        lines.contains(&"failover off for backend primary".to_string()),
+        "{lines:#?}"
+    );
+    // With no global section, the backend's spill numbers are its own line.
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("backend pool: each zone, in order, takes")),
+        "{lines:#?}"
+    );
+    let effective = explain::effective_toml(&policy).unwrap();
+    assert_eq!(parse_toml("effective.toml", &effective).unwrap(), policy);
+    // A global section switched off stays off unless a backend switches it on.
+    let off = pool_and_primary("", "enabled = false\n");
+    let policy = valid(&off);
+    assert!(!Capability::Failover.is_enabled_in(&policy));
+    let on = off.replace(
+        "  [backend.outlier]\n",
+        "  [backend.outlier]\n  [backend.failover]\n  enabled = true\n",
+    );
+    let policy = valid(&on);
+    assert_eq!(
+        policy
+            .backend("pool")
+            .unwrap()
+            .failover
+            .as_ref()
+            .unwrap()
+            .local_zone,
+        LocalZone::Named("a".into())
+    );
+    assert!(policy.backend("primary").unwrap().failover.is_none());
+}
+
+#[test]
+fn zones_a_backend_section_names_are_checked_and_inherited_errors_come_once() {
+    let text = pool_and_primary(PRIMARY_OFF, "order = [\"x\"]\n").replace(
+        "  [backend.outlier]\n",
+        "  [backend.outlier]\n  [backend.failover]\n  local_zone = \"bb\"\n",
+    );
+    let e = errors(&text);
+    assert_eq!(
+        e,
+        [
+            (
+                "14:16: unknown zone `bb`".to_string(),
+                Some("did you mean `b`?".to_string())
+            ),
+            (
+                "30:10: unknown zone `x`".to_string(),
+                Some("declared: a, b".to_string())
+            ),
+        ]
     );
 }

@@ -58,22 +58,32 @@ impl Compiler {
                 outlier,
                 breaker: None,
                 retry,
+                failover: None,
             });
         }
-        // Breakers resolve fallback backends, so they compile once all
-        // backends are known; the global section first, so that its errors
-        // are reported once, at its own keys.
+        // Breakers resolve fallback backends and failover resolves zones,
+        // so they compile once all backends are known; the global sections
+        // first, so that their errors are reported once, at their own keys.
         let snapshot = backends.clone();
         self.global_breaker = match &doc.breaker {
             Some(raw) if raw.value.enabled() => Some(self.breaker(&raw.value, &snapshot)),
             _ => None,
         };
+        if let Some(raw) = &doc.failover
+            && raw.value.enabled()
+        {
+            self.check_failover_zones(&raw.value, &snapshot);
+        }
         for (backend, raw) in backends
             .iter_mut()
             .zip(list.value.iter().filter(|r| r.name.is_some()))
         {
             backend.breaker =
                 self.overridden(&doc.breaker, &raw.breaker, |cx, r| cx.breaker(r, &snapshot));
+            backend.failover = self.overridden(&doc.failover, &raw.failover, |cx, r| {
+                cx.check_failover_zones(r, &snapshot);
+                cx.failover(r)
+            });
         }
         backends
     }

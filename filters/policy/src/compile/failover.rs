@@ -1,8 +1,11 @@
 //! `[failover]`: zone preference and spill-over.
 //!
-//! The zones it names must exist in some backend, and the backends it acts
-//! on must be shaped the way it routes, so those checks run after the
-//! backends are compiled:
+//! Like `[outlier]` and `[retry]`, the global section applies to every
+//! backend, and a backend's `[backend.failover]` overrides its keys or
+//! switches it on or off for that backend alone. The zones a section names
+//! (the global one and each backend's effective copy) must exist in some
+//! backend, and each backend failover is on for must be shaped the way it
+//! routes, so those checks run after the backends are compiled:
 //!
 //! - it moves requests between zones by naming endpoints to the cluster's
 //!   `override_host` load balancing, which picks only among its own
@@ -14,7 +17,10 @@
 //!
 //! A backend with one zone, or with fewer than two zones that list
 //! endpoints, gives failover nothing to do: that is not an error (a
-//! fallback pool in one zone is common), and `sluice explain` says so.
+//! fallback pool in one zone is common), and `sluice explain` says so. A
+//! backend with zones that is not meant to fail over (one next to a
+//! failover backend, without `[outlier]`) says `enabled = false` in its
+//! `[backend.failover]`, and none of these checks apply to it.
 
 use sluice_core::config::{self as cfg, FailoverConfig, LocalZone};
 
@@ -22,6 +28,10 @@ use super::{Compiler, loc_of, or};
 use crate::defaults as dflt;
 use crate::diagnostic::Loc;
 use crate::raw::{self, Document};
+
+/// How a backend that should not fail over leaves it, as hints say it.
+const SWITCH_OFF: &str =
+    "switch failover off for this backend with `enabled = false` in its `[backend.failover]`";
 
 /// The zones of `backend` that failover can send requests to: those whose
 /// endpoints the policy lists (it names endpoints, never zones, to Envoy).
@@ -73,8 +83,9 @@ impl Compiler {
         }
     }
 
-    /// Zones named by `[failover]` must exist in some backend, and `order`
-    /// gives each one place.
+    /// Zones named by a `[failover]` section (global, or a backend's
+    /// effective one) must exist in some backend, and `order` gives each
+    /// one place.
     pub(super) fn check_failover_zones(&mut self, raw: &raw::Failover, backends: &[cfg::Backend]) {
         let mut known: Vec<String> = Vec::new();
         for zone in backends.iter().flat_map(|b| &b.zones) {
@@ -109,8 +120,8 @@ impl Compiler {
         }
     }
 
-    /// Each backend failover acts on is one Envoy cluster, with `[outlier]`
-    /// on (see the module docs for why).
+    /// Each backend failover is on for is one Envoy cluster, with
+    /// `[outlier]` on (see the module docs for why).
     pub(super) fn check_failover_backends(&mut self, doc: &Document, backends: &[cfg::Backend]) {
         let Some(list) = &doc.backend else {
             return;
@@ -118,6 +129,9 @@ impl Compiler {
         // `backends` holds the raw backends that have a name, in order.
         let raws = list.value.iter().filter(|r| r.name.is_some());
         for (backend, raw) in backends.iter().zip(raws) {
+            if backend.failover.is_none() {
+                continue;
+            }
             self.check_one_cluster(backend, raw);
             self.check_outlier_for_failover(doc, backend, raw);
         }
@@ -151,7 +165,7 @@ impl Compiler {
                     backend.name, first.name, first.cluster, zone.name, zone.cluster
                 ),
                 Some(&format!(
-                    "failover sends a request to another zone by naming its endpoints to the cluster's override_host load balancing, which picks only among its own cluster's endpoints; give every zone of `{}` the same `cluster` (or none: the default is the backend's name)",
+                    "failover sends a request to another zone by naming its endpoints to the cluster's override_host load balancing, which picks only among its own cluster's endpoints; give every zone of `{}` the same `cluster` (or none: the default is the backend's name), or {SWITCH_OFF}",
                     backend.name
                 )),
             );
@@ -181,22 +195,24 @@ impl Compiler {
                 .filter(|e| !e.value)
                 .map(|e| e.loc.clone())
         };
-        let (loc, hint) = if let Some(loc) = switched_off(&raw.outlier) {
-            (
-                loc,
-                "zone health is judged from [outlier]'s endpoint records (ejections, 429 benches, attempts, time to first token); remove `enabled = false` here, or switch [failover] off".to_string(),
-            )
+        let why = "zone health is judged from [outlier]'s endpoint records (ejections, 429 benches, attempts, time to first token)";
+        let (loc, fix) = if let Some(loc) = switched_off(&raw.outlier) {
+            (loc, "remove `enabled = false` here")
         } else if let Some(loc) = switched_off(&doc.outlier) {
             (
                 loc,
-                "zone health is judged from [outlier]'s endpoint records (ejections, 429 benches, attempts, time to first token); remove `enabled = false` here (or switch it on in this backend's `[backend.outlier]`), or switch [failover] off".to_string(),
+                "remove `enabled = false` here (or switch it on in this backend's `[backend.outlier]`)",
             )
         } else {
             (
                 loc_of(&raw.name, &raw.loc),
-                "zone health is judged from [outlier]'s endpoint records (ejections, 429 benches, attempts, time to first token); add `[outlier]`: its defaults are fine".to_string(),
+                "add `[outlier]` (its defaults are fine)",
             )
         };
-        self.invalid(&loc, message, Some(&hint));
+        self.invalid(
+            &loc,
+            message,
+            Some(&format!("{why}; {fix}, or {SWITCH_OFF}")),
+        );
     }
 }

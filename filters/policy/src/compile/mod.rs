@@ -273,12 +273,7 @@ impl Compiler {
         };
         policy.routes = self.routes(doc, &names);
         policy.breaker = self.global_breaker.take();
-        if let Some(raw) = &doc.failover
-            && policy.failover.is_some()
-        {
-            self.check_failover_zones(&raw.value, &policy.backends);
-            self.check_failover_backends(doc, &policy.backends);
-        }
+        self.check_failover_backends(doc, &policy.backends);
         self.check_quota_caps(doc, &policy);
         policy
     }

@@ -264,15 +264,20 @@ impl Zoned {
 }
 
 impl Failover {
-    /// The capability, if `[failover]` is on and some backend has zones to
-    /// fail over between (more than one, with endpoints, under `[outlier]`).
+    /// The capability, if some backend has failover on (its effective
+    /// `[failover]`, the global section with its `[backend.failover]`) and
+    /// zones to fail over between (more than one, with endpoints, under
+    /// `[outlier]`).
     pub fn from_policy(policy: &Policy) -> Option<Self> {
-        let cfg = policy.failover.clone()?;
+        if policy.backends.iter().all(|b| b.failover.is_none()) {
+            return None;
+        }
         let node_zone = host::property_string(&["xds", "node", "locality", "zone"]);
         let backends: Vec<Option<Rc<Zoned>>> = policy
             .backends
             .iter()
             .map(|b| {
+                let cfg = b.failover.as_ref()?;
                 let outlier = b.outlier.as_ref()?;
                 if b.zones.len() < 2 {
                     return None;
@@ -300,7 +305,7 @@ impl Failover {
                         tokens_per_minute: z.tokens_per_minute.map(|n| n.get()),
                     })
                     .collect();
-                let ranked = order::rank(&b.zones, &cfg, node_zone.as_deref());
+                let ranked = order::rank(&b.zones, cfg, node_zone.as_deref());
                 let names: Vec<&str> = ranked.iter().map(|&z| b.zones[z].name.as_str()).collect();
                 info!(
                     "sluice failover: backend {}: zones in order {} (proxy zone {})",
