@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{rendered_route, sluice_filter};
+use common::{rendered_route, responses, sluice_filter};
 use sluice_host_tests::{
     Cluster, Endpoint, EndpointBehavior, FaultKind, Host, HostOptions, Locality, Request, Response,
 };
@@ -83,28 +83,6 @@ fn chat() -> Request {
     )
 }
 
-/// `rps` requests per second from `from` for `seconds`, tagged with their
-/// start in ms; runs until all finished (bounded).
-fn load(host: &mut Host, from: Duration, seconds: u64, rps: u64) {
-    let total = seconds * rps;
-    let before = host.finished_count();
-    for i in 0..total {
-        let at = from + Duration::from_millis(i * 1000 / rps);
-        host.schedule_request(at, None, chat(), at.as_millis() as u64);
-    }
-    let finished = host.run_until(Duration::from_secs(seconds + 60), |h| {
-        h.finished_count() == before + total as usize
-    });
-    assert!(finished, "requests still running after the bound");
-}
-
-fn responses(host: &Host) -> Vec<(u64, Response)> {
-    host.completed()
-        .into_iter()
-        .map(|(_, tag, r)| (tag.unwrap_or(0), r.clone()))
-        .collect()
-}
-
 /// `(zone, reason)` of `x-sluice-zone`.
 fn zone_of(r: &Response) -> (String, String) {
     let v = r.header("x-sluice-zone").unwrap_or("-; reason=-");
@@ -137,7 +115,14 @@ fn no_vm_failures(host: &Host) {
 fn the_proxys_own_zone_is_preferred_and_every_answer_names_its_zone() {
     for (node, other) in [("zone-a", "zone-b"), ("zone-b", "zone-a")] {
         let mut host = host_in(node, "", healthy(), healthy());
-        load(&mut host, Duration::ZERO, 3, 40);
+        common::load(
+            &mut host,
+            Duration::ZERO,
+            3,
+            40,
+            Duration::from_secs(60),
+            chat,
+        );
         let all = responses(&host);
         assert_eq!(all.len(), 120);
         for (_, r) in &all {
@@ -158,7 +143,14 @@ fn a_zone_answering_503_is_drained_within_ticks_and_no_client_fails() {
         FaultKind::Status(503),
     );
     let mut host = host_in("zone-a", "", failing, healthy());
-    load(&mut host, Duration::ZERO, 6, 100);
+    common::load(
+        &mut host,
+        Duration::ZERO,
+        6,
+        100,
+        Duration::from_secs(60),
+        chat,
+    );
     let all = responses(&host);
     let failed: Vec<_> = all.iter().filter(|(_, r)| r.status != 200).collect();
     assert!(
@@ -218,7 +210,14 @@ fn a_healed_zone_fails_back_once_after_failback_after() {
         FaultKind::Status(503),
     );
     let mut host = host_in("zone-a", "", flaky, healthy());
-    load(&mut host, Duration::ZERO, 14, 40);
+    common::load(
+        &mut host,
+        Duration::ZERO,
+        14,
+        40,
+        Duration::from_secs(60),
+        chat,
+    );
     let all = responses(&host);
     assert!(all.iter().all(|(_, r)| r.status == 200));
     assert_eq!(metric(&host, "zone-a.drains"), 1);
@@ -253,7 +252,14 @@ fn provider_quota_headers_move_traffic_before_any_429() {
         .with_header_bytes("x-ratelimit-remaining-requests", b"3")
         .with_header_bytes("x-ratelimit-reset-requests", b"20s");
     let mut host = host_in("zone-a", "", nearly_out, healthy());
-    load(&mut host, Duration::ZERO, 4, 50);
+    common::load(
+        &mut host,
+        Duration::ZERO,
+        4,
+        50,
+        Duration::from_secs(60),
+        chat,
+    );
     let all = responses(&host);
     assert!(all.iter().all(|(_, r)| r.status == 200));
     let late: Vec<&Response> = all
@@ -288,7 +294,14 @@ fn garbage_rate_limit_headers_change_nothing() {
         )
         .with_header_bytes("x-ratelimit-reset-requests", b"\x00\x01");
     let mut host = host_in("zone-a", "", garbage, healthy());
-    load(&mut host, Duration::ZERO, 2, 50);
+    common::load(
+        &mut host,
+        Duration::ZERO,
+        2,
+        50,
+        Duration::from_secs(60),
+        chat,
+    );
     let all = responses(&host);
     assert!(
         all.iter()
@@ -307,7 +320,14 @@ fn when_every_zone_fails_requests_spread_in_panic() {
         )
     };
     let mut host = host_in("zone-a", "", failing(), failing());
-    load(&mut host, Duration::ZERO, 3, 40);
+    common::load(
+        &mut host,
+        Duration::ZERO,
+        3,
+        40,
+        Duration::from_secs(60),
+        chat,
+    );
     assert_eq!(metric(&host, "panic"), 1);
     let all = responses(&host);
     let late: Vec<&Response> = all

@@ -10,7 +10,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{rendered_route, sluice_filter};
+use common::{rendered_route, responses, sluice_filter};
 use sluice_host_tests::{
     Cluster, Endpoint, EndpointBehavior, FaultKind, Host, HostOptions, Request, Response,
 };
@@ -81,29 +81,6 @@ fn chat(stream: bool) -> Request {
     )
 }
 
-/// Schedules `rps` requests per second from `from` for `seconds`, tagged
-/// with their start in ms, and runs until all have finished (bounded).
-fn load(host: &mut Host, from: Duration, seconds: u64, rps: u64, request: impl Fn() -> Request) {
-    let total = seconds * rps;
-    let before = host.finished_count();
-    for i in 0..total {
-        let at = from + Duration::from_millis(i * 1000 / rps);
-        host.schedule_request(at, None, request(), at.as_millis() as u64);
-    }
-    let finished = host.run_until(Duration::from_secs(seconds + 120), |h| {
-        h.finished_count() == before + total as usize
-    });
-    assert!(finished, "requests still running after the bound");
-}
-
-/// (start ms, response) of every finished request.
-fn responses(host: &Host) -> Vec<(u64, Response)> {
-    host.completed()
-        .into_iter()
-        .map(|(_, tag, r)| (tag.unwrap_or(0), r.clone()))
-        .collect()
-}
-
 fn served_by(r: &Response) -> &str {
     r.header("x-sluice-endpoint")
         .and_then(|v| v.split(';').next())
@@ -132,7 +109,14 @@ fn an_erroring_endpoint_is_ejected_and_no_client_sees_its_errors() {
         FaultKind::Status(503),
     );
     let mut host = host("", vec![healthy(), broken, healthy(), healthy()]);
-    load(&mut host, Duration::ZERO, 8, 40, || chat(false));
+    common::load(
+        &mut host,
+        Duration::ZERO,
+        8,
+        40,
+        Duration::from_secs(120),
+        || chat(false),
+    );
     let all = responses(&host);
     assert_eq!(all.len(), 320);
     let failed: Vec<_> = all.iter().filter(|(_, r)| r.status != 200).collect();
@@ -171,7 +155,14 @@ fn a_throttled_endpoint_gets_no_request_until_its_retry_after() {
         FaultKind::Throttled { retry_after_s: 5 },
     );
     let mut host = host("", vec![healthy(), healthy(), throttled, healthy()]);
-    load(&mut host, Duration::ZERO, 12, 40, || chat(false));
+    common::load(
+        &mut host,
+        Duration::ZERO,
+        12,
+        40,
+        Duration::from_secs(120),
+        || chat(false),
+    );
     let all = responses(&host);
     assert!(
         all.iter().all(|(_, r)| r.status == 200),
@@ -217,7 +208,14 @@ fn a_blackholed_stream_is_abandoned_at_the_first_token_deadline() {
         r#"first_token_timeout = "500ms""#,
         vec![healthy(), healthy(), healthy(), blackhole],
     );
-    load(&mut host, Duration::ZERO, 6, 40, || chat(true));
+    common::load(
+        &mut host,
+        Duration::ZERO,
+        6,
+        40,
+        Duration::from_secs(120),
+        || chat(true),
+    );
     let all = responses(&host);
     assert!(all.iter().all(|(_, r)| r.status == 200 && !r.reset));
     // No client waited for its first byte longer than the deadline plus a
@@ -249,7 +247,14 @@ fn a_slow_endpoint_is_shunned_at_once_and_then_ejected() {
         FaultKind::Slow(5.0),
     );
     let mut host = host("", vec![healthy(), slow, healthy(), healthy()]);
-    load(&mut host, Duration::ZERO, 10, 60, || chat(true));
+    common::load(
+        &mut host,
+        Duration::ZERO,
+        10,
+        60,
+        Duration::from_secs(120),
+        || chat(true),
+    );
     let all = responses(&host);
     let ttft = |from: u64, to: u64| {
         p99(all
@@ -291,14 +296,28 @@ fn a_client_cannot_name_its_endpoint_or_its_hold() {
         FaultKind::Status(503),
     );
     let mut host = host("", vec![broken, healthy(), healthy()]);
-    load(&mut host, Duration::ZERO, 2, 40, || chat(false));
+    common::load(
+        &mut host,
+        Duration::ZERO,
+        2,
+        40,
+        Duration::from_secs(120),
+        || chat(false),
+    );
     assert_eq!(metric(&host, ENDPOINTS[0], "ejections"), 1);
     let before = host.finished_count();
-    load(&mut host, Duration::from_secs(3), 1, 20, || {
-        chat(true)
-            .header("x-gateway-destination-endpoint", ENDPOINTS[0])
-            .header("x-sluice-first-token", "1")
-    });
+    common::load(
+        &mut host,
+        Duration::from_secs(3),
+        1,
+        20,
+        Duration::from_secs(120),
+        || {
+            chat(true)
+                .header("x-gateway-destination-endpoint", ENDPOINTS[0])
+                .header("x-sluice-first-token", "1")
+        },
+    );
     let all = responses(&host);
     for (_, r) in &all[before..] {
         assert_eq!(r.status, 200);
@@ -324,7 +343,14 @@ fn when_every_endpoint_is_benched_envoy_decides_and_a_metric_says_so() {
         )
     };
     let mut host = host("", vec![throttled(), throttled()]);
-    load(&mut host, Duration::ZERO, 3, 20, || chat(false));
+    common::load(
+        &mut host,
+        Duration::ZERO,
+        3,
+        20,
+        Duration::from_secs(120),
+        || chat(false),
+    );
     assert!(host.metric("sluice_outlier.primary.panic") > 0);
     let all = responses(&host);
     // Answered (the upstreams' 429s pass through): nothing hangs, nothing
@@ -430,7 +456,14 @@ fn hostile_requests_are_picked_like_any_other() {
         FaultKind::Status(503),
     );
     let mut host = host("", vec![broken, healthy(), healthy()]);
-    load(&mut host, Duration::ZERO, 2, 40, || chat(false));
+    common::load(
+        &mut host,
+        Duration::ZERO,
+        2,
+        40,
+        Duration::from_secs(120),
+        || chat(false),
+    );
     assert_eq!(metric(&host, ENDPOINTS[0], "ejections"), 1);
     let body = r#"{"model":"big","stream":true,"messages":[{"role":"user","content":"hello"}]}"#;
     let (a, b) = body.split_at(body.len() / 2);
@@ -464,7 +497,14 @@ fn a_stream_that_stalls_after_its_headers_is_abandoned_at_the_first_token_deadli
         r#"first_token_timeout = "500ms""#,
         vec![stalled, healthy(), healthy()],
     );
-    load(&mut host, Duration::ZERO, 4, 30, || chat(true));
+    common::load(
+        &mut host,
+        Duration::ZERO,
+        4,
+        30,
+        Duration::from_secs(120),
+        || chat(true),
+    );
     let all = responses(&host);
     assert!(all.iter().all(|(_, r)| r.status == 200 && !r.reset));
     let first_token = |r: &Response| {

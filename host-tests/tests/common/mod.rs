@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use sluice_host_tests::{Cluster, FilterModule, Host, HostOptions, PluginConfig, Response};
+use sluice_host_tests::{
+    Cluster, FilterModule, Host, HostOptions, PluginConfig, Request, Response,
+};
 
 pub fn probe() -> FilterModule {
     FilterModule::load("sluice-probe").expect("probe module (build it with `cargo xtask build`)")
@@ -73,4 +75,35 @@ pub fn sluice_filter(root_id: &str, policy: &str) -> PluginConfig {
         .vm_id("sluice")
         .configuration(policy)
         .allow_on_headers_stop_iteration(true)
+}
+
+/// Schedules `rps` requests per second from `from` for `seconds`, tagged
+/// with their start in ms, and runs until all have finished (bounded by
+/// `seconds` + `slack` of virtual time).
+pub fn load(
+    host: &mut Host,
+    from: Duration,
+    seconds: u64,
+    rps: u64,
+    slack: Duration,
+    request: impl Fn() -> Request,
+) {
+    let total = seconds * rps;
+    let before = host.finished_count();
+    for i in 0..total {
+        let at = from + Duration::from_millis(i * 1000 / rps);
+        host.schedule_request(at, None, request(), at.as_millis() as u64);
+    }
+    let finished = host.run_until(Duration::from_secs(seconds) + slack, |h| {
+        h.finished_count() == before + total as usize
+    });
+    assert!(finished, "requests still running after the bound");
+}
+
+/// (start ms, response) of every finished request (tagged by [`load`]).
+pub fn responses(host: &Host) -> Vec<(u64, Response)> {
+    host.completed()
+        .into_iter()
+        .map(|(_, tag, r)| (tag.unwrap_or(0), r.clone()))
+        .collect()
 }

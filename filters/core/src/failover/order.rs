@@ -47,33 +47,15 @@ pub fn rank(zones: &[Zone], cfg: &FailoverConfig, node_zone: Option<&str>) -> Ve
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
-    use crate::config::Spill;
-    use crate::units::Ratio;
-
-    fn zone(name: &str, region: &str) -> Zone {
-        Zone {
-            name: name.into(),
-            region: region.into(),
-            cluster: "c".into(),
-            endpoints: Vec::new(),
-            requests_per_minute: None,
-            tokens_per_minute: None,
-        }
-    }
+    use crate::failover::tests::{config, zone};
 
     fn cfg(local: LocalZone, order: &[&str], cross_region: bool) -> FailoverConfig {
         FailoverConfig {
             local_zone: local,
             order: order.iter().map(|s| s.to_string()).collect(),
-            min_healthy: Ratio::percent(71),
-            max_utilization: Ratio::percent(90),
-            spill: Spill::Gradual,
-            failback_after: Duration::from_secs(30),
-            probe_interval: Duration::from_secs(1),
             cross_region,
+            ..config()
         }
     }
 

@@ -56,7 +56,7 @@ struct TickLog {
     failed: u32,
 }
 
-fn zone(name: &str, region: &str) -> Zone {
+pub(crate) fn zone(name: &str, region: &str) -> Zone {
     Zone {
         name: name.into(),
         region: region.into(),
@@ -67,7 +67,7 @@ fn zone(name: &str, region: &str) -> Zone {
     }
 }
 
-fn config() -> FailoverConfig {
+pub(crate) fn config() -> FailoverConfig {
     FailoverConfig {
         local_zone: LocalZone::Named("a".into()),
         order: Vec::new(),
@@ -83,14 +83,7 @@ fn config() -> FailoverConfig {
 impl Sim {
     fn new(zones: Vec<Zone>, cfg: FailoverConfig) -> Self {
         let ranked = order::rank(&zones, &cfg, None);
-        let specs = zones
-            .iter()
-            .map(|z| ZoneSpec {
-                name: z.name.clone(),
-                requests_per_minute: z.requests_per_minute.map(|n| n.get()),
-                tokens_per_minute: z.tokens_per_minute.map(|n| n.get()),
-            })
-            .collect();
+        let specs = zones.iter().map(ZoneSpec::from).collect();
         let n = zones.len();
         Sim {
             zones,

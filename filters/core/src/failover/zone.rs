@@ -128,6 +128,16 @@ pub struct ZoneSpec {
     pub tokens_per_minute: Option<u32>,
 }
 
+impl From<&crate::config::Zone> for ZoneSpec {
+    fn from(z: &crate::config::Zone) -> Self {
+        ZoneSpec {
+            name: z.name.clone(),
+            requests_per_minute: z.requests_per_minute.map(|n| n.get()),
+            tokens_per_minute: z.tokens_per_minute.map(|n| n.get()),
+        }
+    }
+}
+
 /// What the endpoint records say of one zone.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct ZoneInputs {

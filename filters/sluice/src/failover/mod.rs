@@ -296,15 +296,7 @@ impl Failover {
                 let zone_endpoints = (0..b.zones.len())
                     .map(|z| endpoints.iter().filter(|&&(_, ez)| ez == z).count() as u32)
                     .collect();
-                let specs: Vec<ZoneSpec> = b
-                    .zones
-                    .iter()
-                    .map(|z| ZoneSpec {
-                        name: z.name.clone(),
-                        requests_per_minute: z.requests_per_minute.map(|n| n.get()),
-                        tokens_per_minute: z.tokens_per_minute.map(|n| n.get()),
-                    })
-                    .collect();
+                let specs: Vec<ZoneSpec> = b.zones.iter().map(ZoneSpec::from).collect();
                 let ranked = order::rank(&b.zones, cfg, node_zone.as_deref());
                 let names: Vec<&str> = ranked.iter().map(|&z| b.zones[z].name.as_str()).collect();
                 info!(
