@@ -16,7 +16,8 @@
 //!   Envoy's default overprovisioning factor (1.4, written out);
 //! - health is what Envoy can observe: `outlier_detection` on real traffic
 //!   ([`native_outlier_detection`]) and an active HTTP health check of
-//!   `/health` ([`health_checks`]);
+//!   `/health` ([`health_checks`]), handed to the workers as soon as it
+//!   changes ([`common_lb_config`]);
 //! - a failed attempt is retried on another host, and once a zone's
 //!   endpoints have been tried, in the next priority ([`native_retry_policy`]).
 //!
@@ -167,15 +168,41 @@ pub fn native_outlier_detection() -> Value {
     })
 }
 
+/// The cluster's `common_lb_config` under native failover.
+///
+/// `update_merge_window: 0s`: Envoy merges the health changes of a cluster
+/// that come within a second of each other (the default window) and hands
+/// them to the workers at the window's end, which holds an ejection back:
+/// measured in Envoy 1.40, a zone whose two endpoints were both ejected
+/// within 0.35 s of a fault kept receiving new requests until 1.25 s after
+/// it. Delivered at once, a zone stops getting requests when its last
+/// endpoint is ejected. (The merge saves work on clusters of thousands of
+/// hosts; a backend's zones hold a handful.) `healthy_panic_threshold` is
+/// Envoy's default, written out: below 50% healthy over all priorities,
+/// Envoy spreads over every endpoint, its counterpart of sluice's panic.
+pub fn common_lb_config() -> Value {
+    json!({
+        "update_merge_window": "0s",
+        "healthy_panic_threshold": { "value": 50.0 },
+    })
+}
+
 /// An active HTTP health check of every endpoint: `GET /health` every
 /// second (1 s timeout), two failures mark it unhealthy and two successes
 /// healthy again. It sees a dead or unreachable server within about two
 /// seconds without any traffic to it, but not one whose health page
 /// answers while inference fails: that is the outlier detection's part.
+///
+/// `no_traffic_interval` is the interval too: Envoy's default (60 s) applies
+/// until the cluster's first request, so an endpoint whose first check
+/// failed at start-up (a check times out while Envoy's main thread is still
+/// compiling Wasm modules) would stay unhealthy for a minute, and with every
+/// endpoint unhealthy the balancer panics and spreads over all zones.
 pub fn health_checks() -> Value {
     json!([{
         "timeout": "1s",
         "interval": "1s",
+        "no_traffic_interval": "1s",
         "unhealthy_threshold": 2,
         "healthy_threshold": 2,
         "http_health_check": { "path": "/health" },

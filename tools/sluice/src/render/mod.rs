@@ -634,6 +634,7 @@ fn clusters(
                     json!({ "overprovisioning_factor": failover::OVERPROVISIONING_FACTOR });
                 cluster["outlier_detection"] = failover::native_outlier_detection();
                 cluster["health_checks"] = failover::health_checks();
+                cluster["common_lb_config"] = failover::common_lb_config();
                 // Retries move across zones, under the same limit as the
                 // other renders' (Envoy's default is 3 in flight).
                 cluster["circuit_breakers"] = outlier::retry_circuit_breaker();
@@ -1376,6 +1377,7 @@ failback_after = "20s"
             "/health"
         );
         assert_eq!(primary["health_checks"][0]["interval"], "1s");
+        assert_eq!(primary["common_lb_config"]["update_merge_window"], "0s");
         assert_eq!(
             primary["circuit_breakers"]["thresholds"][0]["max_retries"],
             1024
