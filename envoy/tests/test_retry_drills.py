@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import collections
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -96,27 +95,6 @@ def write_results():
     print(f"\nretry drills → {out}")
     for key, value in sorted(RESULTS.items()):
         print(f"  {key}: {value}")
-
-
-def with_upstream_log(path: Path):
-    """A bootstrap hook: Envoy's router logs every upstream attempt (retries
-    included) with the request's id, the host and the status."""
-    def hook(bootstrap: str) -> str:
-        doc = yaml.safe_load(bootstrap)
-        hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
-        for f in hcm["typed_config"]["http_filters"]:
-            if f["name"] == "envoy.filters.http.router":
-                f["typed_config"]["upstream_log"] = [{
-                    "name": "envoy.access_loggers.file",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-                        "path": str(path),
-                        "log_format": {"text_format_source": {
-                            "inline_string": "%REQ(X-REQUEST-ID)% %UPSTREAM_HOST% %RESPONSE_CODE%\n"}},
-                    },
-                }]
-        return yaml.safe_dump(doc, sort_keys=False)
-    return hook
 
 
 def drill_lab(lab_factory, tmp_path: Path, variant: str, *, sections: str = SECTIONS,
@@ -194,21 +172,6 @@ def resent_after_told(d: drills.Drill) -> int:
         told = [i for i, t in enumerate(s.tries) if t.should_retry == "false"]
         resent += bool(told) and s.sent > told[0] + 1
     return resent
-
-
-def flushed(log: Path, quiet: float = 0.5, most: float = 10.0) -> str:
-    """The access log once Envoy stopped adding to it (the lab's Envoy
-    flushes files every 100 ms)."""
-    deadline = time.monotonic() + most
-    size, since = -1, time.monotonic()
-    while time.monotonic() < deadline:
-        now = log.stat().st_size if log.exists() else 0
-        if now != size:
-            size, since = now, time.monotonic()
-        elif time.monotonic() - since >= quiet:
-            break
-        time.sleep(0.1)
-    return log.read_text() if log.exists() else ""
 
 
 @pytest.mark.parametrize("args", [("--native-retry",), ("--native-retry", "--native-outlier")])
@@ -305,7 +268,8 @@ def test_one_zone_down(lab_factory, tmp_path, variant):
 @pytest.mark.parametrize("variant", ["sluice", "native"])
 def test_throttled_endpoint(lab_factory, tmp_path, variant):
     log = tmp_path / "upstream.log"
-    lab, sims = drill_lab(lab_factory, tmp_path, variant, bootstrap_hook=with_upstream_log(log))
+    lab, sims = drill_lab(lab_factory, tmp_path, variant,
+                          bootstrap_hook=drills.with_upstream_log(log))
     full = sims["zone-a"][0]
     fault = 1.0
     seconds = 10.0
@@ -316,7 +280,7 @@ def test_throttled_endpoint(lab_factory, tmp_path, variant):
     ])
     hosts_by_request: dict[str, list[str]] = collections.defaultdict(list)
     to_full = 0
-    for line in flushed(log).splitlines():
+    for line in drills.flushed(log).splitlines():
         request_id, host, _status = (line.split(" ") + ["", "", ""])[:3]
         hosts_by_request[request_id].append(host)
         to_full += host == full.listen

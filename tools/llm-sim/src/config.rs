@@ -6,11 +6,12 @@
 //! replace them at run time.
 
 use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroU64};
 use std::time::Duration;
 
 use clap::Parser;
 
-use crate::faults::Faults;
+use crate::faults::{DEFAULT_QUOTA_WINDOW_S, Faults};
 use crate::timing::TimingModel;
 
 /// llm-sim: an OpenAI- and Anthropic-compatible inference server simulator.
@@ -138,6 +139,32 @@ pub struct Config {
     #[arg(long)]
     pub fault_retry_after_s: Option<u32>,
 
+    /// Fault: fault error answers carry no `retry-after` and no rate-limit
+    /// header at all (a 429 that names no end).
+    #[arg(long)]
+    pub bare_errors: bool,
+
+    /// Quota: requests per window; every inference answer carries the
+    /// provider's rate-limit headers, and past the limit it is a 429.
+    #[arg(long)]
+    pub quota_requests: Option<NonZeroU64>,
+
+    /// Quota: tokens (prompt + completion) per window.
+    #[arg(long)]
+    pub quota_tokens: Option<NonZeroU64>,
+
+    /// Quota: length of the fixed window, in seconds (at most 86400).
+    #[arg(long, default_value_t = DEFAULT_QUOTA_WINDOW_S)]
+    pub quota_window_s: NonZeroU32,
+
+    /// Quota: requests already used in the first window.
+    #[arg(long, default_value_t = 0)]
+    pub quota_requests_used: u64,
+
+    /// Quota: tokens already used in the first window.
+    #[arg(long, default_value_t = 0)]
+    pub quota_tokens_used: u64,
+
     /// Longest time the blackhole holds a request before closing its
     /// connection without an answer, in seconds; bounds what a client that
     /// never gives up can pin.
@@ -175,6 +202,12 @@ impl Config {
             dead: self.dead,
             blackhole: self.blackhole,
             retry_after_s: self.fault_retry_after_s,
+            bare_errors: self.bare_errors,
+            quota_requests: self.quota_requests,
+            quota_tokens: self.quota_tokens,
+            quota_window_s: self.quota_window_s,
+            quota_requests_used: self.quota_requests_used,
+            quota_tokens_used: self.quota_tokens_used,
         };
         faults.validate()?;
         Ok(faults)

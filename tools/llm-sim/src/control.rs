@@ -76,9 +76,11 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         (&Method::GET, "/_sim/faults") => faults_response(&shared.faults()),
         (&Method::POST, "/_sim/faults") => post_faults(&shared, req).await,
         (&Method::GET, "/_sim/stats") => {
-            let snapshot = shared
-                .stats
-                .snapshot(shared.capacity.queued(), shared.listening());
+            let snapshot = shared.stats.snapshot(
+                shared.capacity.queued(),
+                shared.listening(),
+                shared.quota_status().as_ref(),
+            );
             match serde_json::to_vec(&snapshot) {
                 Ok(body) => json_response(StatusCode::OK, body),
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),

@@ -8,7 +8,10 @@
 //! failover, recovery), a blackhole that reads requests and never answers
 //! (timeouts as the only signal, while health checks still pass), and
 //! rate-limit hints on error answers (`retry-after` and the provider's reset
-//! header, for retry back-off that honours the upstream).
+//! header, for retry back-off that honours the upstream), bare errors with
+//! no hint at all (a 429 that names no end), and a provider quota whose
+//! rate-limit headers fall toward zero before it refuses (zone failover that
+//! moves before the first refusal; [`crate::quota`]).
 //!
 //! The fault set is replaced as a whole (flags at start-up, `POST /_sim/faults`
 //! at run time), and each replacement reseeds the PRNG with `--seed`: what
@@ -18,14 +21,18 @@
 //! which keeps the sequence stable when one rate changes. A request held by
 //! the blackhole draws nothing while held; if the blackhole is cleared while
 //! its client is still there, it draws when released, after the reseed, like
-//! any request that follows the POST.
+//! any request that follows the POST. A replacement also starts the quota's
+//! first window afresh (as used as the new set says).
 
-use std::time::Duration;
+use std::num::{NonZeroU32, NonZeroU64};
+use std::time::{Duration, Instant};
 
 use rand_core::{Rng, SeedableRng};
 use rand_xorshift::XorShiftRng;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+
+use crate::quota::{Quota, QuotaLimits};
 
 /// A fault set that does not make sense.
 #[derive(Debug, Error, PartialEq)]
@@ -65,6 +72,13 @@ pub enum FaultError {
         max: u64,
     },
 }
+
+/// Largest `quota_window_s`, in seconds: one day, the longest window
+/// providers use.
+pub const MAX_QUOTA_WINDOW_S: u32 = 86_400;
+
+/// `quota_window_s` when the fault set does not name it: providers count per minute.
+pub const DEFAULT_QUOTA_WINDOW_S: NonZeroU32 = NonZeroU32::MIN.saturating_add(59);
 
 /// Largest `retry_after_s`, in seconds: one day. A longer hint is more
 /// likely a unit mistake (milliseconds given as seconds) than a drill.
@@ -108,6 +122,28 @@ pub struct Faults {
     /// [`MAX_RETRY_AFTER_S`]. Unset, 429/503/529 fault answers carry
     /// `retry-after: --retry-after-s` and no reset header.
     pub retry_after_s: Option<u32>,
+    /// Fault error answers (`error_rate`, `fixed_status`) carry no
+    /// `retry-after` and no rate-limit header at all, quota headers
+    /// included: a 429 or 503 that names no end, as some gateways and
+    /// self-hosted servers send.
+    pub bare_errors: bool,
+    /// When set, the quota's requests per window: every inference answer
+    /// carries the provider's request rate-limit headers, and a request
+    /// past the limit is answered 429 until the window ends ([`crate::quota`]).
+    pub quota_requests: Option<NonZeroU64>,
+    /// When set, the quota's tokens per window (prompt plus the completion
+    /// the request is going to produce, charged when it is admitted), with
+    /// the provider's token rate-limit headers.
+    pub quota_tokens: Option<NonZeroU64>,
+    /// Length of the quota's fixed window, in seconds (default 60, at most
+    /// [`MAX_QUOTA_WINDOW_S`]). The first window starts when the fault set
+    /// is applied.
+    pub quota_window_s: NonZeroU32,
+    /// Requests already used in the first window (at most `quota_requests`):
+    /// a drill starts near exhaustion without spending the quota first.
+    pub quota_requests_used: u64,
+    /// Tokens already used in the first window (at most `quota_tokens`).
+    pub quota_tokens_used: u64,
 }
 
 impl Default for Faults {
@@ -125,6 +161,12 @@ impl Default for Faults {
             dead: false,
             blackhole: false,
             retry_after_s: None,
+            bare_errors: false,
+            quota_requests: None,
+            quota_tokens: None,
+            quota_window_s: DEFAULT_QUOTA_WINDOW_S,
+            quota_requests_used: 0,
+            quota_tokens_used: 0,
         }
     }
 }
@@ -147,7 +189,9 @@ fn error_status(field: &'static str, value: u16) -> Result<(), FaultError> {
 
 impl Faults {
     /// Checks ranges: probabilities in [0, 1], statuses in 400..=599, rates > 0,
-    /// `retry_after_s` at most [`MAX_RETRY_AFTER_S`].
+    /// `retry_after_s` at most [`MAX_RETRY_AFTER_S`], `quota_window_s` at
+    /// most [`MAX_QUOTA_WINDOW_S`], a quota's used part within its limit
+    /// (0 when there is no such limit).
     pub fn validate(&self) -> Result<(), FaultError> {
         probability("error_rate", self.error_rate)?;
         probability("abort_rate", self.abort_rate)?;
@@ -172,7 +216,46 @@ impl Faults {
                 max: u64::from(MAX_RETRY_AFTER_S),
             });
         }
+        if self.quota_window_s.get() > MAX_QUOTA_WINDOW_S {
+            return Err(FaultError::TooLarge {
+                field: "quota_window_s",
+                value: u64::from(self.quota_window_s.get()),
+                max: u64::from(MAX_QUOTA_WINDOW_S),
+            });
+        }
+        for (field, used, limit) in [
+            (
+                "quota_requests_used",
+                self.quota_requests_used,
+                self.quota_requests,
+            ),
+            (
+                "quota_tokens_used",
+                self.quota_tokens_used,
+                self.quota_tokens,
+            ),
+        ] {
+            let max = limit.map_or(0, NonZeroU64::get);
+            if used > max {
+                return Err(FaultError::TooLarge {
+                    field,
+                    value: used,
+                    max,
+                });
+            }
+        }
         Ok(())
+    }
+
+    /// The quota the set asks for, if any.
+    pub fn quota_limits(&self) -> Option<QuotaLimits> {
+        (self.quota_requests.is_some() || self.quota_tokens.is_some()).then(|| QuotaLimits {
+            requests: self.quota_requests,
+            tokens: self.quota_tokens,
+            window: Duration::from_secs(u64::from(self.quota_window_s.get())),
+            requests_used: self.quota_requests_used,
+            tokens_used: self.quota_tokens_used,
+        })
     }
 
     /// Whether the API listener should be open.
@@ -194,24 +277,36 @@ pub struct Decision {
     pub abort_after_tokens: Option<u32>,
     /// Rate-limit hint for the error answer, in seconds (the `retry_after_s` fault).
     pub retry_after_s: Option<u32>,
+    /// The error answer carries no hint at all (the `bare_errors` fault).
+    pub bare: bool,
 }
 
-/// The fault set and the seeded PRNG that decides each request.
+/// The fault set, the seeded PRNG that decides each request, and the
+/// quota's window.
 #[derive(Debug)]
 pub struct FaultState {
     faults: Faults,
     seed: u64,
     rng: XorShiftRng,
+    quota: Option<Quota>,
 }
 
 impl FaultState {
-    /// Starts with `faults` and a PRNG seeded from `seed`.
+    /// Starts with `faults` (the quota's first window starting now) and a
+    /// PRNG seeded from `seed`.
     pub fn new(faults: Faults, seed: u64) -> Self {
+        let quota = faults.quota_limits().map(|l| Quota::new(l, Instant::now()));
         Self {
             faults,
             seed,
             rng: XorShiftRng::seed_from_u64(seed),
+            quota,
         }
+    }
+
+    /// The quota's window, when the fault set has a quota.
+    pub fn quota(&mut self) -> Option<&mut Quota> {
+        self.quota.as_mut()
     }
 
     /// The active faults.
@@ -219,8 +314,10 @@ impl FaultState {
         &self.faults
     }
 
-    /// Replaces the fault set (already validated) and reseeds the PRNG.
+    /// Replaces the fault set (already validated), reseeds the PRNG and
+    /// starts the quota's first window now.
     pub fn replace(&mut self, faults: Faults) {
+        self.quota = faults.quota_limits().map(|l| Quota::new(l, Instant::now()));
         self.faults = faults;
         self.rng = XorShiftRng::seed_from_u64(self.seed);
     }
@@ -241,6 +338,7 @@ impl FaultState {
             rate_override: f.slow_tokens_per_sec,
             abort_after_tokens,
             retry_after_s: f.retry_after_s,
+            bare: f.bare_errors,
         }
     }
 }
@@ -356,6 +454,103 @@ mod tests {
         a.replace(faults);
         let again: Vec<_> = (0..1000).map(|_| a.decide().error_status).collect();
         assert_eq!(again, da, "replace reseeds");
+    }
+
+    #[test]
+    fn quota_fields_read_from_json_default_off_and_are_checked() {
+        let f = Faults::default();
+        assert_eq!(f.quota_limits(), None);
+        assert_eq!(f.quota_window_s.get(), 60);
+        assert!(!f.bare_errors);
+        let f: Faults = serde_json::from_str(
+            r#"{"quota_requests":10,"quota_window_s":5,"quota_requests_used":4,"bare_errors":true}"#,
+        )
+        .unwrap();
+        assert_eq!(f.validate(), Ok(()));
+        let limits = f.quota_limits().unwrap();
+        assert_eq!(limits.requests.map(NonZeroU64::get), Some(10));
+        assert_eq!(limits.tokens, None);
+        assert_eq!(limits.window, Duration::from_secs(5));
+        assert_eq!(limits.requests_used, 4);
+        assert!(f.bare_errors);
+        // Zero is not a limit (leave the field out for none) nor a window.
+        for bad in [
+            r#"{"quota_requests":0}"#,
+            r#"{"quota_tokens":0}"#,
+            r#"{"quota_window_s":0}"#,
+            r#"{"quota_requests":-1}"#,
+        ] {
+            assert!(serde_json::from_str::<Faults>(bad).is_err(), "{bad}");
+        }
+        let too_long = Faults {
+            quota_window_s: NonZeroU32::new(MAX_QUOTA_WINDOW_S + 1).unwrap(),
+            ..Faults::default()
+        };
+        assert!(matches!(
+            too_long.validate(),
+            Err(FaultError::TooLarge {
+                field: "quota_window_s",
+                ..
+            })
+        ));
+        let overused = Faults {
+            quota_tokens: NonZeroU64::new(100),
+            quota_tokens_used: 101,
+            ..Faults::default()
+        };
+        assert_eq!(
+            overused.validate(),
+            Err(FaultError::TooLarge {
+                field: "quota_tokens_used",
+                value: 101,
+                max: 100,
+            })
+        );
+        let used_without_limit = Faults {
+            quota_requests_used: 1,
+            ..Faults::default()
+        };
+        assert!(used_without_limit.validate().is_err());
+    }
+
+    #[test]
+    fn replacing_the_faults_starts_a_new_quota_window() {
+        let limited = Faults {
+            quota_requests: NonZeroU64::new(1),
+            ..Faults::default()
+        };
+        let mut s = FaultState::new(limited.clone(), 3);
+        let now = Instant::now();
+        assert!(s.quota().unwrap().admit(now, 0).is_ok());
+        assert!(s.quota().unwrap().admit(now, 0).is_err());
+        s.replace(limited);
+        assert!(s.quota().unwrap().admit(Instant::now(), 0).is_ok());
+        s.replace(Faults::default());
+        assert!(s.quota().is_none());
+    }
+
+    #[test]
+    fn bare_errors_reach_the_decision_without_changing_the_draws() {
+        let mut a = FaultState::new(
+            Faults {
+                error_rate: 0.5,
+                ..Faults::default()
+            },
+            5,
+        );
+        let mut b = FaultState::new(
+            Faults {
+                error_rate: 0.5,
+                bare_errors: true,
+                ..Faults::default()
+            },
+            5,
+        );
+        for _ in 0..200 {
+            let (da, db) = (a.decide(), b.decide());
+            assert_eq!(da.error_status, db.error_status);
+            assert!(!da.bare && db.bare);
+        }
     }
 
     #[test]

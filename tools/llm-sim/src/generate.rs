@@ -1,8 +1,11 @@
 //! One inference request, from request body to (possibly streamed) response.
 //!
 //! The order of checks follows a real server's: read the body (411, 413),
-//! parse it (400), check the model (404), take a capacity slot (429), then
-//! the fault decision, then generation paced by the timing model. The
+//! parse it (400), check the model (404), charge the provider quota (429,
+//! when the fault set has one), take a capacity slot (429), then the fault
+//! decision, then generation paced by the timing model. With a quota, every
+//! answer (but a bare fault error) carries the provider's rate-limit
+//! headers, as of the request's admission. The
 //! blackhole fault holds a request right after the read. The slot is held until
 //! the last token is written, so a slow stream occupies capacity the way a
 //! real sequence occupies a batch slot.
@@ -31,8 +34,9 @@ use tokio::time::Instant;
 
 use crate::api::anthropic::{self, AnthropicStream};
 use crate::api::openai::{self, OpenAiStream};
-use crate::api::{ApiError, Body, Endpoint, ResponseMeta, json_response};
+use crate::api::{ApiError, Body, Endpoint, Flavor, ResponseMeta, json_response};
 use crate::capacity::Slot;
+use crate::quota::QuotaStatus;
 use crate::server::{BlackholeExpired, Shared};
 use crate::timing::{Schedule, generated_text, token_text};
 
@@ -48,14 +52,37 @@ pub(crate) async fn serve(
     // Held once read, as by a server that hangs mid-work; a request the read
     // refused (411, 413) too: a blackholed server answers nothing.
     shared.pass_blackhole().await?;
+    // The quota as of this request's charge; unset if it never got there.
+    let mut quota = None;
     let result = match body {
-        Ok(body) => run(shared, endpoint, &body).await,
+        Ok(body) => run(shared, endpoint, &body, &mut quota).await,
         Err(err) => Err(err),
     };
-    Ok(match result {
+    let bare = matches!(&result, Err(err) if err.bare);
+    let mut resp = match result {
         Ok(resp) => resp,
         Err(err) => err.into_response(endpoint.flavor()),
-    })
+    };
+    if !bare && let Some(status) = quota.or_else(|| shared.quota_status()) {
+        add_quota_headers(&mut resp, &status, endpoint.flavor());
+    }
+    Ok(resp)
+}
+
+/// The provider's rate-limit headers of `status`, in `flavor`'s style. A
+/// header the answer already has (a fault's `retry_after_s` reset hint)
+/// is kept.
+fn add_quota_headers(resp: &mut Response<Body>, status: &QuotaStatus, flavor: Flavor) {
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let headers = resp.headers_mut();
+    for (name, value) in status.headers(flavor, std::time::Instant::now(), wall) {
+        // Digits, letters, `.`, `:` and `-`: always a valid value.
+        if let Ok(value) = HeaderValue::try_from(value) {
+            headers.entry(name).or_insert(value);
+        }
+    }
 }
 
 async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, ApiError> {
@@ -76,10 +103,13 @@ async fn read_request(shared: &Shared, req: Request<Incoming>) -> Result<Bytes, 
     read_body(req.into_body(), shared.config.max_body_bytes).await
 }
 
+/// Serves a read request; `quota` is set to the quota's status once the
+/// request has been charged (or refused by it).
 async fn run(
     shared: &Arc<Shared>,
     endpoint: Endpoint,
     body: &[u8],
+    quota: &mut Option<QuotaStatus>,
 ) -> Result<Response<Body>, ApiError> {
     let request = match endpoint {
         Endpoint::ChatCompletions => openai::parse_chat(body)?,
@@ -88,6 +118,19 @@ async fn run(
     };
     if !shared.config.models.contains(&request.model) {
         return Err(ApiError::model_not_found(&request.model));
+    }
+    let (n, cut_short) = shared.timing.output_tokens(request.max_tokens);
+    let cost = u64::from(request.prompt_tokens)
+        .saturating_add(u64::from(n).saturating_mul(u64::from(request.choices)));
+    match shared.admit_quota(cost) {
+        Ok(status) => *quota = status,
+        Err((limit, status)) => {
+            *quota = Some(status);
+            shared.stats.quota_refused();
+            let reset = status.reset(std::time::Instant::now());
+            let retry_after = reset.as_secs() + u64::from(reset.subsec_nanos() > 0);
+            return Err(ApiError::quota_exceeded(limit.name(), retry_after));
+        }
     }
     let retry_after = shared.config.retry_after_s;
     let slot = shared.capacity.admit().await.map_err(|_| {
@@ -98,10 +141,14 @@ async fn run(
     let decision = shared.decide();
     if let Some(status) = decision.error_status {
         sleep_until(admitted + decision.added_latency).await;
-        return Err(ApiError::fault(status, retry_after, decision.retry_after_s));
+        return Err(ApiError::fault(
+            status,
+            retry_after,
+            decision.retry_after_s,
+            decision.bare,
+        ));
     }
 
-    let (n, cut_short) = shared.timing.output_tokens(request.max_tokens);
     let schedule = shared.timing.schedule(
         request.prompt_tokens,
         decision.added_latency,

@@ -7,9 +7,10 @@
 //! wire formats the real `openai` and `anthropic` SDKs parse, takes time the
 //! way a real server does (time to first token grows with the prompt, tokens
 //! stream at a fixed rate), refuses work beyond its capacity, and can be told
-//! to misbehave (errors with or without rate-limit hints, latency, cut
-//! streams, requests never answered, refused connections, death and revival),
-//! at start-up or at run time through a separate control port.
+//! to misbehave (errors with or without rate-limit hints, a provider quota
+//! that runs out, latency, cut streams, requests never answered, refused
+//! connections, death and revival), at start-up or at run time through a
+//! separate control port.
 //!
 //! Everything random is drawn from one seeded PRNG, so a scenario replays the
 //! same way given the same `--seed` and the same request order.
@@ -20,6 +21,7 @@
 //!   [`api::anthropic`];
 //! - [`timing`]: prompt-token estimate, output length, TTFT and token pacing;
 //! - [`faults`]: the fault set and the seeded per-request decision;
+//! - [`quota`]: a provider quota's fixed window and its rate-limit headers;
 //! - [`capacity`]: the concurrency limit with its optional bounded queue;
 //! - [`stats`]: counters served by the control port;
 //! - [`control`]: the control port's HTTP API;
@@ -35,6 +37,7 @@ pub mod control;
 pub mod faults;
 pub mod generate;
 pub mod gzip;
+pub mod quota;
 pub mod server;
 pub mod stats;
 pub mod timing;

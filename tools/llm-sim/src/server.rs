@@ -49,6 +49,7 @@ use crate::capacity::Capacity;
 use crate::config::Config;
 use crate::control;
 use crate::faults::{Decision, FaultState, Faults};
+use crate::quota::{Exhausted, QuotaStatus};
 use crate::stats::Stats;
 use crate::timing::TimingModel;
 
@@ -136,6 +137,28 @@ impl Shared {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .decide()
+    }
+
+    /// Charges one request of `tokens` tokens to the quota, if there is
+    /// one: its status after the charge (`None`: no quota), or the limit
+    /// that refused the request (nothing charged).
+    pub(crate) fn admit_quota(
+        &self,
+        tokens: u64,
+    ) -> Result<Option<QuotaStatus>, (Exhausted, QuotaStatus)> {
+        let now = std::time::Instant::now();
+        let mut faults = self.faults.lock().unwrap_or_else(PoisonError::into_inner);
+        faults.quota().map(|q| q.admit(now, tokens)).transpose()
+    }
+
+    /// Where the quota stands now, if there is one (nothing charged).
+    pub(crate) fn quota_status(&self) -> Option<QuotaStatus> {
+        let now = std::time::Instant::now();
+        self.faults
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .quota()
+            .map(|q| q.status(now))
     }
 
     /// The active faults.

@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use serde::Serialize;
 
+use crate::quota::QuotaStatus;
+
 /// Highest status code counted individually; anything above is counted as 599.
 const MAX_STATUS: usize = 599;
 
@@ -27,6 +29,7 @@ pub struct Stats {
     connections_accepted: AtomicU64,
     gzipped: AtomicU64,
     blackholed: AtomicU64,
+    rejected_quota: AtomicU64,
 }
 
 /// A point-in-time copy of [`Stats`], as served by the control port.
@@ -54,6 +57,12 @@ pub struct StatsSnapshot {
     pub gzipped: u64,
     /// Inference requests the blackhole fault held (counted when the hold starts).
     pub blackholed: u64,
+    /// Requests refused by the quota (429).
+    pub rejected_quota: u64,
+    /// Requests left in the quota's current window (`null`: no request limit).
+    pub quota_requests_remaining: Option<u64>,
+    /// Tokens left in the quota's current window (`null`: no token limit).
+    pub quota_tokens_remaining: Option<u64>,
     /// Whether the API listener is open now.
     pub listening: bool,
 }
@@ -71,6 +80,7 @@ impl Default for Stats {
             connections_accepted: AtomicU64::new(0),
             gzipped: AtomicU64::new(0),
             blackholed: AtomicU64::new(0),
+            rejected_quota: AtomicU64::new(0),
         }
     }
 }
@@ -125,13 +135,24 @@ impl Stats {
         self.blackholed.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts a request the quota refused.
+    pub fn quota_refused(&self) {
+        self.rejected_quota.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Counts an accepted connection.
     pub fn connection(&self) {
         self.connections_accepted.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Copies the counters; `queued` and `listening` come from their owners.
-    pub fn snapshot(&self, queued: usize, listening: bool) -> StatsSnapshot {
+    /// Copies the counters; `queued`, `listening` and the `quota` come
+    /// from their owners.
+    pub fn snapshot(
+        &self,
+        queued: usize,
+        listening: bool,
+        quota: Option<&QuotaStatus>,
+    ) -> StatsSnapshot {
         let by_status = self
             .by_status
             .iter()
@@ -153,6 +174,9 @@ impl Stats {
             connections_accepted: self.connections_accepted.load(Ordering::Relaxed),
             gzipped: self.gzipped.load(Ordering::Relaxed),
             blackholed: self.blackholed.load(Ordering::Relaxed),
+            rejected_quota: self.rejected_quota.load(Ordering::Relaxed),
+            quota_requests_remaining: quota.and_then(|q| q.requests).map(|u| u.remaining),
+            quota_tokens_remaining: quota.and_then(|q| q.tokens).map(|u| u.remaining),
             listening,
         }
     }

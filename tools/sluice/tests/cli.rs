@@ -466,6 +466,158 @@ fn native_outlier_never_hands_the_filter_failover_alone() {
 }
 
 #[test]
+fn render_node_zone_writes_the_proxys_locality() {
+    let out = sluice(&[
+        "render",
+        "envoy",
+        "policies/gateway.toml",
+        "--wasm-dir",
+        "/x",
+        "--node-zone",
+        "us-east-1b",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("# node.locality: zone `us-east-1b` (--node-zone)"));
+    let yaml: serde_yaml::Value = serde_yaml::from_slice(&out.stdout).unwrap();
+    let locality = &yaml["node"]["locality"];
+    assert_eq!(locality["zone"].as_str(), Some("us-east-1b"));
+    assert_eq!(locality["region"].as_str(), Some("us-east-1"));
+    // Nothing else changes: sluice.wasm still gets the file as is.
+    let hcm =
+        &yaml["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
+    let file = std::fs::read_to_string(repo().join("policies/gateway.toml")).unwrap();
+    assert_eq!(
+        hcm["http_filters"][1]["typed_config"]["config"]["configuration"]["value"].as_str(),
+        Some(file.as_str())
+    );
+
+    let out = sluice(&[
+        "render",
+        "envoy",
+        "policies/gateway.toml",
+        "--wasm-dir",
+        "/x",
+        "--node-zone",
+        "eu-west-1a",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("--node-zone `eu-west-1a`: no backend of the policy has a zone `eu-west-1a` (its zones: us-east-1a, us-east-1b)"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn render_native_failover_hands_failover_and_outlier_to_envoy() {
+    let out = sluice(&[
+        "render",
+        "envoy",
+        "policies/gateway.toml",
+        "--wasm-dir",
+        "/x",
+        "--native-failover",
+        "--node-zone",
+        "us-east-1b",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("# [failover]: Envoy's own zone failover (--native-failover)"));
+    assert!(
+        stdout.contains("sluice.wasm is given the policy without [failover] and without [outlier]")
+    );
+    assert!(!text(&out.stderr).contains("[failover] is NOT ENFORCED"));
+    let yaml: serde_yaml::Value = serde_yaml::from_slice(&out.stdout).unwrap();
+    let clusters = yaml["static_resources"]["clusters"].as_sequence().unwrap();
+    for cluster in clusters {
+        let name = cluster["name"].as_str().unwrap();
+        let zones: Vec<(&str, Option<u64>)> = cluster["load_assignment"]["endpoints"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|l| {
+                (
+                    l["locality"]["zone"].as_str().unwrap(),
+                    l["priority"].as_u64(),
+                )
+            })
+            .collect();
+        match name {
+            // The node's zone first, whatever `order` says after it.
+            "primary" => assert_eq!(zones, [("us-east-1a", Some(1)), ("us-east-1b", Some(0))]),
+            "fallback-pool" => assert_eq!(zones, [("us-east-1a", Some(0))]),
+            other => panic!("unexpected cluster {other}"),
+        }
+        assert_eq!(cluster["lb_policy"].as_str(), Some("LEAST_REQUEST"));
+        assert_eq!(
+            cluster["outlier_detection"]["max_ejection_percent"].as_u64(),
+            Some(100)
+        );
+        assert_eq!(
+            cluster["health_checks"][0]["http_health_check"]["path"].as_str(),
+            Some("/health")
+        );
+        assert!(cluster.get("load_balancing_policy").is_none());
+    }
+    let hcm =
+        &yaml["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
+    for route in hcm["route_config"]["virtual_hosts"][0]["routes"]
+        .as_sequence()
+        .unwrap()
+    {
+        let retry = &route["route"]["retry_policy"];
+        assert_eq!(
+            retry["retry_priority"]["name"].as_str(),
+            Some("envoy.retry_priorities.previous_priorities"),
+            "{route:?}"
+        );
+    }
+    let given = hcm["http_filters"][1]["typed_config"]["config"]["configuration"]["value"]
+        .as_str()
+        .unwrap();
+    let policy = sluice_policy::parse_toml("given.toml", given).unwrap();
+    assert!(policy.failover.is_none() && policy.outlier.is_none());
+    assert!(policy.backends.iter().all(|b| b.outlier.is_none()));
+    assert!(policy.breaker.is_some() && policy.tokens.is_some() && policy.retry.is_some());
+}
+
+#[test]
+fn render_native_failover_without_a_failover_section_warns_and_changes_nothing() {
+    let base = ["render", "envoy", "policies/lab.toml", "--wasm-dir", "/x"];
+    let plain = sluice(&base);
+    let out = sluice(&[&base[..], &["--native-failover"]].concat());
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains(
+            "warning: --native-failover: the policy enables no [failover], so there is nothing to render for it"
+        ),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(out.stdout, plain.stdout);
+}
+
+#[test]
+fn render_native_failover_replaces_native_outlier_so_both_is_a_usage_error() {
+    let out = sluice(&[
+        "render",
+        "envoy",
+        "policies/gateway.toml",
+        "--wasm-dir",
+        "/x",
+        "--native-failover",
+        "--native-outlier",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("cannot be used with"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
 fn render_refuses_an_endpoint_the_policy_language_refuses() {
     // The filter validates the endpoints it is given: what the policy
     // language refuses, the render refuses too, located in the text the

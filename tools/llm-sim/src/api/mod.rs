@@ -108,102 +108,119 @@ pub struct ApiError {
     /// limit resets this many seconds from now (OpenAI
     /// `x-ratelimit-reset-requests`, Anthropic `anthropic-ratelimit-requests-reset`).
     pub requests_reset_s: Option<u64>,
+    /// The answer carries no rate-limit header at all, not even a quota's
+    /// (the `bare_errors` fault).
+    pub bare: bool,
 }
 
 impl ApiError {
-    /// A 400 for a request that cannot be served as sent.
-    pub fn bad_request(message: impl Into<String>) -> Self {
+    /// An error with no rate-limit hint.
+    fn plain(status: StatusCode, message: impl Into<String>, code: Option<&'static str>) -> Self {
         Self {
-            status: StatusCode::BAD_REQUEST,
+            status,
             message: message.into(),
-            code: None,
+            code,
             retry_after_s: None,
             requests_reset_s: None,
+            bare: false,
         }
+    }
+
+    /// A 400 for a request that cannot be served as sent.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::plain(StatusCode::BAD_REQUEST, message, None)
     }
 
     /// A 404 for a model this instance does not serve.
     pub fn model_not_found(model: &str) -> Self {
-        Self {
-            status: StatusCode::NOT_FOUND,
-            message: format!("The model `{model}` does not exist or you do not have access to it."),
-            code: Some("model_not_found"),
-            retry_after_s: None,
-            requests_reset_s: None,
-        }
+        Self::plain(
+            StatusCode::NOT_FOUND,
+            format!("The model `{model}` does not exist or you do not have access to it."),
+            Some("model_not_found"),
+        )
     }
 
     /// A 404 for a path that is not an endpoint.
     pub fn unknown_route(path: &str) -> Self {
-        Self {
-            status: StatusCode::NOT_FOUND,
-            message: format!("Unknown request URL: {path}"),
-            code: Some("unknown_url"),
-            retry_after_s: None,
-            requests_reset_s: None,
-        }
+        Self::plain(
+            StatusCode::NOT_FOUND,
+            format!("Unknown request URL: {path}"),
+            Some("unknown_url"),
+        )
     }
 
     /// A 405 for a known path with the wrong method.
     pub fn method_not_allowed() -> Self {
-        Self {
-            status: StatusCode::METHOD_NOT_ALLOWED,
-            message: "Method not allowed".to_owned(),
-            code: None,
-            retry_after_s: None,
-            requests_reset_s: None,
-        }
+        Self::plain(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed", None)
     }
 
     /// A 413 for a body over `--max-body-bytes`.
     pub fn too_large(limit: usize) -> Self {
-        Self {
-            status: StatusCode::PAYLOAD_TOO_LARGE,
-            message: format!("Request body exceeds {limit} bytes"),
-            code: None,
-            retry_after_s: None,
-            requests_reset_s: None,
-        }
+        Self::plain(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("Request body exceeds {limit} bytes"),
+            None,
+        )
     }
 
     /// A 411 for a body sent without `content-length` (`--require-content-length`).
     pub fn length_required() -> Self {
-        Self {
-            status: StatusCode::LENGTH_REQUIRED,
-            message: "A content-length header is required (chunked request bodies are refused)."
-                .to_owned(),
-            code: Some("length_required"),
-            retry_after_s: None,
-            requests_reset_s: None,
-        }
+        Self::plain(
+            StatusCode::LENGTH_REQUIRED,
+            "A content-length header is required (chunked request bodies are refused).",
+            Some("length_required"),
+        )
     }
 
     /// A 429 from the capacity limit, as an overloaded server sends it.
     pub fn overloaded(retry_after_s: u64) -> Self {
         Self {
-            status: StatusCode::TOO_MANY_REQUESTS,
-            message: "The server is overloaded: all request slots are busy. Retry later."
-                .to_owned(),
-            code: Some("rate_limit_exceeded"),
             retry_after_s: Some(retry_after_s),
-            requests_reset_s: None,
+            ..Self::plain(
+                StatusCode::TOO_MANY_REQUESTS,
+                "The server is overloaded: all request slots are busy. Retry later.",
+                Some("rate_limit_exceeded"),
+            )
+        }
+    }
+
+    /// A 429 from the quota (`limit` is `requests` or `tokens`), with
+    /// `retry-after` until the window ends; the quota's own headers are
+    /// added with every answer.
+    pub fn quota_exceeded(limit: &str, retry_after_s: u64) -> Self {
+        Self {
+            retry_after_s: Some(retry_after_s),
+            ..Self::plain(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "Rate limit reached for {limit} (simulated quota). Please try again in {retry_after_s}s."
+                ),
+                Some("rate_limit_exceeded"),
+            )
         }
     }
 
     /// An error status injected by a fault. With a `hint_s` (the
     /// `retry_after_s` fault) it carries `retry-after: hint_s` and the
     /// provider's reset header, whatever the status; without, 429, 503 and
-    /// 529 carry `retry-after: retry_after_s` (`--retry-after-s`).
-    pub fn fault(status: u16, retry_after_s: u64, hint_s: Option<u32>) -> Self {
+    /// 529 carry `retry-after: retry_after_s` (`--retry-after-s`). A `bare`
+    /// answer (the `bare_errors` fault) carries neither.
+    pub fn fault(status: u16, retry_after_s: u64, hint_s: Option<u32>, bare: bool) -> Self {
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        let plain = Self::plain(
+            status,
+            format!("Simulated fault: status {}", status.as_u16()),
+            None,
+        );
+        if bare {
+            return Self { bare, ..plain };
+        }
         let hint_s = hint_s.map(u64::from);
         let retry = matches!(status.as_u16(), 429 | 503 | 529);
         Self {
-            status,
-            message: format!("Simulated fault: status {}", status.as_u16()),
-            code: None,
             retry_after_s: hint_s.or(retry.then_some(retry_after_s)),
             requests_reset_s: hint_s,
+            ..plain
         }
     }
 
@@ -306,7 +323,7 @@ mod tests {
             (529, Some("2")),
             (500, None),
         ] {
-            let resp = ApiError::fault(status, 2, None).into_response(Flavor::OpenAi);
+            let resp = ApiError::fault(status, 2, None, false).into_response(Flavor::OpenAi);
             assert_eq!(header(&resp, "retry-after"), retry, "{status}");
             assert_eq!(header(&resp, openai::REQUESTS_RESET_HEADER), None);
             assert_eq!(header(&resp, anthropic::REQUESTS_RESET_HEADER), None);
@@ -316,7 +333,7 @@ mod tests {
     #[test]
     fn fault_hint_sets_retry_after_and_the_openai_reset() {
         for status in [429, 500, 502, 503] {
-            let resp = ApiError::fault(status, 2, Some(90)).into_response(Flavor::OpenAi);
+            let resp = ApiError::fault(status, 2, Some(90), false).into_response(Flavor::OpenAi);
             assert_eq!(resp.status().as_u16(), status);
             assert_eq!(header(&resp, "retry-after"), Some("90"));
             assert_eq!(header(&resp, "x-ratelimit-reset-requests"), Some("1m30s"));
@@ -327,7 +344,7 @@ mod tests {
     #[test]
     fn fault_hint_sets_retry_after_and_the_anthropic_reset() {
         let before = unix_now();
-        let resp = ApiError::fault(529, 2, Some(30)).into_response(Flavor::Anthropic);
+        let resp = ApiError::fault(529, 2, Some(30), false).into_response(Flavor::Anthropic);
         let after = unix_now();
         assert_eq!(header(&resp, "retry-after"), Some("30"));
         assert_eq!(header(&resp, openai::REQUESTS_RESET_HEADER), None);
@@ -339,6 +356,30 @@ mod tests {
             candidates.iter().any(|c| c == reset),
             "{reset} not in {candidates:?}"
         );
+    }
+
+    #[test]
+    fn a_bare_fault_carries_no_hint_whatever_its_status() {
+        for status in [429, 503, 529] {
+            let err = ApiError::fault(status, 2, Some(30), true);
+            assert!(err.bare);
+            for flavor in [Flavor::OpenAi, Flavor::Anthropic] {
+                let resp = err.clone().into_response(flavor);
+                assert_eq!(resp.status().as_u16(), status);
+                assert_eq!(header(&resp, "retry-after"), None);
+                assert_eq!(header(&resp, openai::REQUESTS_RESET_HEADER), None);
+                assert_eq!(header(&resp, anthropic::REQUESTS_RESET_HEADER), None);
+            }
+        }
+    }
+
+    #[test]
+    fn a_quota_refusal_is_a_rate_limit_error_with_retry_after() {
+        let resp = ApiError::quota_exceeded("requests", 4).into_response(Flavor::OpenAi);
+        assert_eq!(resp.status().as_u16(), 429);
+        assert_eq!(header(&resp, "retry-after"), Some("4"));
+        let resp = ApiError::quota_exceeded("tokens", 1).into_response(Flavor::Anthropic);
+        assert_eq!(header(&resp, "retry-after"), Some("1"));
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //! `"usage": null` and one more chunk before `[DONE]` has empty `choices` and
 //! the totals, as OpenAI documents.
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -198,13 +200,36 @@ pub const REQUESTS_RESET_HEADER: &str = "x-ratelimit-reset-requests";
 /// Whole seconds as OpenAI writes a reset time, a Go-style duration:
 /// `0s`, `7s`, `1m30s`, `2h0m0s`.
 pub fn reset_duration(secs: u64) -> String {
+    go_duration(Duration::from_secs(secs))
+}
+
+/// A duration as Go's `time.Duration` prints it, which is how OpenAI writes
+/// its resets, to the millisecond and rounded up (a client that waits this
+/// long is never early): `0s`, `20ms`, `1s`, `1.5s`, `58.25s`, `6m0s`,
+/// `1h2m3.5s`.
+///
+/// Written here rather than borrowed from sluice-core, which formats the
+/// same header: the simulator is the independent side of the wire.
+pub fn go_duration(d: Duration) -> String {
+    let ms = u64::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX);
+    if ms == 0 {
+        return "0s".to_owned();
+    }
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let secs = ms / 1000;
     let (h, m, s) = (secs / 3600, secs % 3600 / 60, secs % 60);
+    let frac = match ms % 1000 {
+        0 => String::new(),
+        f => format!(".{f:03}").trim_end_matches('0').to_owned(),
+    };
     if h > 0 {
-        format!("{h}h{m}m{s}s")
+        format!("{h}h{m}m{s}{frac}s")
     } else if m > 0 {
-        format!("{m}m{s}s")
+        format!("{m}m{s}{frac}s")
     } else {
-        format!("{s}s")
+        format!("{s}{frac}s")
     }
 }
 
@@ -563,6 +588,22 @@ mod tests {
         assert_eq!(reset_duration(90), "1m30s");
         assert_eq!(reset_duration(7200), "2h0m0s");
         assert_eq!(reset_duration(86_400), "24h0m0s");
+    }
+
+    #[test]
+    fn go_durations_to_the_millisecond_round_up() {
+        let ms = Duration::from_millis;
+        assert_eq!(go_duration(Duration::ZERO), "0s");
+        assert_eq!(go_duration(Duration::from_nanos(1)), "1ms");
+        assert_eq!(go_duration(ms(20)), "20ms");
+        assert_eq!(go_duration(ms(999)), "999ms");
+        assert_eq!(go_duration(ms(1000)), "1s");
+        assert_eq!(go_duration(ms(1500)), "1.5s");
+        assert_eq!(go_duration(ms(58_250)), "58.25s");
+        assert_eq!(go_duration(ms(60_001)), "1m0.001s");
+        assert_eq!(go_duration(ms(360_000)), "6m0s");
+        assert_eq!(go_duration(ms(3_723_500)), "1h2m3.5s");
+        assert!(go_duration(Duration::MAX).ends_with('s'));
     }
 
     #[test]

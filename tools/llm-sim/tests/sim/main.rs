@@ -14,6 +14,7 @@ mod client;
 mod faults;
 mod options;
 mod process;
+mod quota;
 
 use clap::Parser;
 use llm_sim::{Config, RunningServer};

@@ -17,7 +17,11 @@
 //! or, with `--native-outlier`, Envoy's own outlier detection ([`outlier`]);
 //! backends with `[retry]` get sluice's retry budget or, with
 //! `--native-retry`, Envoy's route retries and retry budget ([`retry`]).
+//! `--node-zone` writes the proxy's locality into the bootstrap, and
+//! `--native-failover` renders Envoy's own zone failover in place of
+//! `[failover]` and `[outlier]` ([`failover`]).
 
+mod failover;
 mod outlier;
 mod policy_text;
 mod retry;
@@ -32,6 +36,7 @@ use serde_json::{Value, json};
 use sluice_core::config::{Backend, OutlierConfig, Policy, RetryConfig};
 use sluice_policy::{ATTEMPT_ROOT_ID, Capability, Diagnostics, MODULE, Source};
 
+use failover::FailoverMode;
 use outlier::OutlierMode;
 use policy_text::{Edits, ZoneEndpoints};
 use retry::RetryMode;
@@ -89,6 +94,22 @@ pub struct EnvoyArgs {
     /// without `[retry]`. Combines with --native-outlier.
     #[arg(long)]
     native_retry: bool,
+    /// The zone this Envoy runs in: written as the bootstrap's
+    /// `node.locality` (this zone, and its region from the policy), which
+    /// `[failover] local_zone = "auto"` reads. Istio sets the locality of
+    /// its sidecars itself; this is for a plain Envoy.
+    #[arg(long, value_name = "ZONE")]
+    node_zone: Option<String>,
+    /// For side-by-side drills: enforce `[failover]` with Envoy alone: each
+    /// zone of a cluster a priority in the policy's order (the --node-zone
+    /// zone, else `local_zone`, else `order`, then the rest, same region
+    /// first), Envoy's default overprovisioning, outlier detection that can
+    /// eject a whole zone, an active health check of `/health`, and route
+    /// retries that move to the next zone. It replaces `[outlier]` too:
+    /// sluice.wasm gets the policy without either section. Nothing for
+    /// provider quotas, latency, fail-back dwell or probes.
+    #[arg(long, conflicts_with = "native_outlier")]
+    native_failover: bool,
     /// Write to this file instead of standard output.
     #[arg(short, long)]
     output: Option<PathBuf>,
@@ -134,6 +155,20 @@ pub fn envoy(args: &EnvoyArgs) -> anyhow::Result<ExitCode> {
             "warning: --native-retry: the policy enables no [retry], so there is nothing to render for it"
         );
     }
+    let has_failover = Capability::Failover.is_enabled_in(&policy);
+    if args.native_failover && !has_failover {
+        eprintln!(
+            "warning: --native-failover: the policy enables no [failover], so there is nothing to render for it"
+        );
+    }
+    // Native failover replaces outlier detection too: Envoy's own ejects
+    // the endpoints its priorities spill around.
+    let native_failover = args.native_failover && has_failover;
+    let (outlier_mode, failover_mode) = if native_failover {
+        (OutlierMode::Off, FailoverMode::Native)
+    } else {
+        (outlier_mode, FailoverMode::Sluice)
+    };
     let (filter_policy, filter_text) = match filter_policy_text(
         &policy,
         &text,
@@ -142,8 +177,9 @@ pub fn envoy(args: &EnvoyArgs) -> anyhow::Result<ExitCode> {
             endpoints: &overrides,
             // Only when there is something to drop: otherwise the text stays
             // the file's, byte for byte.
-            drop_outlier: args.native_outlier && has_outlier,
+            drop_outlier: (args.native_outlier || native_failover) && has_outlier,
             drop_retry: args.native_retry && has_retry,
+            drop_failover: native_failover,
         },
     )? {
         Ok(rendered) => rendered,
@@ -166,6 +202,7 @@ pub fn envoy(args: &EnvoyArgs) -> anyhow::Result<ExitCode> {
     let modes = Modes {
         outlier: outlier_mode,
         retry: retry_mode,
+        failover: failover_mode,
     };
     let bootstrap = bootstrap(&policy, &filter_policy, &filter_text, args, modes)?;
     let mut out = format!(
@@ -177,6 +214,12 @@ pub fn envoy(args: &EnvoyArgs) -> anyhow::Result<ExitCode> {
     }
     if args.native_retry && has_retry {
         out.push_str("# [retry]: Envoy's own route retry policy and cluster retry_budget (--native-retry); sluice.wasm is given the policy without it\n");
+    }
+    if native_failover {
+        out.push_str("# [failover]: Envoy's own zone failover (--native-failover): locality priorities in failover order, outlier detection, /health checks, route retries across priorities; it replaces [outlier] too, so sluice.wasm is given the policy without [failover] and without [outlier]\n");
+    }
+    if let Some(zone) = &args.node_zone {
+        out.push_str(&format!("# node.locality: zone `{zone}` (--node-zone)\n"));
     }
     for cap in &not_enforced {
         out.push_str(&format!(
@@ -217,6 +260,9 @@ fn filter_policy_text(
         for b in &mut expected.backends {
             b.retry = None;
         }
+    }
+    if edits.drop_failover {
+        expected.failover = None;
     }
     if edits.is_empty() {
         return Ok(Ok((expected, text.to_string())));
@@ -294,12 +340,14 @@ fn socket_address(addr: &str) -> anyhow::Result<Value> {
 struct Modes {
     outlier: OutlierMode,
     retry: RetryMode,
+    failover: FailoverMode,
 }
 
 /// The bootstrap: `policy` drives the listener, routes and clusters;
 /// `filter_policy` is what sluice.wasm is given as `filter_text` (the same
 /// policy, without `[outlier]` under `--native-outlier`, without `[retry]`
-/// under `--native-retry`).
+/// under `--native-retry`, without `[failover]` and `[outlier]` under
+/// `--native-failover`).
 fn bootstrap(
     policy: &Policy,
     filter_policy: &Policy,
@@ -329,9 +377,21 @@ fn bootstrap(
         "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" }
     }));
 
+    let mut node = json!({ "id": "sluice", "cluster": "sluice",
+                           "metadata": { "sluice_policy": policy.name.clone().unwrap_or_default() } });
+    if let Some(zone) = &args.node_zone {
+        node["locality"] = failover::node_locality(policy, zone)?;
+    }
+    // Zones in the order failover prefers them, for native failover's priorities.
+    let zone_order = match (&policy.failover, modes.failover) {
+        (Some(f), FailoverMode::Native) => {
+            Some(failover::zone_order(policy, f, args.node_zone.as_deref()))
+        }
+        _ => None,
+    };
+
     Ok(json!({
-        "node": { "id": "sluice", "cluster": "sluice",
-                  "metadata": { "sluice_policy": policy.name.clone().unwrap_or_default() } },
+        "node": node,
         "admin": { "address": socket_address(&args.admin)? },
         "static_resources": {
             "listeners": [{
@@ -377,7 +437,7 @@ fn bootstrap(
                     }
                 }]}],
             }],
-            "clusters": clusters(policy, modes, &attempt_filter, every_cluster)?,
+            "clusters": clusters(policy, modes, &attempt_filter, every_cluster, zone_order.as_deref())?,
         },
     }))
 }
@@ -458,7 +518,9 @@ fn routes(policy: &Policy, modes: Modes) -> Vec<Value> {
 /// policy: Envoy's own for `[retry]` under `--native-retry` (with the
 /// first-token timeout of a native `[outlier]` as its per-try timeout),
 /// else the one native outlier detection goes with, else the route's part
-/// of sluice's `[retry]`.
+/// of sluice's `[retry]`. Under native failover (a backend with `[outlier]`
+/// on, which failover needs), that policy's retries also move across
+/// zones, or native failover's own when there is none.
 fn route_action(policy: &Policy, backend: &str, modes: Modes) -> Value {
     let Some(b) = policy.backend(backend) else {
         return json!({ "cluster": backend });
@@ -481,6 +543,12 @@ fn route_action(policy: &Policy, backend: &str, modes: Modes) -> Value {
         (RetryMode::Sluice, Some(r), None) => action["retry_policy"] = retry::route_policy(r),
         _ => {}
     }
+    if modes.failover == FailoverMode::Native && policy.failover.is_some() && b.outlier.is_some() {
+        match action.get_mut("retry_policy") {
+            Some(retry) => failover::spread_over_zones(retry),
+            None => action["retry_policy"] = failover::native_retry_policy(),
+        }
+    }
     action
 }
 
@@ -500,12 +568,15 @@ type ClusterBackends<'p> = Vec<(&'p Backend, &'p sluice_core::config::Zone)>;
 /// One cluster per cluster name; each zone becomes a locality. A cluster
 /// runs `attempt_filter` as an upstream HTTP filter (once per attempt; same
 /// `vm_id` as the listener's, so one shared state) when `every_cluster`, or
-/// when sluice picks its endpoints.
+/// when sluice picks its endpoints. With `zone_order` (native failover), the
+/// clusters of backends with `[outlier]` on get their localities as
+/// priorities in that order, health checks and Envoy's outlier detection.
 fn clusters(
     policy: &Policy,
     modes: Modes,
     attempt_filter: &Value,
     every_cluster: bool,
+    zone_order: Option<&[String]>,
 ) -> anyhow::Result<Vec<Value>> {
     let mut by_name: BTreeMap<&str, ClusterBackends<'_>> = BTreeMap::new();
     for b in &policy.backends {
@@ -518,9 +589,20 @@ fn clusters(
         .map(|(name, members)| {
             let outlier = cluster_outlier(name, &members);
             let retry = cluster_retry(name, &members);
+            // Native failover covers the clusters of backends it applies to.
+            let failover_order = zone_order.filter(|_| outlier.is_some());
+            let priorities = failover_order.map(|order| {
+                let zones: Vec<&str> = members.iter().map(|(_, z)| z.name.as_str()).collect();
+                failover::priorities(&zones, order)
+            });
             let mut all_ips = true;
             let mut localities = Vec::new();
-            for (_, z) in &members {
+            for (i, (_, z)) in members.iter().enumerate() {
+                let priority = priorities.as_ref().map(|p| p[i].1);
+                if priority == Some(None) {
+                    eprintln!("warning: --native-failover: zone `{}` of cluster `{name}` is outside the local region and [failover] cross_region is false: left out of the cluster", z.name);
+                    continue;
+                }
                 if z.endpoints.is_empty() {
                     eprintln!("warning: zone `{}` of cluster `{name}` has no endpoints: the cluster is rendered empty (pass --endpoints)", z.name);
                 }
@@ -530,10 +612,14 @@ fn clusters(
                     all_ips &= host.parse::<IpAddr>().is_ok();
                     lb_endpoints.push(json!({ "endpoint": { "address": socket_address(ep)? } }));
                 }
-                localities.push(json!({
+                let mut locality = json!({
                     "locality": { "region": z.region, "zone": z.name },
                     "lb_endpoints": lb_endpoints,
-                }));
+                });
+                if let Some(Some(p)) = priority {
+                    locality["priority"] = json!(p);
+                }
+                localities.push(locality);
             }
             let mut cluster = json!({
                 "name": name,
@@ -542,6 +628,17 @@ fn clusters(
                 "lb_policy": "ROUND_ROBIN",
                 "load_assignment": { "cluster_name": name, "endpoints": localities },
             });
+            if failover_order.is_some() {
+                cluster["lb_policy"] = json!("LEAST_REQUEST");
+                cluster["load_assignment"]["policy"] =
+                    json!({ "overprovisioning_factor": failover::OVERPROVISIONING_FACTOR });
+                cluster["outlier_detection"] = failover::native_outlier_detection();
+                cluster["health_checks"] = failover::health_checks();
+                cluster["common_lb_config"] = failover::common_lb_config();
+                // Retries move across zones, under the same limit as the
+                // other renders' (Envoy's default is 3 in flight).
+                cluster["circuit_breakers"] = outlier::retry_circuit_breaker();
+            }
             let mut with_attempts = every_cluster;
             match (modes.outlier, outlier) {
                 (OutlierMode::Sluice, Some(_)) => {
@@ -724,6 +821,8 @@ interval = "5s"
             attempt_filter: false,
             native_outlier,
             native_retry,
+            node_zone: None,
+            native_failover: false,
             output: None,
         }
     }
@@ -736,25 +835,36 @@ interval = "5s"
             Modes {
                 outlier: mode,
                 retry: RetryMode::Sluice,
+                failover: FailoverMode::Sluice,
             },
         )
     }
 
     /// The bootstrap of `text` as `envoy` renders it, in `modes`.
     fn render_in(text: &str, modes: Modes) -> Value {
+        render_at(text, modes, None)
+    }
+
+    /// [`render_in`] for an Envoy in `node_zone` (`--node-zone`).
+    fn render_at(text: &str, modes: Modes, node_zone: Option<&str>) -> Value {
         let policy = sluice_policy::parse_toml("p.toml", text).unwrap();
         let native_outlier = modes.outlier == OutlierMode::Native;
         let native_retry = modes.retry == RetryMode::Native;
+        let native_failover = modes.failover == FailoverMode::Native;
         let edits = Edits {
             endpoints: &[],
-            drop_outlier: native_outlier && Capability::Outlier.is_enabled_in(&policy),
+            drop_outlier: (native_outlier || native_failover)
+                && Capability::Outlier.is_enabled_in(&policy),
             drop_retry: native_retry && Capability::Retry.is_enabled_in(&policy),
+            drop_failover: native_failover,
         };
         let (filter_policy, filter_text) =
             filter_policy_text(&policy, text, Path::new("p.toml"), edits)
                 .unwrap()
                 .unwrap();
-        let args = args(native_outlier, native_retry);
+        let mut args = args(native_outlier, native_retry);
+        args.native_failover = native_failover;
+        args.node_zone = node_zone.map(str::to_string);
         bootstrap(&policy, &filter_policy, &filter_text, &args, modes).unwrap()
     }
 
@@ -988,6 +1098,7 @@ backoff_base = "50ms"
     const NATIVE_RETRY: Modes = Modes {
         outlier: OutlierMode::Sluice,
         retry: RetryMode::Native,
+        failover: FailoverMode::Sluice,
     };
 
     #[test]
@@ -1087,6 +1198,7 @@ backoff_base = "50ms"
             Modes {
                 outlier: OutlierMode::Native,
                 retry: RetryMode::Native,
+                failover: FailoverMode::Sluice,
             },
         );
         // The route retries as [retry] says, with the outlier section's
@@ -1168,5 +1280,250 @@ backoff_base = "50ms"
                 .get("circuit_breakers")
                 .is_none()
         );
+    }
+
+    /// `primary` over three zones in two regions with `[outlier]` and
+    /// `[retry]`, `small` with `[outlier]` off (so `[failover]` does not
+    /// apply to it), and `[failover]` preferring zone-b after the local zone.
+    const WITH_FAILOVER: &str = r#"
+[[backend]]
+name = "primary"
+models = ["big"]
+  [[backend.zone]]
+  name = "zone-a"
+  region = "region-1"
+  endpoints = ["127.0.0.1:1", "127.0.0.1:2"]
+  [[backend.zone]]
+  name = "zone-c"
+  region = "region-2"
+  endpoints = ["127.0.0.1:5"]
+  [[backend.zone]]
+  name = "zone-b"
+  region = "region-1"
+  endpoints = ["127.0.0.1:3", "127.0.0.1:4"]
+
+[[backend]]
+name = "small"
+models = ["small"]
+  [[backend.zone]]
+  name = "zone-a"
+  region = "region-1"
+  endpoints = ["127.0.0.1:6"]
+  [backend.outlier]
+  enabled = false
+
+[outlier]
+consecutive_errors = 3
+
+[failover]
+local_zone = "auto"
+failback_after = "20s"
+"#;
+
+    const NATIVE_FAILOVER: Modes = Modes {
+        outlier: OutlierMode::Off,
+        retry: RetryMode::Sluice,
+        failover: FailoverMode::Native,
+    };
+
+    fn localities(c: &Value) -> Vec<(String, Option<u64>)> {
+        c["load_assignment"]["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| {
+                (
+                    l["locality"]["zone"].as_str().unwrap().to_string(),
+                    l["priority"].as_u64(),
+                )
+            })
+            .collect()
+    }
+
+    fn pairs(v: &[(&str, Option<u64>)]) -> Vec<(String, Option<u64>)> {
+        v.iter().map(|(z, p)| (z.to_string(), *p)).collect()
+    }
+
+    #[test]
+    fn native_failover_renders_priorities_health_and_retries_across_zones() {
+        let b = render_at(WITH_FAILOVER, NATIVE_FAILOVER, Some("zone-b"));
+        assert_eq!(
+            b["node"]["locality"],
+            json!({ "region": "region-1", "zone": "zone-b" })
+        );
+        let primary = cluster(&b, "primary");
+        // The node's zone first, then its region, then the other region.
+        assert_eq!(
+            localities(primary),
+            pairs(&[
+                ("zone-a", Some(1)),
+                ("zone-c", Some(2)),
+                ("zone-b", Some(0))
+            ])
+        );
+        assert_eq!(
+            primary["load_assignment"]["policy"]["overprovisioning_factor"],
+            140
+        );
+        assert_eq!(primary["lb_policy"], "LEAST_REQUEST");
+        assert!(primary.get("load_balancing_policy").is_none());
+        let detection = &primary["outlier_detection"];
+        assert_eq!(detection["consecutive_5xx"], 5);
+        assert_eq!(detection["interval"], "1s");
+        assert_eq!(detection["base_ejection_time"], "30s");
+        assert_eq!(detection["max_ejection_percent"], 100);
+        assert_eq!(
+            primary["health_checks"][0]["http_health_check"]["path"],
+            "/health"
+        );
+        assert_eq!(primary["health_checks"][0]["interval"], "1s");
+        assert_eq!(primary["common_lb_config"]["update_merge_window"], "0s");
+        assert_eq!(
+            primary["circuit_breakers"]["thresholds"][0]["max_retries"],
+            1024
+        );
+        // sluice picks no endpoint: no per-attempt instance.
+        assert!(upstream_filters(primary).is_none());
+        let retry = &route(&b, "backend-primary")["route"]["retry_policy"];
+        assert_eq!(
+            retry["retry_on"],
+            "5xx,reset,connect-failure,retriable-status-codes"
+        );
+        assert_eq!(retry["retriable_status_codes"], json!([429]));
+        assert_eq!(retry["num_retries"], 2);
+        assert_eq!(
+            retry["retry_priority"],
+            json!({
+                "name": "envoy.retry_priorities.previous_priorities",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig",
+                    "update_frequency": 2,
+                },
+            })
+        );
+        assert_eq!(
+            retry["retry_host_predicate"][0]["name"],
+            "envoy.retry_host_predicates.previous_hosts"
+        );
+        assert!(retry.get("per_try_timeout").is_none());
+        assert_eq!(route(&b, "default")["route"]["retry_policy"], *retry);
+        // `small` has [outlier] off: no failover, as with sluice.
+        let small = cluster(&b, "small");
+        assert_eq!(small["lb_policy"], "ROUND_ROBIN");
+        assert_eq!(localities(small), pairs(&[("zone-a", None)]));
+        assert!(small.get("health_checks").is_none());
+        assert!(small.get("outlier_detection").is_none());
+        assert!(
+            route(&b, "backend-small")["route"]
+                .get("retry_policy")
+                .is_none()
+        );
+        // sluice.wasm enforces neither section.
+        let given = sluice_policy::parse_toml("given.toml", filter_text(&b)).unwrap();
+        assert!(given.failover.is_none() && given.outlier.is_none());
+        assert!(given.backends.iter().all(|b| b.outlier.is_none()));
+        assert!(!filter_text(&b).contains("[failover]"));
+    }
+
+    #[test]
+    fn native_failover_follows_the_policys_order_without_a_node_zone() {
+        let text = WITH_FAILOVER.replace(
+            r#"local_zone = "auto""#,
+            r#"local_zone = "zone-c"
+order = ["zone-b"]"#,
+        );
+        let b = render_at(&text, NATIVE_FAILOVER, None);
+        assert!(b["node"].get("locality").is_none());
+        assert_eq!(
+            localities(cluster(&b, "primary")),
+            pairs(&[
+                ("zone-a", Some(2)),
+                ("zone-c", Some(0)),
+                ("zone-b", Some(1))
+            ])
+        );
+        // Staying in the region: the other region's zone is left out.
+        let text = WITH_FAILOVER.replace(
+            r#"local_zone = "auto""#,
+            "local_zone = \"auto\"\ncross_region = false",
+        );
+        let b = render_at(&text, NATIVE_FAILOVER, Some("zone-a"));
+        assert_eq!(
+            localities(cluster(&b, "primary")),
+            pairs(&[("zone-a", Some(0)), ("zone-b", Some(1))])
+        );
+    }
+
+    #[test]
+    fn native_failover_spreads_the_retry_sections_policy_over_the_zones() {
+        let text =
+            format!("{WITH_FAILOVER}\n[retry]\nmax_retries = 1\nretry_on = [\"gateway-error\"]\n");
+        // sluice's [retry]: its route part, with the retry priority.
+        let b = render_at(&text, NATIVE_FAILOVER, Some("zone-a"));
+        let retry = &route(&b, "backend-primary")["route"]["retry_policy"];
+        assert_eq!(retry["num_retries"], 0);
+        assert_eq!(
+            retry["retry_priority"]["name"],
+            "envoy.retry_priorities.previous_priorities"
+        );
+        // Envoy's [retry] (--native-retry): its conditions, with the priority.
+        let b = render_at(
+            &text,
+            Modes {
+                retry: RetryMode::Native,
+                ..NATIVE_FAILOVER
+            },
+            Some("zone-a"),
+        );
+        let retry = &route(&b, "backend-primary")["route"]["retry_policy"];
+        assert_eq!(retry["num_retries"], 1);
+        assert_eq!(retry["retry_on"], "gateway-error");
+        assert_eq!(
+            retry["retry_priority"]["typed_config"]["update_frequency"],
+            2
+        );
+    }
+
+    #[test]
+    fn the_node_zone_sets_the_locality_and_nothing_else() {
+        let plain = render(WITH_FAILOVER, OutlierMode::Sluice);
+        let mut located = render_at(
+            WITH_FAILOVER,
+            Modes {
+                outlier: OutlierMode::Sluice,
+                retry: RetryMode::Sluice,
+                failover: FailoverMode::Sluice,
+            },
+            Some("zone-c"),
+        );
+        assert_eq!(
+            located["node"]["locality"],
+            json!({ "region": "region-2", "zone": "zone-c" })
+        );
+        located["node"].as_object_mut().unwrap().remove("locality");
+        assert_eq!(located, plain);
+        // The filter keeps [failover] and [outlier]; no priorities.
+        assert!(filter_text(&plain).contains("[failover]"));
+        assert!(
+            localities(cluster(&plain, "primary"))
+                .iter()
+                .all(|(_, p)| p.is_none())
+        );
+    }
+
+    #[test]
+    fn an_unknown_node_zone_is_an_error() {
+        let policy = sluice_policy::parse_toml("p.toml", WITH_FAILOVER).unwrap();
+        let mut args = args(false, false);
+        args.node_zone = Some("zone-q".into());
+        let modes = Modes {
+            outlier: OutlierMode::Sluice,
+            retry: RetryMode::Sluice,
+            failover: FailoverMode::Sluice,
+        };
+        let err = bootstrap(&policy, &policy, WITH_FAILOVER, &args, modes)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--node-zone `zone-q`"), "{err}");
     }
 }

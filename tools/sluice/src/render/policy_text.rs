@@ -3,8 +3,8 @@
 //! The filter validates the text it is given, so it must be told what the
 //! render changed: the endpoints given with `--endpoints` (an outlier detector
 //! judges the endpoints Envoy really has, not the file's placeholders), and,
-//! with `--native-outlier` or `--native-retry`, that `[outlier]` or `[retry]`
-//! is Envoy's job and not its own.
+//! with `--native-outlier`, `--native-retry` or `--native-failover`, that
+//! `[outlier]`, `[retry]` or `[failover]` is Envoy's job and not its own.
 //! TOML is edited in place with `toml_edit`, so the admin's comments and
 //! layout survive into the bootstrap; JSON (what Istio hands a filter) is
 //! re-serialized. Either way the caller re-validates the result and checks
@@ -33,11 +33,13 @@ pub struct Edits<'a> {
     pub drop_outlier: bool,
     /// Remove the `[retry]` table and every backend's `[backend.retry]`.
     pub drop_retry: bool,
+    /// Remove the `[failover]` table.
+    pub drop_failover: bool,
 }
 
 impl Edits<'_> {
     pub fn is_empty(&self) -> bool {
-        self.endpoints.is_empty() && !self.drop_outlier && !self.drop_retry
+        self.endpoints.is_empty() && !self.drop_outlier && !self.drop_retry && !self.drop_failover
     }
 
     /// The sections to remove, everywhere they appear.
@@ -48,6 +50,9 @@ impl Edits<'_> {
         }
         if self.drop_retry {
             sections.push("retry");
+        }
+        if self.drop_failover {
+            sections.push("failover");
         }
         sections
     }
@@ -235,6 +240,7 @@ consecutive_errors = 3
                 endpoints: &eps,
                 drop_outlier: false,
                 drop_retry: false,
+                drop_failover: false,
             },
         )
         .unwrap();
@@ -274,6 +280,7 @@ consecutive_errors = 3
                 endpoints: &[],
                 drop_outlier: true,
                 drop_retry: false,
+                drop_failover: false,
             },
         )
         .unwrap();
@@ -285,6 +292,40 @@ consecutive_errors = 3
         // The rest is untouched.
         assert!(out.starts_with("# The admin's comment stays.\n"), "{out}");
         assert!(out.contains(r#"endpoints = ["10.0.0.1:8000"]  # placeholder"#));
+    }
+
+    #[test]
+    fn dropping_failover_removes_the_section_and_nothing_else() {
+        let text = "[[backend]]\nname = \"b\"\nmodels = [\"m\"]\n  [[backend.zone]]\n  name = \"z\"\n\n[outlier]\n\n# the zones\n[failover]\nlocal_zone = \"z\"\n";
+        let edited = edit(
+            text,
+            Format::Toml,
+            Edits {
+                endpoints: &[],
+                drop_outlier: true,
+                drop_retry: false,
+                drop_failover: true,
+            },
+        )
+        .unwrap();
+        let policy = sluice_policy::parse_toml("e.toml", &edited).unwrap();
+        assert!(policy.failover.is_none() && policy.outlier.is_none());
+        assert!(!edited.contains("local_zone"), "{edited}");
+        let json = r#"{"backend":[{"name":"b","models":["m"],"zone":[{"name":"z"}]}],"outlier":{},"failover":{"local_zone":"z"}}"#;
+        let edited = edit(
+            json,
+            Format::Json,
+            Edits {
+                endpoints: &[],
+                drop_outlier: true,
+                drop_retry: false,
+                drop_failover: true,
+            },
+        )
+        .unwrap();
+        assert!(!edited.contains("failover"), "{edited}");
+        let policy = sluice_policy::parse_json("e.json", &edited).unwrap();
+        assert!(policy.failover.is_none());
     }
 
     #[test]
@@ -302,6 +343,7 @@ consecutive_errors = 3
                     endpoints: &[],
                     drop_outlier,
                     drop_retry: true,
+                    drop_failover: false,
                 },
             )
             .unwrap();
@@ -321,6 +363,7 @@ consecutive_errors = 3
                 endpoints: &[],
                 drop_outlier: false,
                 drop_retry: true,
+                drop_failover: false,
             },
         )
         .unwrap();
@@ -341,6 +384,7 @@ consecutive_errors = 3
                 endpoints: &[zone("b", "z", &["127.0.0.1:9"])],
                 drop_outlier: false,
                 drop_retry: false,
+                drop_failover: false,
             },
         )
         .unwrap();
@@ -363,6 +407,7 @@ consecutive_errors = 3
                     endpoints: &eps,
                     drop_outlier,
                     drop_retry: false,
+                    drop_failover: false,
                 },
             )
             .unwrap();
@@ -388,6 +433,7 @@ consecutive_errors = 3
                 endpoints: &[zone("primary", "zone-z", &["127.0.0.1:1"])],
                 drop_outlier: false,
                 drop_retry: false,
+                drop_failover: false,
             },
         )
         .unwrap_err();
