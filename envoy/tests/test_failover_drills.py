@@ -53,16 +53,12 @@ The drills:
   ``failed`` but not in ``failed_after_fault``.
 
 Results go to ``target/drills/failover.json`` and a table is printed at the
-end. The sluice side's targets are asserted only where ``sluice explain``
-says ``[failover]`` is enforced: until sluice.wasm implements it, the sluice
-variant runs ``[outlier]`` alone, its numbers are recorded and its
-assertions are reported as expected failures. The native side asserts
-nothing: it is the reference.
+end. The sluice side asserts its targets (with the looser bounds above);
+the native side asserts nothing: it is the reference.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 from dataclasses import dataclass, field
@@ -73,7 +69,6 @@ import pytest
 from lab import drills, paths
 from lab.policies import REGIONS_LAYOUT, zones
 from lab.procs import wait_until
-from lab.render import sluice
 
 SECTIONS = """
 [outlier]
@@ -96,26 +91,6 @@ ACCESS_FORMAT = "%REQ(X-REQUEST-ID)% %RESP(X-SLUICE-ZONE)%\n"
 RESULTS: dict[str, dict[str, dict]] = {}
 
 
-@functools.cache
-def failover_enforced() -> bool:
-    """Whether sluice.wasm enforces ``[failover]``, as ``sluice explain`` says."""
-    policy = paths.TARGET_DIR / "drills" / "failover-explain.toml"
-    policy.parent.mkdir(parents=True, exist_ok=True)
-    policy.write_text(zones("failover-explain", SECTIONS, layout=TWO_ZONES))
-    done = sluice("explain", str(policy))
-    assert done.returncode == 0, done.stderr
-    line = next((l for l in done.stdout.splitlines() if l.startswith("# - [failover]")), "")
-    return bool(line) and "NOT ENFORCED" not in line
-
-
-def sluice_targets() -> None:
-    """Stops a sluice-side test before its assertions (as an expected
-    failure) while sluice.wasm does not enforce ``[failover]``."""
-    if not failover_enforced():
-        pytest.xfail("[failover] is not enforced by sluice.wasm yet: numbers recorded, "
-                     "targets not asserted")
-
-
 def fmt(value) -> str:
     if value is None:
         return "-"
@@ -129,9 +104,8 @@ def write_results():
     yield
     out = paths.TARGET_DIR / "drills" / "failover.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"failover_enforced": failover_enforced(), "drills": RESULTS},
-                              indent=2, sort_keys=True))
-    print(f"\nfailover drills → {out} (sluice enforces [failover]: {failover_enforced()})")
+    out.write_text(json.dumps({"drills": RESULTS}, indent=2, sort_keys=True))
+    print(f"\nfailover drills → {out}")
     for drill, by_variant in RESULTS.items():
         print(f"\n  {drill:<40} {'sluice':>12} {'native':>12}")
         metrics = sorted({m for v in by_variant.values() for m in v})
@@ -185,7 +159,9 @@ class Setup:
         probes = set()
         for line in drills.flushed(self.access_log).splitlines():
             request, _, zone_header = line.partition(" ")
-            if "reason=probe" in zone_header:
+            # A probe served where it was sent, or retried elsewhere
+            # (`…; reason=retry; first=zone-a/probe`).
+            if "reason=probe" in zone_header or "/probe" in zone_header:
                 probes.add(request)
         return attempts, probes
 
@@ -299,7 +275,6 @@ def test_zone_outage(lab_factory, tmp_path, variant):
         "zone_a_share_from_1s": share(attempts, probes, "zone-a", fault + 1.0, fault + AFTER),
     })
     if variant == "sluice":
-        sluice_targets()
         assert result["failed"] == 0, result
         # Target 0.1 s; a loaded 2-core machine gets ten times that.
         assert result["moved_in_s"] <= 1.0, result
@@ -326,7 +301,6 @@ def test_zone_latency(lab_factory, tmp_path, variant):
         "zone_a_share_from_2s": share(attempts, probes, "zone-a", fault + 2.0, fault + AFTER),
     })
     if variant == "sluice":
-        sluice_targets()
         assert result["failed"] == 0, result
         # Target 1.2× the healthy p99; 1.5× for a loaded machine.
         assert after <= 1.5 * baseline, result
@@ -360,7 +334,6 @@ def test_zone_quota(lab_factory, tmp_path, kind, sdk, variant):
         "zone_a_share_from_1s": share(attempts, probes, "zone-a", fault + 1.0, fault + AFTER),
     })
     if variant == "sluice":
-        sluice_targets()
         assert result["client_429s"] == 0 and result["failed"] == 0, result
         if kind == "falling":
             # Moved on the headers, before the provider refused anything.
@@ -394,7 +367,6 @@ def test_zone_flapping(lab_factory, tmp_path, variant):
         "steady_outage_failed": outage["failed"] if outage else None,
     })
     if variant == "sluice":
-        sluice_targets()
         allowed = max(1, int(FLAP_SECONDS // FAILBACK_AFTER))
         assert result["failbacks_metric"] is not None, "no sluice_failover failbacks metric"
         assert result["failbacks_metric"] <= allowed, result
@@ -421,5 +393,4 @@ def test_region_loss(lab_factory, tmp_path, variant):
         "zone_c_share_from_2s": share(attempts, probes, "zone-c", fault + 2.0, fault + AFTER),
     })
     if variant == "sluice":
-        sluice_targets()
         assert result["all_on_region_2_in_s"] <= 2.0, result

@@ -34,10 +34,17 @@ pub const MIN_ATTEMPTS: f64 = 5.0;
 
 /// Failures in a row (over all workers) that drain a zone at once, before
 /// its failure share has moved: a zone that fails every request is left
-/// within a tick or two. Ten, so that a zone failing 30% of its requests
-/// (retried elsewhere, spilled in proportion) is not drained by chance
-/// (0.3^10: once in a few hundred thousand attempts).
-pub const CONSECUTIVE_FAILURES: u32 = 10;
+/// within a tick. Five, Envoy's `consecutive_5xx`: a zone failing a fifth
+/// of its attempts or more is drained too (a run of five comes every few
+/// hundred attempts), rather than kept for the retries to cover; a steady
+/// few percent is not (5% makes a run of five once in millions).
+pub const CONSECUTIVE_FAILURES: u32 = 5;
+
+/// Decayed samples a zone's time to first token needs to serve as the
+/// reference other zones are judged against: about one in the last
+/// latency window, which a standby zone's probes (one per
+/// `probe_interval`) keep up.
+pub const REFERENCE_SAMPLES: f64 = 0.5;
 
 /// The span a zone's `requests_per_minute` and `tokens_per_minute` count
 /// over.
@@ -326,8 +333,13 @@ pub enum Event {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Flushed {
     pub events: Vec<Event>,
-    /// Drained zones this worker may send one probe request to.
+    /// Zones this worker may send one probe request to: drained ones (has
+    /// it recovered?) and healthy ones the plan gives nothing (how fast is
+    /// it? the latency the others are judged against).
     pub probes: Vec<usize>,
+    /// Each reachable zone's share of new requests, by rank
+    /// ([`super::plan::shares`]).
+    pub shares: Vec<f64>,
 }
 
 /// The quota factor of a use share: 1 up to `max`, then down to 0 at 100%.
@@ -403,12 +415,14 @@ impl FailoverState {
                 zi.ttft.mean().filter(|_| enough)
             })
             .collect();
+        // What a zone is compared with: any recent sample of another zone
+        // (a standby zone is seen through its probes, one a second).
         let trusted: Vec<Option<f64>> = inputs
             .iter()
             .map(|zi| {
                 zi.ttft
                     .mean()
-                    .filter(|_| zi.ttft.weight >= latency.min_samples)
+                    .filter(|_| zi.ttft.weight >= REFERENCE_SAMPLES)
             })
             .collect();
         for (i, r) in self.zones.iter_mut().enumerate() {
@@ -525,10 +539,26 @@ impl FailoverState {
             self.panic = panic;
             out.events.push(Event::Panic(panic));
         }
+        let granted: Vec<f64> = reachable
+            .iter()
+            .map(|&i| self.zones.get(i).map_or(1.0, ZoneRecord::granted_share))
+            .collect();
+        let endpoints: Vec<u32> = reachable
+            .iter()
+            .map(|&i| inputs.get(i).map_or(0, |zi| zi.endpoints))
+            .collect();
+        out.shares = super::plan::shares(
+            &granted,
+            &endpoints,
+            cfg.min_healthy.get(),
+            f64::from(DRAINED) / f64::from(LEVELS),
+            cfg.spill,
+            panic,
+        );
         if may_probe && !panic {
-            for &i in reachable {
+            for (rank, &i) in reachable.iter().enumerate() {
                 if let Some(r) = self.zones.get_mut(i)
-                    && r.is_drained()
+                    && (r.is_drained() || out.shares[rank] <= 0.0)
                     && now >= r.next_probe
                 {
                     r.next_probe = now + cfg.probe_interval;

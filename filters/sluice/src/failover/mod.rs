@@ -35,10 +35,9 @@ use std::time::Duration;
 
 use log::{info, warn};
 use sluice_core::config::{FailoverConfig, Policy};
-use sluice_core::failover::plan::{draw, shares};
+use sluice_core::failover::plan::draw;
 use sluice_core::failover::{
-    self, DRAINED, Event, FailoverState, LEVELS, Latency, ZONE_HEADER, ZoneRecord, ZoneSpec,
-    ZoneTally, order,
+    self, Event, FailoverState, Latency, ZONE_HEADER, ZoneRecord, ZoneSpec, ZoneTally, order,
 };
 use sluice_core::outlier::pick::{NO_ZONE, Rank};
 use sluice_core::outlier::{self, BackendState, Verdict};
@@ -53,6 +52,9 @@ use metrics::BackendMetrics;
 /// (the request's instance on every tick: it claims probes and must see a
 /// drained zone at once).
 pub const TICK: Duration = Duration::from_millis(50);
+
+/// Least time between two flushes a failed attempt triggers.
+const EARLY_FLUSH_GAP: Duration = Duration::from_millis(1);
 
 /// Ticks between flushes of a per-attempt instance that learned nothing.
 const IDLE_FLUSH_TICKS: u32 = 4;
@@ -113,11 +115,12 @@ struct Zoned {
     ranked: Vec<usize>,
     /// `(ip:port, zone)` of every endpoint the policy lists.
     endpoints: Vec<(String, usize)>,
-    zone_endpoints: Vec<u32>,
     view: RefCell<View>,
     tallies: RefCell<Vec<ZoneTally>>,
     /// Probes this worker may send: `(zone, granted at)`.
     probes: RefCell<Vec<(usize, Timestamp)>>,
+    /// This instance's last flush.
+    flushed_at: Cell<Timestamp>,
     metrics: BackendMetrics,
 }
 
@@ -147,13 +150,14 @@ impl Zoned {
             );
             (flushed, state.zones.clone(), state.panic)
         });
+        self.flushed_at.set(now);
         match result {
             Ok((flushed, zones, panic)) => {
                 for t in self.tallies.borrow_mut().iter_mut() {
                     *t = ZoneTally::default();
                 }
                 self.report(&flushed.events);
-                self.set_view(&zones, panic);
+                self.set_view(&zones, panic, flushed.shares);
                 self.probes
                     .borrow_mut()
                     .extend(flushed.probes.into_iter().map(|z| (z, now)));
@@ -165,31 +169,14 @@ impl Zoned {
         }
     }
 
-    fn set_view(&self, zones: &[ZoneRecord], panic: bool) {
-        let granted: Vec<f64> = self
-            .ranked
-            .iter()
-            .map(|&z| zones.get(z).map_or(1.0, ZoneRecord::granted_share))
-            .collect();
-        let endpoints: Vec<u32> = self
-            .ranked
-            .iter()
-            .map(|&z| self.zone_endpoints[z])
-            .collect();
-        let plan = shares(
-            &granted,
-            &endpoints,
-            self.cfg.min_healthy.get(),
-            f64::from(DRAINED) / f64::from(LEVELS),
-            self.cfg.spill,
-            panic,
-        );
+    fn set_view(&self, zones: &[ZoneRecord], panic: bool, plan: Vec<f64>) {
         for (z, m) in self.metrics.zones.iter().enumerate() {
             let share = self
                 .ranked
                 .iter()
                 .position(|&r| r == z)
-                .map_or(0.0, |r| plan[r]);
+                .and_then(|r| plan.get(r).copied())
+                .unwrap_or(0.0);
             m.share.set((share * 1000.0).round() as u64);
             if let Some(r) = zones.get(z) {
                 m.health.set((r.health * 1000.0).round() as u64);
@@ -293,9 +280,6 @@ impl Failover {
                 if endpoints.is_empty() {
                     return None;
                 }
-                let zone_endpoints = (0..b.zones.len())
-                    .map(|z| endpoints.iter().filter(|&&(_, ez)| ez == z).count() as u32)
-                    .collect();
                 let specs: Vec<ZoneSpec> = b.zones.iter().map(ZoneSpec::from).collect();
                 let ranked = order::rank(&b.zones, cfg, node_zone.as_deref());
                 let names: Vec<&str> = ranked.iter().map(|&z| b.zones[z].name.as_str()).collect();
@@ -321,7 +305,6 @@ impl Failover {
                     specs,
                     ranked,
                     endpoints,
-                    zone_endpoints,
                     view: RefCell::new(View {
                         shares,
                         drained: vec![false; n],
@@ -329,6 +312,7 @@ impl Failover {
                     }),
                     tallies: RefCell::new(vec![ZoneTally::default(); n]),
                     probes: RefCell::new(Vec::new()),
+                    flushed_at: Cell::new(Timestamp::ZERO),
                 }))
             })
             .collect();
@@ -471,12 +455,19 @@ impl Capability for Failover {
             Verdict::Unjudged => {}
         }
         t.reading = failover::Headroom::newer(t.reading, attempt.headroom);
-        let streak = t.trailing_failures;
+        let failed = t.trailing_failures > 0;
         drop(tallies);
-        // A zone failing every attempt is news for every worker now, not at
-        // the next tick.
-        if streak == failover::zone::CONSECUTIVE_FAILURES {
-            z.flush(host::now(), false);
+        // A failure on a zone in service is news for every worker now, not
+        // at the next tick: a zone that starts failing every attempt is
+        // drained as soon as the failures in a row (over all workers) add
+        // up. At most one early flush per millisecond; a drained zone's
+        // failed probes wait for the tick.
+        let now = host::now();
+        if failed
+            && !z.view.borrow().drained.get(zone).copied().unwrap_or(true)
+            && now.since(z.flushed_at.get()) >= EARLY_FLUSH_GAP
+        {
+            z.flush(now, false);
         }
     }
 }
