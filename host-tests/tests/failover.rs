@@ -240,7 +240,9 @@ fn a_healed_zone_fails_back_once_after_failback_after() {
         .map(|(t, _)| *t)
         .min()
         .expect("zone a never came back");
-    assert!((8000..=12_000).contains(&back), "back at {back} ms");
+    // Its probes show it healthy within a few seconds (the failure share
+    // they saw fades over the 2 s error window), then 5 s of dwell.
+    assert!((8000..=14_000).contains(&back), "back at {back} ms");
     let share = metric(&host, "zone-a.share");
     assert!((300..=800).contains(&share), "zone a's share {share}‰");
     assert_eq!(

@@ -169,6 +169,15 @@ impl HttpContext for AttemptHttp {
                 self.attempt.headroom = headroom(|name| headers.get(name), now);
             }
         }
+        // An error answer is judged by its status: told now, the
+        // capabilities learn it before the router's retry is under way
+        // (Envoy ends this context only with the whole request, after the
+        // retry has been served).
+        if status.is_some_and(|s| s == 429 || s >= 500) {
+            self.attempt.first_byte.get_or_insert(now);
+            self.finish();
+            return Action::Continue;
+        }
         if end_of_stream {
             self.attempt.first_byte.get_or_insert(now);
             return Action::Continue;

@@ -61,6 +61,10 @@ pub const READING_TTL: Duration = Duration::from_secs(60);
 pub struct Headroom {
     /// Remaining over limit, in [0, 1].
     pub left: f64,
+    /// The request limit's remaining count and size, when the answer gave
+    /// one: requests already sent and not answered will take from it.
+    #[serde(default)]
+    pub requests: Option<(u64, u64)>,
     /// When it was read.
     pub at: Timestamp,
     /// When the limit resets (the reading no longer holds after it).
@@ -68,9 +72,13 @@ pub struct Headroom {
 }
 
 impl Headroom {
-    /// The share of the quota in use at `now`, if the reading still holds.
-    pub fn used(&self, now: Timestamp) -> Option<f64> {
-        (now < self.until).then_some(1.0 - self.left)
+    /// The share of the quota in use at `now`, if the reading still holds,
+    /// counting `in_flight` requests sent since as used.
+    pub fn used(&self, now: Timestamp, in_flight: u32) -> Option<f64> {
+        let pending = self.requests.map_or(0.0, |(remaining, limit)| {
+            (u64::from(in_flight).min(remaining) as f64) / limit as f64
+        });
+        (now < self.until).then_some((1.0 - self.left + pending).min(1.0))
     }
 
     /// The later of two readings (the newer one describes the quota now).
@@ -92,7 +100,8 @@ pub fn headroom<'a>(header: impl Fn(&str) -> Option<&'a [u8]>, now: Timestamp) -
             .map(str::trim)
     };
     let mut tightest: Option<Headroom> = None;
-    for [remaining, limit, reset] in LIMITS {
+    let mut requests: Option<(u64, u64)> = None;
+    for (k, [remaining, limit, reset]) in LIMITS.into_iter().enumerate() {
         let (Some(remaining), Some(limit)) = (
             text(remaining).and_then(|v| v.parse::<u64>().ok()),
             text(limit).and_then(|v| v.parse::<u64>().ok()),
@@ -103,12 +112,17 @@ pub fn headroom<'a>(header: impl Fn(&str) -> Option<&'a [u8]>, now: Timestamp) -
             continue;
         }
         let left = remaining as f64 / limit as f64;
+        // The OpenAI and Anthropic request limits (LIMITS' rows 0 and 2).
+        if k % 2 == 0 && k < 4 {
+            requests = Some((remaining, limit));
+        }
         let resets_in = text(reset)
             .and_then(|v| go_duration(v).or_else(|| rfc3339(v).map(|t| t.since(now))))
             .unwrap_or(READING_TTL)
             .min(READING_TTL);
         let reading = Headroom {
             left,
+            requests: None,
             at: now,
             until: now + resets_in,
         };
@@ -116,7 +130,7 @@ pub fn headroom<'a>(header: impl Fn(&str) -> Option<&'a [u8]>, now: Timestamp) -
             tightest = Some(reading);
         }
     }
-    tightest
+    tightest.map(|t| Headroom { requests, ..t })
 }
 
 #[cfg(test)]
@@ -150,8 +164,12 @@ mod tests {
         .unwrap();
         assert!((h.left - 0.05).abs() < 1e-12);
         assert_eq!(h.until, NOW + Duration::from_millis(1500));
-        assert_eq!(h.used(NOW), Some(0.95));
-        assert_eq!(h.used(NOW + Duration::from_secs(2)), None);
+        assert_eq!(h.used(NOW, 0), Some(0.95));
+        assert_eq!(h.used(NOW + Duration::from_secs(2), 0), None);
+        // 60 requests of 100 left: 10 sent and unanswered take 10% more,
+        // past the tokens' 95%: all of it.
+        assert_eq!(h.requests, Some((60, 100)));
+        assert_eq!(h.used(NOW, 10), Some(1.0));
     }
 
     #[test]
@@ -223,11 +241,13 @@ mod tests {
     fn the_newer_reading_describes_the_quota() {
         let old = Headroom {
             left: 0.0,
+            requests: None,
             at: NOW,
             until: NOW + READING_TTL,
         };
         let new = Headroom {
             left: 0.9,
+            requests: None,
             at: NOW + Duration::from_secs(1),
             until: NOW + READING_TTL,
         };

@@ -41,6 +41,8 @@ struct Sim {
     now: Timestamp,
     rng: u64,
     probes_owed: Vec<usize>,
+    /// By zone, from the last flush: what its samples are judged against.
+    references: Vec<Option<f64>>,
     /// Per tick: requests by zone (not probes), probes by zone, client
     /// failures.
     log: Vec<TickLog>,
@@ -100,6 +102,7 @@ impl Sim {
             now: Timestamp::from_millis(1_000_000),
             rng: 0x2545_f491_4f6c_dd1d,
             probes_owed: Vec::new(),
+            references: Vec::new(),
             log: Vec::new(),
             events: Vec::new(),
         }
@@ -180,23 +183,25 @@ impl Sim {
             for z in std::iter::once(first).chain(fallback) {
                 let t = &mut tallies[z];
                 t.requests += 1;
-                t.judged += 1;
                 match mode(z) {
                     Mode::Up => {
                         self.ttft[z].add(HEALTHY_TTFT_MS, 1.0);
+                        let reference = self.references.get(z).copied().flatten();
+                        t.slow.push(self.latency.judge(HEALTHY_TTFT_MS, reference));
                         ok = true;
                     }
                     Mode::Slow(ms) => {
-                        self.ttft[z].add(HEALTHY_TTFT_MS + ms, 1.0);
+                        let sample = HEALTHY_TTFT_MS + ms;
+                        self.ttft[z].add(sample, 1.0);
+                        let reference = self.references.get(z).copied().flatten();
+                        t.slow.push(self.latency.judge(sample, reference));
                         ok = true;
                     }
-                    Mode::Failing => {
-                        t.failures += 1;
-                        t.trailing_failures += 1;
-                    }
+                    Mode::Failing => t.judge(self.now, true),
                     Mode::Quota(left) => {
                         t.reading = Some(Headroom {
                             left,
+                            requests: None,
                             at: self.now,
                             until: self.now + Duration::from_secs(30),
                         });
@@ -204,13 +209,12 @@ impl Sim {
                             self.ttft[z].add(HEALTHY_TTFT_MS, 1.0);
                             ok = true;
                         } else {
-                            t.failures += 1;
-                            t.trailing_failures += 1;
+                            t.judge(self.now, true);
                         }
                     }
                 }
                 if ok {
-                    t.trailing_failures = 0;
+                    t.judge(self.now, false);
                     break;
                 }
             }
@@ -221,6 +225,7 @@ impl Sim {
             .map(|z| ZoneInputs {
                 endpoints: 2,
                 in_rotation: 2,
+                outstanding: 0,
                 ttft: self.ttft[z],
             })
             .collect();
@@ -238,6 +243,7 @@ impl Sim {
             self.events.push((self.now, e));
         }
         self.probes_owed = flushed.probes;
+        self.references = flushed.references;
         self.now = self.now + TICK;
         self.check_invariants();
     }
@@ -557,4 +563,66 @@ fn a_reload_keeps_each_zones_record_by_name() {
     // A zone the policy dropped is forgotten: the key stays bounded.
     sim.state.align(&specs[..1]);
     assert_eq!(sim.state.zones.len(), 1);
+}
+
+#[test]
+fn answers_to_requests_sent_before_a_zone_broke_do_not_end_its_run() {
+    let mut sim = two_zones();
+    sim.run(1.0, &|_, _| Mode::Up);
+    let t0 = sim.now;
+    let ms = |n: u64| t0 + Duration::from_millis(n);
+    let specs: Vec<ZoneSpec> = sim.zones.iter().map(ZoneSpec::from).collect();
+    let inputs = vec![
+        ZoneInputs {
+            endpoints: 2,
+            in_rotation: 2,
+            outstanding: 0,
+            ttft: Estimate::default(),
+        };
+        2
+    ];
+    let flush = |sim: &mut Sim, tally: ZoneTally, at: Timestamp| {
+        sim.state.flush(
+            &specs,
+            &[tally, ZoneTally::default()],
+            &inputs,
+            &sim.ranked,
+            &sim.cfg,
+            &sim.latency,
+            at,
+            false,
+        )
+    };
+    // Three failures sent at 10–30 ms, flushed one by one; then the answer
+    // to a request sent at 5 ms (before them) arrives: the run goes on.
+    for k in 1..=3 {
+        let mut t = ZoneTally::default();
+        t.judge(ms(10 * k), true);
+        flush(&mut sim, t, ms(40 + k));
+    }
+    let mut t = ZoneTally::default();
+    t.judge(ms(5), false);
+    flush(&mut sim, t, ms(50));
+    assert_eq!(sim.state.zones[0].consecutive, 3);
+    // Two more failures: five in a row, drained.
+    let mut t = ZoneTally::default();
+    t.judge(ms(60), true);
+    t.judge(ms(61), true);
+    let out = flush(&mut sim, t, ms(70));
+    assert!(sim.state.zones[0].is_drained(), "{:?}", sim.state.zones[0]);
+    assert!(out.events.contains(&Event::Drained {
+        zone: 0,
+        cause: Cause::Errors
+    }));
+    // A success sent after the last failure ends a run.
+    let mut sim = two_zones();
+    sim.run(1.0, &|_, _| Mode::Up);
+    let t0 = sim.now;
+    let mut t = ZoneTally::default();
+    t.judge(t0 + Duration::from_millis(1), true);
+    t.judge(t0 + Duration::from_millis(2), true);
+    t.judge(t0 + Duration::from_millis(3), false);
+    t.judge(t0 + Duration::from_millis(4), true);
+    flush(&mut sim, t, t0 + Duration::from_millis(10));
+    assert_eq!(sim.state.zones[0].consecutive, 1);
 }

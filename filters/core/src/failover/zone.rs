@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::quota::Headroom;
 use crate::config::{FailoverConfig, OutlierConfig};
 use crate::outlier::estimate::{Estimate, aged};
-use crate::outlier::{BackendState, Health};
+use crate::outlier::{BackendState, Health, Run};
 use crate::time::Timestamp;
 
 /// Health is kept in steps of 1/LEVELS (5%): small wobbles do not count as
@@ -150,6 +150,8 @@ impl From<&crate::config::Zone> for ZoneSpec {
 pub struct ZoneInputs {
     pub endpoints: u32,
     pub in_rotation: u32,
+    /// Attempts sent to its endpoints and not ended (all workers).
+    pub outstanding: u32,
     /// Time to first token over its endpoints not ejected.
     pub ttft: Estimate,
 }
@@ -164,6 +166,7 @@ pub fn inputs(outlier: &BackendState, zones: &[ZoneSpec], now: Timestamp) -> Vec
         let zi = &mut out[z];
         zi.endpoints += 1;
         zi.in_rotation += u32::from(r.in_rotation(now));
+        zi.outstanding = zi.outstanding.saturating_add(r.outstanding);
         if !matches!(r.health, Health::Ejected { .. }) {
             zi.ttft.add(r.ttft.sum, r.ttft.weight);
         }
@@ -180,6 +183,13 @@ pub struct Latency {
 }
 
 impl Latency {
+    /// Whether a time to first token is slow against `reference` (the
+    /// best other zone's); `None` without a reference or with the rule off.
+    pub fn judge(&self, ms: f64, reference: Option<f64>) -> Option<bool> {
+        let best = reference?;
+        (self.factor > 0.0).then_some(ms > self.factor * best && ms > self.floor_ms)
+    }
+
     pub fn of(cfg: &OutlierConfig) -> Self {
         Latency {
             factor: cfg.latency_factor,
@@ -199,15 +209,50 @@ pub struct ZoneTally {
     pub failures: u32,
     /// Tokens the zone served (prompt and completion).
     pub tokens: u64,
-    /// Failures after the tally's last success (all of them without one).
-    pub trailing_failures: u32,
+    /// When the failed attempts started (the first [`RUN_SAMPLES`]), and
+    /// the latest start of a successful one: a run of failures is counted
+    /// in the order attempts were sent, so an answer to a request sent
+    /// before the zone broke does not end the run its successors make.
+    pub failure_starts: Vec<Timestamp>,
+    pub last_success_start: Option<Timestamp>,
+    /// Times to first token judged against the best other zone's
+    /// ([`Latency::judge`]).
+    pub slow: Run,
     /// The newest rate-limit reading.
     pub reading: Option<Headroom>,
 }
 
+/// Failure start times a tally keeps (more than [`CONSECUTIVE_FAILURES`]
+/// between two flushes drains the zone anyway).
+pub const RUN_SAMPLES: usize = 64;
+
 impl ZoneTally {
+    /// Records an attempt's outcome; `failed` counts 429s.
+    pub fn judge(&mut self, started: Timestamp, failed: bool) {
+        self.judged += 1;
+        if failed {
+            self.failures += 1;
+            if self.failure_starts.len() < RUN_SAMPLES {
+                self.failure_starts.push(started);
+            }
+        } else {
+            self.last_success_start = self.last_success_start.max(Some(started));
+        }
+    }
+
+    /// Whether it holds a failure sent after its last success.
+    pub fn ends_in_failure(&self) -> bool {
+        self.failure_starts
+            .iter()
+            .any(|&f| self.last_success_start.is_none_or(|s| f > s))
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.requests == 0 && self.judged == 0 && self.tokens == 0 && self.reading.is_none()
+        self.requests == 0
+            && self.judged == 0
+            && self.tokens == 0
+            && self.reading.is_none()
+            && self.slow == Run::default()
     }
 }
 
@@ -220,8 +265,12 @@ pub struct ZoneRecord {
     /// Judged attempts and failures, decayed over [`ERROR_WINDOW`].
     pub judged: f64,
     pub failures: f64,
-    /// Failed attempts since the last success.
+    /// Failed attempts sent since the last successful one was sent, and
+    /// when the latest of them was sent.
     pub consecutive: u32,
+    pub last_failure_start: Timestamp,
+    /// Slow first tokens since the last fast one.
+    pub slow_run: u32,
     /// This proxy's use against the zone's per-minute quota.
     pub used: MinuteUse,
     pub reading: Option<Headroom>,
@@ -248,6 +297,8 @@ impl ZoneRecord {
             judged: 0.0,
             failures: 0.0,
             consecutive: 0,
+            last_failure_start: Timestamp::ZERO,
+            slow_run: 0,
             used: MinuteUse::default(),
             reading: None,
             health: 1.0,
@@ -273,6 +324,7 @@ impl ZoneRecord {
     fn rebase(&mut self, now: Timestamp, probe_interval: Duration) {
         self.at = self.at.min(now);
         self.raised_at = self.raised_at.min(now);
+        self.last_failure_start = self.last_failure_start.min(now);
         self.next_probe = self.next_probe.min(now + probe_interval);
         for (t, _) in &mut self.held {
             *t = (*t).min(now);
@@ -295,11 +347,17 @@ impl ZoneRecord {
         self.used.add(t.requests, t.tokens);
         self.judged += f64::from(t.judged);
         self.failures += f64::from(t.failures);
-        self.consecutive = if t.judged > t.failures {
-            t.trailing_failures
-        } else {
-            self.consecutive.saturating_add(t.failures)
+        self.slow_run = t.slow.continue_from(self.slow_run);
+        let after_success = |f: &&Timestamp| t.last_success_start.is_none_or(|s| **f > s);
+        let fresh = t.failure_starts.iter().filter(after_success).count() as u32;
+        self.consecutive = match t.last_success_start {
+            // A success sent after the run's last failure ends it.
+            Some(s) if s > self.last_failure_start => fresh,
+            _ => self.consecutive.saturating_add(t.failures),
         };
+        if let Some(&latest) = t.failure_starts.iter().max() {
+            self.last_failure_start = self.last_failure_start.max(latest);
+        }
         self.reading = Headroom::newer(self.reading, t.reading);
     }
 }
@@ -340,6 +398,9 @@ pub struct Flushed {
     /// Each reachable zone's share of new requests, by rank
     /// ([`super::plan::shares`]).
     pub shares: Vec<f64>,
+    /// By zone: the time to first token its samples are judged against
+    /// (the best other zone's recent mean), if one is known.
+    pub references: Vec<Option<f64>>,
 }
 
 /// The quota factor of a use share: 1 up to `max`, then down to 0 at 100%.
@@ -442,7 +503,12 @@ impl FailoverState {
                 1.0
             };
             let max = cfg.max_utilization.get();
-            let quota = quota_factor(r.reading.and_then(|h| h.used(now)).unwrap_or(0.0), max);
+            let quota = quota_factor(
+                r.reading
+                    .and_then(|h| h.used(now, zi.outstanding))
+                    .unwrap_or(0.0),
+                max,
+            );
             r.used.roll(now);
             let (requests, tokens) = r.used.last_minute(now);
             let used = spec.map_or(0.0, |s| {
@@ -459,12 +525,16 @@ impl FailoverState {
                 .filter(|&(j, _)| j != i)
                 .filter_map(|(_, m)| *m)
                 .min_by(f64::total_cmp);
-            let slow = match (ttft.get(i).copied().flatten(), best_other) {
-                (Some(mine), Some(best)) => {
-                    latency.factor > 0.0 && mine > latency.factor * best && mine > latency.floor_ms
-                }
-                _ => false,
-            };
+            // Slow: `min_samples` slow first tokens in a row, or a recent
+            // mean that is.
+            let slow = r.slow_run >= latency.min_samples as u32
+                || ttft
+                    .get(i)
+                    .copied()
+                    .flatten()
+                    .and_then(|mine| latency.judge(mine, best_other))
+                    .unwrap_or(false);
+            out.references.push(best_other);
             let factors = [
                 (Cause::Endpoints, endpoints),
                 (Cause::Errors, errors),

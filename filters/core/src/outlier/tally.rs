@@ -152,7 +152,7 @@ pub struct Run {
 }
 
 impl Run {
-    fn push(&mut self, slow: Option<bool>) {
+    pub fn push(&mut self, slow: Option<bool>) {
         match slow {
             Some(true) => {
                 self.slow += 1;

@@ -98,6 +98,8 @@ struct View {
     shares: Vec<f64>,
     /// By zone.
     drained: Vec<bool>,
+    /// By zone: the time to first token its attempts are judged against.
+    references: Vec<Option<f64>>,
     panic: bool,
 }
 
@@ -121,6 +123,8 @@ struct Zoned {
     probes: RefCell<Vec<(usize, Timestamp)>>,
     /// This instance's last flush.
     flushed_at: Cell<Timestamp>,
+    /// Requests admitted since the last tick.
+    admitted: Cell<u32>,
     metrics: BackendMetrics,
 }
 
@@ -157,6 +161,7 @@ impl Zoned {
                     *t = ZoneTally::default();
                 }
                 self.report(&flushed.events);
+                self.view.borrow_mut().references = flushed.references;
                 self.set_view(&zones, panic, flushed.shares);
                 self.probes
                     .borrow_mut()
@@ -308,11 +313,13 @@ impl Failover {
                     view: RefCell::new(View {
                         shares,
                         drained: vec![false; n],
+                        references: vec![None; n],
                         panic: false,
                     }),
                     tallies: RefCell::new(vec![ZoneTally::default(); n]),
                     probes: RefCell::new(Vec::new()),
                     flushed_at: Cell::new(Timestamp::ZERO),
+                    admitted: Cell::new(0),
                 }))
             })
             .collect();
@@ -365,7 +372,10 @@ impl Capability for Failover {
 
     fn tick(&self, now: Timestamp, _wake: &mut dyn FnMut(u32, sluice_filter_common::engine::Wake)) {
         for z in self.backends.iter().flatten() {
-            z.flush(now, true);
+            // Only a worker that has requests claims probes: one granted to
+            // an idle worker would lapse unsent.
+            let busy = z.admitted.replace(0) > 0;
+            z.flush(now, busy);
         }
     }
 
@@ -389,6 +399,7 @@ impl Capability for Failover {
         let Some(z) = zoned else {
             return Admitted::pass();
         };
+        z.admitted.set(z.admitted.get().saturating_add(1));
         let view = z.view.borrow();
         let (chosen, why) = match z.take_probe(admission.now) {
             Some(p) => (p, Why::Probe),
@@ -439,23 +450,22 @@ impl Capability for Failover {
         let Some((z, zone)) = attempt.endpoint.as_deref().and_then(|a| self.locate(a)) else {
             return;
         };
+        let slow = attempt.first_byte.and_then(|first| {
+            let ms = first.since(attempt.started).as_secs_f64() * 1000.0;
+            let reference = z.view.borrow().references.get(zone).copied().flatten();
+            z.latency.judge(ms, reference)
+        });
         let mut tallies = z.tallies.borrow_mut();
         let t = &mut tallies[zone];
         t.requests = t.requests.saturating_add(1);
+        t.slow.push(slow);
         match Verdict::of(attempt.status, attempt.flags) {
-            Verdict::Success => {
-                t.judged += 1;
-                t.trailing_failures = 0;
-            }
-            Verdict::Failure | Verdict::Throttled => {
-                t.judged += 1;
-                t.failures += 1;
-                t.trailing_failures += 1;
-            }
+            Verdict::Success => t.judge(attempt.started, false),
+            Verdict::Failure | Verdict::Throttled => t.judge(attempt.started, true),
             Verdict::Unjudged => {}
         }
         t.reading = failover::Headroom::newer(t.reading, attempt.headroom);
-        let failed = t.trailing_failures > 0;
+        let failed = t.ends_in_failure();
         drop(tallies);
         // A failure on a zone in service is news for every worker now, not
         // at the next tick: a zone that starts failing every attempt is
