@@ -56,6 +56,9 @@ const LIMITS: [[&str; 3]; 6] = [
 /// nothing of the next one.
 pub const READING_TTL: Duration = Duration::from_secs(60);
 
+/// Readings closer than this describe the same moment of the quota.
+pub const SAME_MOMENT: Duration = Duration::from_secs(1);
+
 /// The tightest limit an answer reported.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Headroom {
@@ -81,10 +84,22 @@ impl Headroom {
         (now < self.until).then_some((1.0 - self.left + pending).min(1.0))
     }
 
-    /// The later of two readings (the newer one describes the quota now).
+    /// What two readings say of the quota now: the newer, unless they
+    /// were read within [`SAME_MOMENT`] of each other, then the tighter
+    /// (endpoints of one zone answer in any order, and the one closest to
+    /// its limit is the one about to refuse).
     pub fn newer(a: Option<Headroom>, b: Option<Headroom>) -> Option<Headroom> {
         match (a, b) {
-            (Some(a), Some(b)) => Some(if b.at >= a.at { b } else { a }),
+            (Some(a), Some(b)) => {
+                let (old, new) = if b.at >= a.at { (a, b) } else { (b, a) };
+                Some(
+                    if new.at.since(old.at) <= SAME_MOMENT && old.left < new.left {
+                        old
+                    } else {
+                        new
+                    },
+                )
+            }
             (a, b) => a.or(b),
         }
     }
@@ -251,8 +266,15 @@ mod tests {
             at: NOW + Duration::from_secs(1),
             until: NOW + READING_TTL,
         };
-        assert_eq!(Headroom::newer(Some(old), Some(new)), Some(new));
-        assert_eq!(Headroom::newer(Some(new), Some(old)), Some(new));
+        // A second apart: the tighter one is the quota now.
+        assert_eq!(Headroom::newer(Some(old), Some(new)), Some(old));
+        assert_eq!(Headroom::newer(Some(new), Some(old)), Some(old));
         assert_eq!(Headroom::newer(None, Some(old)), Some(old));
+        // Later than that, the newer one (a window reset).
+        let later = Headroom {
+            at: NOW + Duration::from_millis(1001),
+            ..new
+        };
+        assert_eq!(Headroom::newer(Some(old), Some(later)), Some(later));
     }
 }
