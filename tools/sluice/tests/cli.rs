@@ -578,7 +578,12 @@ fn render_native_failover_hands_failover_and_outlier_to_envoy() {
         .unwrap();
     let policy = sluice_policy::parse_toml("given.toml", given).unwrap();
     assert!(policy.failover.is_none() && policy.outlier.is_none());
-    assert!(policy.backends.iter().all(|b| b.outlier.is_none()));
+    assert!(
+        policy
+            .backends
+            .iter()
+            .all(|b| b.outlier.is_none() && b.failover.is_none())
+    );
     assert!(policy.breaker.is_some() && policy.tokens.is_some() && policy.retry.is_some());
 }
 

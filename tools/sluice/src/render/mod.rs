@@ -263,6 +263,9 @@ fn filter_policy_text(
     }
     if edits.drop_failover {
         expected.failover = None;
+        for b in &mut expected.backends {
+            b.failover = None;
+        }
     }
     if edits.is_empty() {
         return Ok(Ok((expected, text.to_string())));
