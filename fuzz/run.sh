@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fuzzes each target (all five, or those named) for $RUNS executions, one
+# Fuzzes each target (all six, or those named) for $RUNS executions, one
 # at a time on idle CPU, then minimizes its corpus in place. See README.md.
 #
 #   fuzz/run.sh                       # all targets, 10M executions each
@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 RUNS=${RUNS:-10000000}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/fuzz/target}
 if [ $# -eq 0 ]; then
-    set -- policy_toml policy_json sse_usage request_body identity
+    set -- policy_toml policy_json sse_usage request_body identity rate_limit_headers
 fi
 host=$(rustc +nightly -vV | sed -n 's/^host: //p')
 python3 fuzz/seed.py

@@ -128,8 +128,26 @@ def identity():
         write("identity", f"seed-{i:02}", text)
 
 
+def rate_limit_headers():
+    for i, lines in enumerate([
+        ["x-ratelimit-limit-requests: 100", "x-ratelimit-remaining-requests: 3",
+         "x-ratelimit-reset-requests: 6m0s", "x-ratelimit-limit-tokens: 40000",
+         "x-ratelimit-remaining-tokens: 100", "x-ratelimit-reset-tokens: 1.5s"],
+        ["anthropic-ratelimit-requests-limit: 50", "anthropic-ratelimit-requests-remaining: 0",
+         "anthropic-ratelimit-requests-reset: 2026-11-29T19:03:39Z", "retry-after: 60"],
+        ["retry-after: Sun, 29 Nov 2026 19:03:39 GMT", "retry-after-ms: 250"],
+        ["x-ratelimit-limit-requests: 0", "x-ratelimit-remaining-requests: 5",
+         "x-ratelimit-reset-requests: 1h2m3s4ms"],
+        ["anthropic-ratelimit-tokens-limit: 18446744073709551615",
+         "anthropic-ratelimit-tokens-remaining: 18446744073709551615",
+         "anthropic-ratelimit-tokens-reset: 9999-12-31T23:59:59.999999999+14:00"],
+    ]):
+        write("rate_limit_headers", f"seed-{i:02}", "\n".join(lines))
+
+
 if __name__ == "__main__":
     policies()
     sse_usage()
     request_body()
     identity()
+    rate_limit_headers()

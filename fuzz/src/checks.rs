@@ -17,6 +17,8 @@
 //!   paths are reachable with small inputs).
 //! - `request_body`: `[selector][body]`; selector bits 0–1 = API path,
 //!   bits 2–3 = cap field to clamp (none, or one of the three).
+//! - `rate_limit_headers`: lines `name: value` (the value arbitrary bytes
+//!   up to the newline), as an upstream's answer carries them.
 
 use std::sync::OnceLock;
 
@@ -31,12 +33,13 @@ use sluice_core::tenant::{api_key_tenant, bearer_token};
 use sluice_policy::{Diagnostics, Policy, explain, parse_config_bytes, parse_json, parse_toml};
 
 /// The fuzz targets, by name: the directories under `fuzz/corpus/`.
-pub const TARGETS: [&str; 5] = [
+pub const TARGETS: [&str; 6] = [
     "policy_toml",
     "policy_json",
     "sse_usage",
     "request_body",
     "identity",
+    "rate_limit_headers",
 ];
 
 /// Runs the check of `target` on `data`, tolerating the known findings
@@ -55,6 +58,7 @@ pub fn check_with(target: &str, data: &[u8], findings: Findings) -> bool {
         "sse_usage" => check_sse_usage(data),
         "request_body" => request_body(data, findings),
         "identity" => check_identity(data),
+        "rate_limit_headers" => check_rate_limit_headers(data),
         _ => return false,
     }
     true
@@ -550,5 +554,48 @@ pub fn check_identity(data: &[u8]) {
     let vendor = shape.vendor(sluice_core::config::Api::Anthropic);
     if shape != ApiShape::Other {
         assert_eq!(vendor, shape.vendor(sluice_core::config::Api::Openai));
+    }
+}
+
+// ---------------------------------------------------------- rate limits
+
+/// An upstream's rate-limit headers, whatever their bytes: the reset time
+/// ([`sluice_core::outlier::reset::cooldown`]) and the quota left
+/// ([`sluice_core::failover::headroom`]) never panic, a share left is in
+/// [0, 1], a reading ends after it was taken and at most a minute later,
+/// and a request count in flight never makes the use exceed 100%.
+pub fn check_rate_limit_headers(data: &[u8]) {
+    use sluice_core::time::Timestamp;
+    // 2026-11-29T19:02:39Z: inside the range every date grammar reaches.
+    const NOW: Timestamp = Timestamp(1_795_978_959_000_000_000);
+    let headers: Vec<(String, &[u8])> = data
+        .split(|&b| b == b'\n')
+        .filter_map(|line| {
+            let colon = line.iter().position(|&b| b == b':')?;
+            let name = String::from_utf8_lossy(&line[..colon])
+                .trim()
+                .to_ascii_lowercase();
+            let value = line[colon + 1..]
+                .strip_prefix(b" ")
+                .unwrap_or(&line[colon + 1..]);
+            Some((name, value))
+        })
+        .collect();
+    let get = |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| *v);
+    let _ = sluice_core::outlier::reset::cooldown(get, NOW);
+    if let Some(h) = sluice_core::failover::headroom(get, NOW) {
+        assert!((0.0..=1.0).contains(&h.left), "left {}", h.left);
+        assert_eq!(h.at, NOW);
+        assert!(h.until >= NOW && h.until <= NOW + sluice_core::failover::quota::READING_TTL);
+        for in_flight in [0, 1, u32::MAX] {
+            let used = h.used(NOW, in_flight);
+            assert!(
+                used.is_none_or(|u| (0.0..=1.0).contains(&u)),
+                "used {used:?}"
+            );
+        }
+        if let Some((remaining, limit)) = h.requests {
+            assert!(limit > 0 && remaining <= limit);
+        }
     }
 }

@@ -154,7 +154,13 @@ fn clock_seconds(v: &str) -> Option<u64> {
     let h: u64 = it.next()?.parse().ok()?;
     let m: u64 = it.next()?.parse().ok()?;
     let s: u64 = it.next()?.parse().ok()?;
-    (it.next().is_none() && h < 24 && m < 60 && s <= 60).then_some(h * 3600 + m * 60 + s)
+    // Checked before the sum is made: `then_some` would compute it first,
+    // and overflow on a huge field (found by the fuzzer).
+    if it.next().is_none() && h < 24 && m < 60 && s <= 60 {
+        Some(h * 3600 + m * 60 + s)
+    } else {
+        None
+    }
 }
 
 #[cfg(test)]
@@ -253,6 +259,9 @@ mod tests {
             "2026-11-29T19:02:39",
             "2026-11-29T19:02:39+1",
             "\u{00e9}\u{00e9}\u{00e9}\u{00e9}-11-29T19:02:39Z",
+            // The fuzzer's: a clock field past u64 once summed.
+            ", 60 Nov 6 1:0:18446744073709551615",
+            "Sun, 29 Nov 2026 23:59:18446744073709551615 GMT",
         ] {
             for name in RESET_HEADERS {
                 let _ = cooldown(headers(&[(name, v)]), NOW);
