@@ -626,3 +626,48 @@ fn answers_to_requests_sent_before_a_zone_broke_do_not_end_its_run() {
     flush(&mut sim, t, t0 + Duration::from_millis(10));
     assert_eq!(sim.state.zones[0].consecutive, 1);
 }
+
+#[test]
+fn a_zone_whose_health_jumps_back_at_once_fails_back_after_failback_after() {
+    // Both endpoints ejected for 2 s, then both back at once: health goes
+    // from 0 to 1 in one step and stays (the window must age out the low
+    // entry, not keep renewing the high one's time).
+    let sim = two_zones();
+    let mut state = FailoverState::default();
+    let start = Timestamp::from_millis(1_000_000);
+    let mut raised = Vec::new();
+    for i in 0..(40 * 20) {
+        let now = start + TICK * i;
+        let back = i >= 2 * 20;
+        let zone = |in_rotation| ZoneInputs {
+            endpoints: 2,
+            in_rotation,
+            outstanding: 0,
+            ttft: Estimate::default(),
+        };
+        let inputs = [zone(if back { 2 } else { 0 }), zone(2)];
+        let out = state.flush(
+            &sim.specs,
+            &[ZoneTally::default(), ZoneTally::default()],
+            &inputs,
+            &sim.ranked,
+            &sim.cfg,
+            &sim.latency,
+            now,
+            true,
+        );
+        for e in out.events {
+            if let Event::Raised { zone: 0, .. } = e {
+                raised.push(now.since(start));
+            }
+        }
+    }
+    // Back at 2 s; failback_after (10 s) later, once.
+    let expected = Duration::from_secs(2) + sim.cfg.failback_after;
+    assert_eq!(raised.len(), 1, "{raised:?}");
+    assert!(
+        raised[0] >= expected && raised[0] <= expected + 2 * TICK,
+        "{raised:?}"
+    );
+    assert_eq!(state.zones[0].granted, LEVELS);
+}

@@ -549,11 +549,15 @@ impl FailoverState {
                 .min_by(|a, b| a.1.total_cmp(&b.1))
                 .map(|(c, _)| *c);
             let now_level = level(r.health);
-            // The sliding minimum of the window.
-            while r.held.last().is_some_and(|&(_, l)| l >= now_level) {
+            // The sliding minimum of the window: entries above this level
+            // go; an entry at it keeps its (earlier) time, since the level
+            // has held from then on.
+            while r.held.last().is_some_and(|&(_, l)| l > now_level) {
                 r.held.pop();
             }
-            r.held.push((now, now_level));
+            if r.held.last().is_none_or(|&(_, l)| l < now_level) {
+                r.held.push((now, now_level));
+            }
             // The first entry's level held from its time on; it leaves the
             // window once the next one is older than `failback_after`.
             while r.held.len() > 1 && now.since(r.held[1].0) >= cfg.failback_after {
