@@ -45,15 +45,17 @@ class DemoContext:
         return max(floor, nominal * self.scale)
 
     def traffic(self, specs: list[TrafficSpec], seconds: float,
-                on_tick: Callable[[], None] | None = None) -> None:
+                on_tick: Callable[[], None] | None = None,
+                until: Callable[[], bool] | None = None) -> None:
         """Runs the clients; each second the live view prints a line, then
-        ``on_tick`` runs (a chapter's own watchers)."""
+        ``on_tick`` runs (a chapter's own watchers), then ``until``, which
+        ends the traffic before ``seconds`` when it returns true."""
         def tick() -> None:
             self.live.tick()
             if on_tick is not None:
                 on_tick()
 
-        run_traffic(self.lab.base_url, specs, seconds, self.recorder, on_tick=tick)
+        run_traffic(self.lab.base_url, specs, seconds, self.recorder, on_tick=tick, until=until)
 
     def mark(self, text: str) -> None:
         """Marks a moment in the record (the plot shows it) and in the live view."""
@@ -177,11 +179,17 @@ def token_quotas(ctx: DemoContext) -> list[Check]:
     ]
 
 
+def sluice_stats(lab: Lab, family: str, scope: str) -> dict[str, int]:
+    """sluice's stats of one family (``sluice_outlier``…) for one ``scope``
+    (a backend, ``primary.sim-large``…) from Envoy, by short name."""
+    prefix = f"{family}.{scope}."
+    return {name.split(prefix, 1)[1]: value
+            for name, value in lab.envoy.stats(family).items() if prefix in name}
+
+
 def _breaker_stats(lab: Lab) -> dict[str, int]:
     """The primary circuit's stats from Envoy, by short name (``state``, ...)."""
-    prefix = "sluice_breaker.primary.sim-large."
-    return {name.split(prefix, 1)[1]: value
-            for name, value in lab.envoy.stats("sluice_breaker").items() if prefix in name}
+    return sluice_stats(lab, "sluice_breaker", "primary.sim-large")
 
 
 def circuit_breaker(ctx: DemoContext) -> list[Check]:
@@ -259,9 +267,7 @@ def stat_label(address: str) -> str:
 def _outlier_stats(lab: Lab, backend: str) -> dict[str, int]:
     """A backend's outlier stats from Envoy, by short name (``served_by_fallback``,
     ``127_0_0_1_8000.ejections``…)."""
-    prefix = f"sluice_outlier.{backend}."
-    return {name.split(prefix, 1)[1]: value
-            for name, value in lab.envoy.stats("sluice_outlier").items() if prefix in name}
+    return sluice_stats(lab, "sluice_outlier", backend)
 
 
 @dataclass(frozen=True)
@@ -272,25 +278,22 @@ class OutlierEvent:
     detail: str = ""  # for an ejection: "9.1s (slow-first-token)"
 
 
-class OutlierLog:
-    """sluice's outlier events for one backend, read from Envoy's log as it
-    grows (ejections are logged at warn, probing and returns at info)."""
+class EnvoyLog:
+    """sluice's lines about one backend in Envoy's log, read as it grows:
+    each new line that ``LINE`` matches (group 1 its time stamp, group 2 the
+    backend) is handed to ``line`` with its time in the record's time."""
 
-    LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+)\].*sluice outlier: "
-                      r"backend (\S+): endpoint (\S+) (.*)$")
+    LINE: re.Pattern[str]
 
-    def __init__(self, log_path: Path, backend: str, labels: dict[str, str],
-                 recorder: Recorder, live: LiveView):
+    def __init__(self, log_path: Path, backend: str, recorder: Recorder, live: LiveView):
         self.path = log_path
         self.backend = backend
-        self.labels = labels  # ip:port -> ep0…
         self.recorder = recorder
         self.live = live
         self.offset = log_path.stat().st_size if log_path.exists() else 0
-        self.events: list[OutlierEvent] = []
 
     def poll(self) -> None:
-        """Reads the lines written since the last poll; prints their events."""
+        """Reads the lines written since the last poll."""
         try:
             with self.path.open("rb") as log:
                 log.seek(self.offset)
@@ -301,30 +304,12 @@ class OutlierLog:
         self.offset += complete
         for line in data[:complete].decode(errors="replace").splitlines():
             match = self.LINE.match(line)
-            if not match or match.group(2) != self.backend:
-                continue
-            text = match.group(4)
-            if text.startswith("ejected for "):
-                what, detail = "ejected", text.removeprefix("ejected for ")
-            elif "probing" in text:
-                what, detail = "probing", ""
-            elif "back in rotation" in text:
-                what, detail = "returned", ""
-            elif "looks sick" in text:
-                what, detail = "spared", text
-            else:
-                continue
-            endpoint = self.labels.get(match.group(3), match.group(3))
-            event = OutlierEvent(self._when(match.group(1)), endpoint, what, detail)
-            self.events.append(event)
-            if what in ("ejected", "returned"):
-                self.recorder.detail(f"{endpoint} {'ejected' if what == 'ejected' else 'back'}",
-                                     at=event.t)
-            words = {"ejected": f"ejected for {detail}",
-                     "probing": "ejection over, probing it",
-                     "returned": "back in rotation",
-                     "spared": "looks sick, but max_ejection keeps it"}[what]
-            self.live.note(f"Envoy: {endpoint} {words}", at=event.t)
+            if match and match.group(2) == self.backend:
+                self.line(self._when(match.group(1)), match)
+
+    def line(self, t: float, match: re.Match[str]) -> None:
+        """One matching line, logged at ``t``."""
+        raise NotImplementedError
 
     def _when(self, stamp: str) -> float:
         """Envoy's local-time stamp in the record's time (now if it is off)."""
@@ -335,6 +320,51 @@ class OutlierLog:
             return now
         t = now - (time.time() - wall)
         return t if abs(t - now) < 60 else now
+
+
+class OutlierLog(EnvoyLog):
+    """sluice's outlier events for one backend, read from Envoy's log as it
+    grows (ejections are logged at warn, probing and returns at info)."""
+
+    LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+)\].*sluice outlier: "
+                      r"backend (\S+): endpoint (\S+) (.*)$")
+
+    def __init__(self, log_path: Path, backend: str, labels: dict[str, str],
+                 recorder: Recorder, live: LiveView,
+                 notes: tuple[str, ...] = ("ejected", "probing", "returned", "spared"),
+                 details: bool = True):
+        """``notes``: the events the live view prints; ``details``: whether
+        ejections and returns are marked on the chapter's plot."""
+        super().__init__(log_path, backend, recorder, live)
+        self.labels = labels  # ip:port -> ep0…
+        self.notes = notes
+        self.details = details
+        self.events: list[OutlierEvent] = []
+
+    def line(self, t: float, match: re.Match[str]) -> None:
+        text = match.group(4)
+        if text.startswith("ejected for "):
+            what, detail = "ejected", text.removeprefix("ejected for ")
+        elif "probing" in text:
+            what, detail = "probing", ""
+        elif "back in rotation" in text:
+            what, detail = "returned", ""
+        elif "looks sick" in text:
+            what, detail = "spared", text
+        else:
+            return
+        endpoint = self.labels.get(match.group(3), match.group(3))
+        event = OutlierEvent(t, endpoint, what, detail)
+        self.events.append(event)
+        if self.details and what in ("ejected", "returned"):
+            self.recorder.detail(f"{endpoint} {'ejected' if what == 'ejected' else 'back'}",
+                                 at=event.t)
+        words = {"ejected": f"ejected for {detail}",
+                 "probing": "ejection over, probing it",
+                 "returned": "back in rotation",
+                 "spared": "looks sick, but max_ejection keeps it"}[what]
+        if what in self.notes:
+            self.live.note(f"Envoy: {endpoint} {words}", at=event.t)
 
     def first(self, endpoint: str, what: str, t0: float, t1: float) -> OutlierEvent | None:
         return next((e for e in self.events
@@ -611,10 +641,7 @@ class RetryWatch:
     def budget(self) -> dict[str, int]:
         """The backend's retry stats by short name (``retries``, ``refused``,
         ``zone-a.balance``)."""
-        prefix = f"sluice_retry.{self.retried.backend}."
-        return {name.split(prefix, 1)[1]: value
-                for name, value in self.lab.envoy.stats("sluice_retry").items()
-                if prefix in name}
+        return sluice_stats(self.lab, "sluice_retry", self.retried.backend)
 
     def poll(self) -> tuple[int, int | None]:
         """Samples the upstream attempts so far and the balance; returns both."""
