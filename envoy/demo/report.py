@@ -1,5 +1,5 @@
 """The demo's report: ``report.md``, a plot of requests per second and a
-plot for each chapter about one backend's endpoints or retries."""
+plot for each chapter about one backend's endpoints, retries or zones."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import textwrap
 from collections import Counter
 from pathlib import Path
 
-from .chapters import Chapter
+from .chapters import Chapter, Route
 from .live import endpoint_label
 from .traffic import OUTCOMES, Recorder, percentile, summarize
 
@@ -242,11 +242,79 @@ def plot_retries(recorder: Recorder, chapter: Chapter, path: Path) -> None:
     _save(plt, fig, path)
 
 
+def plot_zones(recorder: Recorder, chapter: Chapter, path: Path) -> None:
+    """One chapter about a backend's zones: answers per second by the zone
+    that served them (stacked; x-sluice-zone), with the probes and the calls
+    retried in another zone, over each zone's share of new requests (the
+    watcher's samples of sluice's gauges) and the calls' p99 latency."""
+    plt = _pyplot()
+    zoned = chapter.zones
+    assert zoned is not None
+    t0, t1 = _span(recorder, chapter)
+    seconds = list(range(int(math.ceil(t1 - t0)) + 1))
+    served = {zone: Counter() for zone in zoned.zones}
+    probes, retried, latency = Counter(), Counter(), {}
+    for o in recorder.between(t0, t1 + 1e-9):
+        second, route = int(o.t - t0), Route.of(o)
+        if route.zone in served:
+            served[route.zone][second] += 1
+        probes[second] += route.probe
+        retried[second] += route.reason == "retry"
+        if o.latency is not None:
+            latency.setdefault(second, []).append(o.latency * 1000)
+
+    fig, (top, bottom) = _two_panels(plt)
+    stacked = [0] * len(seconds)
+    for i, (zone, region) in enumerate(zip(zoned.zones, zoned.regions)):
+        values = [served[zone][s] for s in seconds]
+        top.bar(seconds, values, bottom=stacked, width=0.9, align="edge",
+                color=ENDPOINT_COLORS[i % len(ENDPOINT_COLORS)], label=f"{zone} ({region})")
+        stacked = [b + v for b, v in zip(stacked, values)]
+    xs = [s + 0.5 for s in seconds]
+    top.plot(xs, [retried[s] for s in seconds], color="#c62828", linewidth=1.2, marker=".",
+             label="retried in another zone")
+    probed = [s for s in seconds if probes[s]]
+    top.plot([s + 0.5 for s in probed], [probes[s] for s in probed], color="#212121",
+             linewidth=0, marker="x", label="probes of a drained zone")
+    peak = max(stacked + [1])
+    _details(recorder, top, t0, t1, peak)
+    top.set_ylim(0, peak * 1.6)
+    top.set_ylabel("answers per second\nby zone served")
+    top.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=5, fontsize=7, frameon=False)
+    fig.suptitle(f"{chapter.title}: which zone served each second, and each zone's share",
+                 fontsize=11)
+
+    # The watcher samples every zone's gauge at once: stack them.
+    shares = [dict(recorder.series(zoned.series(zone, "share"), t0 - 1, t1 + 1))
+              for zone in zoned.zones]
+    times = sorted(set().union(*shares))
+    bottom.stackplot([t - t0 for t in times],
+                     *[[share.get(t, 0) / 10 for t in times] for share in shares],
+                     step="post", colors=ENDPOINT_COLORS[:len(zoned.zones)], alpha=0.6,
+                     labels=[f"{zone} share" for zone in zoned.zones])
+    bottom.set_ylim(0, 135)
+    bottom.set_ylabel("share of new\nrequests (%)")
+    bottom.set_xlabel(f"seconds since the chapter started ({t0:.0f} s into the demo)")
+    slow = bottom.twinx()
+    slow.plot([s + 0.5 for s in seconds if s in latency],
+              [percentile(latency[s], 0.99) for s in seconds if s in latency],
+              color="#757575", linewidth=1, linestyle="--", label="calls' p99 latency")
+    slow.set_yscale("log")
+    slow.set_ylabel("p99 latency (ms)", color="#757575")
+    handles = bottom.get_legend_handles_labels()
+    extra = slow.get_legend_handles_labels()
+    bottom.legend(handles[0] + extra[0], handles[1] + extra[1], loc="upper right", fontsize=7,
+                  ncol=4)
+    _marks(recorder, (top, bottom), t0, t1, top, peak, width=14)
+    _save(plt, fig, path)
+
+
 def write(path: Path, *, chapters: list[Chapter], recorder: Recorder, lab_info: dict,
           envoy_stats: dict[str, int], plot_file: str | None,
           endpoints: dict[str, list[tuple[str, str]]] | None = None,
           endpoint_plots: dict[str, str] | None = None,
-          retry_plots: dict[str, str] | None = None) -> None:
+          retry_plots: dict[str, str] | None = None,
+          zone_plots: dict[str, str] | None = None) -> None:
     lines = [
         "# sluice demo report",
         "",
@@ -315,9 +383,22 @@ def write(path: Path, *, chapters: list[Chapter], recorder: Recorder, lab_info: 
         if plot_name:
             lines += ["", f"![{ch.title}: answers by endpoint and time to first token]"
                           f"({plot_name})"]
+        zoned = ch.zones
+        if zoned is not None:
+            routes = Counter(Route.of(o) for o in recorder.between(ch.started, ch.ended + 1e-9))
+            lines.append(f"- {zoned.backend}: answered by " + ", ".join(
+                f"{zone} {sum(n for r, n in routes.items() if r.zone == zone)}"
+                for zone in zoned.zones)
+                + f"; {sum(n for r, n in routes.items() if r.probe)} probes, "
+                f"{sum(n for r, n in routes.items() if r.reason == 'retry')} calls retried "
+                "in another zone")
         plot_name = (retry_plots or {}).get(ch.key)
         if plot_name:
             lines += ["", f"![{ch.title}: requests against attempts, answers and the budget]"
+                          f"({plot_name})"]
+        plot_name = (zone_plots or {}).get(ch.key)
+        if plot_name:
+            lines += ["", f"![{ch.title}: answers by zone and each zone's share]"
                           f"({plot_name})"]
     total = summarize(recorder.snapshot())
     lines += ["", "## Totals", "",
