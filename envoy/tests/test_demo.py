@@ -19,7 +19,7 @@ from lab import paths, render_envoy
 
 
 # The failover chapter waits for two fail-backs of at least failback_after
-# (10 s) each, whatever the scale: the short run takes about 40 s more than
+# (10 s) each, whatever the scale: the short run takes about 50 s more than
 # before it, so the run gets 230 s and the test 240 s (pytest.ini: 180 s).
 @pytest.mark.timeout(240)
 def test_demo_runs_and_reports(tmp_path):
