@@ -1,10 +1,11 @@
 """``cargo xtask demo``: sluice's story told through a real Envoy.
 
 Starts the lab (one llm-sim per endpoint of policies/demo.toml, which is
-policies/lab.toml plus an endpoint pool and a retried backend; Envoy rendered
-by ``sluice render envoy``), runs the chapters in order with a live view, writes
-``target/sluice-demo/report.md``, ``requests.png`` and, for a chapter about
-one backend's endpoints or retries, ``<chapter>.png``, stops everything and
+policies/lab.toml plus an endpoint pool, a retried backend and a backend in
+three zones; Envoy rendered by ``sluice render envoy``), runs the chapters in
+order with a live view, writes ``target/sluice-demo/report.md``,
+``requests.png`` and, for a chapter about one backend's endpoints, retries or
+zones, ``<chapter>.png``, stops everything and
 exits 0 when every claim of every built chapter held (1 if one did not).
 """
 
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     # The lab is stopped here: write the report.
     plot_path = args.out / "requests.png"
     report.plot(recorder, chapters, plot_path)
-    endpoint_plots, retry_plots = {}, {}
+    endpoint_plots, retry_plots, zone_plots = {}, {}, {}
     for chapter in chapters:
         path = args.out / f"{chapter.key}.png"
         if chapter.key in endpoints:
@@ -119,16 +120,20 @@ def main(argv: list[str] | None = None) -> int:
         elif chapter.retries is not None and chapter.started is not None:
             report.plot_retries(recorder, chapter, path)
             retry_plots[chapter.key] = path.name
+        elif chapter.zones is not None and chapter.started is not None:
+            report.plot_zones(recorder, chapter, path)
+            zone_plots[chapter.key] = path.name
     report_path = args.out / "report.md"
     report.write(report_path, chapters=chapters, recorder=recorder, lab_info=lab_info,
                  envoy_stats=envoy_stats, plot_file=plot_path.name,
-                 endpoints=endpoints, endpoint_plots=endpoint_plots, retry_plots=retry_plots)
+                 endpoints=endpoints, endpoint_plots=endpoint_plots, retry_plots=retry_plots,
+                 zone_plots=zone_plots)
     failed = [c for c in chapters if c.started is not None and not all(h.held for h in c.checks)]
     total = summarize(recorder.snapshot())
     print(f"\nsluice demo: {total['requests']} requests, ok {total['ok']}, 429 {total['429']}, "
           f"fallback {total['fallback']}, errors {total['error']}")
     print(f"report: {report_path}\nplot:   {plot_path}")
-    for name in [*endpoint_plots.values(), *retry_plots.values()]:
+    for name in [*endpoint_plots.values(), *retry_plots.values(), *zone_plots.values()]:
         print(f"plot:   {args.out / name}")
     if failed:
         print("sluice demo: claims that did not hold in: " + ", ".join(c.title for c in failed))

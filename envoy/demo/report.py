@@ -1,5 +1,5 @@
 """The demo's report: ``report.md``, a plot of requests per second and a
-plot for each chapter about one backend's endpoints or retries."""
+plot for each chapter about one backend's endpoints, retries or zones."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import textwrap
 from collections import Counter
 from pathlib import Path
 
-from .chapters import Chapter
+from .chapters import Chapter, Route
 from .live import endpoint_label
 from .traffic import OUTCOMES, Recorder, percentile, summarize
 
@@ -17,13 +17,37 @@ COLORS = {"ok": "#2e7d32", "429": "#f9a825", "fallback": "#1565c0", "error": "#c
 ENDPOINT_COLORS = ("#1565c0", "#ef6c00", "#6a1b9a", "#2e7d32", "#00838f", "#ad1457")
 
 
-def plot(recorder: Recorder, chapters: list[Chapter], path: Path) -> None:
-    """Stacked requests per second by outcome, with chapter boundaries marked."""
+def _pyplot():
+    """matplotlib's pyplot, drawing to files only."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _span(recorder: Recorder, chapter: Chapter) -> tuple[float, float]:
+    """When a chapter started and ended, in the record's time."""
+    return (chapter.started or 0.0,
+            chapter.ended if chapter.ended is not None else recorder.now())
+
+
+def _two_panels(plt):
+    """A chapter plot: two panels sharing the time axis, the top one larger."""
+    return plt.subplots(2, 1, figsize=(11, 7), dpi=110, sharex=True,
+                        gridspec_kw={"height_ratios": [3, 2]})
+
+
+def _save(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot(recorder: Recorder, chapters: list[Chapter], path: Path) -> None:
+    """Stacked requests per second by outcome, with chapter boundaries marked."""
+    plt = _pyplot()
     outcomes = recorder.snapshot()
     end = max([o.t for o in outcomes] + [t for t, _ in recorder.events] + [1.0])
     seconds = list(range(int(math.ceil(end)) + 1))
@@ -54,9 +78,7 @@ def plot(recorder: Recorder, chapters: list[Chapter], path: Path) -> None:
     ax.set_ylim(0, top * 1.15)
     ax.set_title("sluice demo: requests per second by outcome")
     ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_endpoints(recorder: Recorder, chapter: Chapter, endpoints: list[tuple[str, str]],
@@ -64,13 +86,8 @@ def plot_endpoints(recorder: Recorder, chapter: Chapter, endpoints: list[tuple[s
     """One chapter about a backend's endpoints: answers per second by the
     endpoint that gave them (stacked) over the clients' time to first token
     per second (p50, p99), with the chapter's marks and details."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    t0 = chapter.started or 0.0
-    t1 = chapter.ended if chapter.ended is not None else recorder.now()
+    plt = _pyplot()
+    t0, t1 = _span(recorder, chapter)
     outcomes = recorder.between(t0, t1 + 1e-9)
     seconds = list(range(int(math.ceil(t1 - t0)) + 1))
     per_second: dict[str, Counter] = {instance: Counter() for instance, _ in endpoints}
@@ -82,8 +99,7 @@ def plot_endpoints(recorder: Recorder, chapter: Chapter, endpoints: list[tuple[s
         if o.ttft is not None:
             ttfts.setdefault(second, []).append(o.ttft * 1000)
 
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 7), dpi=110, sharex=True,
-                                      gridspec_kw={"height_ratios": [3, 2]})
+    fig, (top, bottom) = _two_panels(plt)
     bottom_of = [0] * len(seconds)
     for i, (instance, address) in enumerate(endpoints):
         values = [per_second[instance][s] for s in seconds]
@@ -104,13 +120,7 @@ def plot_endpoints(recorder: Recorder, chapter: Chapter, endpoints: list[tuple[s
                                                                 else ""), 20,
                                                         break_on_hyphens=False))
             top.text(t - t0 + 0.2, peak * 1.58, words, fontsize=7, va="top")
-    details = [(t, text) for t, text in recorder.details if t0 <= t <= t1]
-    for n, (t, text) in enumerate(details):
-        color = "#c62828" if "ejected" in text else "#2e7d32"
-        top.axvline(t - t0, ymax=(1.08 + 0.08 * (n % 3)) / 1.6, color=color, linestyle=":",
-                    linewidth=1.2)
-        top.text(t - t0 + 0.15, peak * (1.08 + 0.08 * (n % 3)), text, fontsize=7,
-                 color=color, va="bottom")
+    _details(recorder, top, t0, t1, peak)
     top.set_ylim(0, peak * 1.6)
     top.set_ylabel("answers per second\nby endpoint")
     top.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=len(endpoints), fontsize=7,
@@ -130,19 +140,31 @@ def plot_endpoints(recorder: Recorder, chapter: Chapter, endpoints: list[tuple[s
     bottom.set_ylabel("clients' time to\nfirst token (ms)")
     bottom.set_xlabel(f"seconds since the chapter started ({t0:.0f} s into the demo)")
     bottom.legend(loc="center right", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
-def _marks(recorder: Recorder, axes, t0: float, t1: float, top_axis, peak: float) -> None:
+def _details(recorder: Recorder, ax, t0: float, t1: float, peak: float) -> None:
+    """A chapter's details (an endpoint ejected or back, a zone drained or
+    back) as dotted lines in ``ax``'s headroom (``peak`` × 1.08–1.24),
+    staggered; red for the bad news."""
+    details = [(t, text) for t, text in recorder.details if t0 <= t <= t1]
+    for n, (t, text) in enumerate(details):
+        color = "#c62828" if text.endswith(("ejected", "drained", "panic")) else "#2e7d32"
+        ax.axvline(t - t0, ymax=(1.08 + 0.08 * (n % 3)) / 1.6, color=color, linestyle=":",
+                   linewidth=1.2)
+        ax.text(t - t0 + 0.15, peak * (1.08 + 0.08 * (n % 3)), text, fontsize=7,
+                color=color, va="bottom")
+
+
+def _marks(recorder: Recorder, axes, t0: float, t1: float, top_axis, peak: float,
+           width: int = 22) -> None:
     """A chapter's marks (faults injected) across ``axes``, their words in
-    ``top_axis``'s headroom (``peak`` × 1.58)."""
+    ``top_axis``'s headroom (``peak`` × 1.58), ``width`` characters a line."""
     for t, text in recorder.events:
         if t0 < t < t1 and not text.endswith((" start", " end")):
             for ax in axes:
                 ax.axvline(t - t0, color="#555", linestyle="--", linewidth=1)
-            words = "\n".join(textwrap.wrap(text, 22, break_on_hyphens=False))
+            words = "\n".join(textwrap.wrap(text, width, break_on_hyphens=False))
             top_axis.text(t - t0 + 0.2, peak * 1.58, words, fontsize=7, va="top")
 
 
@@ -151,15 +173,10 @@ def plot_retries(recorder: Recorder, chapter: Chapter, path: Path) -> None:
     each second against the attempts its endpoints received (the watcher's
     samples of their counters), then the answers by outcome (failures that
     said ``x-should-retry: false`` apart) over the budget's balance."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     retried = chapter.retries
     assert retried is not None
-    t0 = chapter.started or 0.0
-    t1 = chapter.ended if chapter.ended is not None else recorder.now()
+    t0, t1 = _span(recorder, chapter)
     seconds = list(range(int(math.ceil(t1 - t0)) + 1))
     sent = recorder.exchanges_between(t0, t1 + 1e-9, retried.model)
     calls = recorder.between(t0, t1 + 1e-9)
@@ -176,8 +193,7 @@ def plot_retries(recorder: Recorder, chapter: Chapter, path: Path) -> None:
              for (a, va), (b, vb) in zip(upstream, upstream[1:]) if b - a > 0.2]
     balance = recorder.series(retried.series("balance"), t0 - 1, t1 + 1)
 
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 7), dpi=110, sharex=True,
-                                      gridspec_kw={"height_ratios": [3, 2]})
+    fig, (top, bottom) = _two_panels(plt)
     xs = [s + 0.5 for s in seconds]
     top.bar(seconds, [requests[s] for s in seconds], width=0.9, align="edge", color="#90a4ae",
             label="HTTP requests the clients' SDK sent")
@@ -223,16 +239,82 @@ def plot_retries(recorder: Recorder, chapter: Chapter, path: Path) -> None:
     bottom.legend(handles[0] + extra[0], handles[1] + extra[1], loc="upper left", fontsize=7,
                   ncol=2)
     _marks(recorder, (top, bottom), t0, t1, top, peak)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(plt, fig, path)
+
+
+def plot_zones(recorder: Recorder, chapter: Chapter, path: Path) -> None:
+    """One chapter about a backend's zones: answers per second by the zone
+    that served them (stacked; x-sluice-zone), with the probes and the calls
+    retried in another zone, over each zone's share of new requests (the
+    watcher's samples of sluice's gauges) and the calls' p99 latency."""
+    plt = _pyplot()
+    zoned = chapter.zones
+    assert zoned is not None
+    t0, t1 = _span(recorder, chapter)
+    seconds = list(range(int(math.ceil(t1 - t0)) + 1))
+    served = {zone: Counter() for zone in zoned.zones}
+    probes, retried, latency = Counter(), Counter(), {}
+    for o in recorder.between(t0, t1 + 1e-9):
+        second, route = int(o.t - t0), Route.of(o)
+        if route.zone in served:
+            served[route.zone][second] += 1
+        probes[second] += route.probe
+        retried[second] += route.reason == "retry"
+        if o.latency is not None:
+            latency.setdefault(second, []).append(o.latency * 1000)
+
+    fig, (top, bottom) = _two_panels(plt)
+    stacked = [0] * len(seconds)
+    for i, (zone, region) in enumerate(zip(zoned.zones, zoned.regions)):
+        values = [served[zone][s] for s in seconds]
+        top.bar(seconds, values, bottom=stacked, width=0.9, align="edge",
+                color=ENDPOINT_COLORS[i % len(ENDPOINT_COLORS)], label=f"{zone} ({region})")
+        stacked = [b + v for b, v in zip(stacked, values)]
+    xs = [s + 0.5 for s in seconds]
+    top.plot(xs, [retried[s] for s in seconds], color="#c62828", linewidth=1.2, marker=".",
+             label="retried in another zone")
+    probed = [s for s in seconds if probes[s]]
+    top.plot([s + 0.5 for s in probed], [probes[s] for s in probed], color="#212121",
+             linewidth=0, marker="x", label="probes of a drained zone")
+    peak = max(stacked + [1])
+    _details(recorder, top, t0, t1, peak)
+    top.set_ylim(0, peak * 1.6)
+    top.set_ylabel("answers per second\nby zone served")
+    top.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=5, fontsize=7, frameon=False)
+    fig.suptitle(f"{chapter.title}: which zone served each second, and each zone's share",
+                 fontsize=11)
+
+    # The watcher samples every zone's gauge at once: stack them.
+    shares = [dict(recorder.series(zoned.series(zone, "share"), t0 - 1, t1 + 1))
+              for zone in zoned.zones]
+    times = sorted(set().union(*shares))
+    bottom.stackplot([t - t0 for t in times],
+                     *[[share.get(t, 0) / 10 for t in times] for share in shares],
+                     step="post", colors=ENDPOINT_COLORS[:len(zoned.zones)], alpha=0.6,
+                     labels=[f"{zone} share" for zone in zoned.zones])
+    bottom.set_ylim(0, 135)
+    bottom.set_ylabel("share of new\nrequests (%)")
+    bottom.set_xlabel(f"seconds since the chapter started ({t0:.0f} s into the demo)")
+    slow = bottom.twinx()
+    slow.plot([s + 0.5 for s in seconds if s in latency],
+              [percentile(latency[s], 0.99) for s in seconds if s in latency],
+              color="#757575", linewidth=1, linestyle="--", label="calls' p99 latency")
+    slow.set_yscale("log")
+    slow.set_ylabel("p99 latency (ms)", color="#757575")
+    handles = bottom.get_legend_handles_labels()
+    extra = slow.get_legend_handles_labels()
+    bottom.legend(handles[0] + extra[0], handles[1] + extra[1], loc="upper right", fontsize=7,
+                  ncol=4)
+    _marks(recorder, (top, bottom), t0, t1, top, peak, width=14)
+    _save(plt, fig, path)
 
 
 def write(path: Path, *, chapters: list[Chapter], recorder: Recorder, lab_info: dict,
           envoy_stats: dict[str, int], plot_file: str | None,
           endpoints: dict[str, list[tuple[str, str]]] | None = None,
           endpoint_plots: dict[str, str] | None = None,
-          retry_plots: dict[str, str] | None = None) -> None:
+          retry_plots: dict[str, str] | None = None,
+          zone_plots: dict[str, str] | None = None) -> None:
     lines = [
         "# sluice demo report",
         "",
@@ -301,9 +383,22 @@ def write(path: Path, *, chapters: list[Chapter], recorder: Recorder, lab_info: 
         if plot_name:
             lines += ["", f"![{ch.title}: answers by endpoint and time to first token]"
                           f"({plot_name})"]
+        zoned = ch.zones
+        if zoned is not None:
+            routes = Counter(Route.of(o) for o in recorder.between(ch.started, ch.ended + 1e-9))
+            lines.append(f"- {zoned.backend}: answered by " + ", ".join(
+                f"{zone} {sum(n for r, n in routes.items() if r.zone == zone)}"
+                for zone in zoned.zones)
+                + f"; {sum(n for r, n in routes.items() if r.probe)} probes, "
+                f"{sum(n for r, n in routes.items() if r.reason == 'retry')} calls retried "
+                "in another zone")
         plot_name = (retry_plots or {}).get(ch.key)
         if plot_name:
             lines += ["", f"![{ch.title}: requests against attempts, answers and the budget]"
+                          f"({plot_name})"]
+        plot_name = (zone_plots or {}).get(ch.key)
+        if plot_name:
+            lines += ["", f"![{ch.title}: answers by zone and each zone's share]"
                           f"({plot_name})"]
     total = summarize(recorder.snapshot())
     lines += ["", "## Totals", "",

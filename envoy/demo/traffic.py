@@ -40,8 +40,15 @@ class Outcome:
     instance: str = ""  # the llm-sim that answered (x-llm-sim-instance)
     pick: str = ""  # why sluice sent it there (x-sluice-endpoint's reason), if it picked
     ttft: float | None = None  # streams: seconds from the call to the first chunk
+    sent: float | None = None  # when the call was made (the record's time)
+    routed: str = ""  # x-sluice-zone as sent: the zone that served it and why
     http_requests: int = 1  # HTTP requests the SDK sent for this call (its retries too)
     exchanges: tuple["Exchange", ...] = ()  # their answers, in order
+
+    @property
+    def latency(self) -> float | None:
+        """Seconds from the call to its end (its last chunk, for a stream)."""
+        return None if self.sent is None else self.t - self.sent
 
 
 @dataclass(frozen=True)
@@ -152,9 +159,10 @@ class TrafficSpec:
 def _answered_by(headers) -> dict[str, str]:
     """The simulator that answered, and why sluice sent the request there
     (``x-sluice-endpoint: 127.0.0.1:PORT; reason=p2c``, on backends whose
-    endpoints sluice picks)."""
+    endpoints sluice picks; ``x-sluice-zone``, on backends it fails over)."""
     return {"instance": headers.get("x-llm-sim-instance", ""),
-            "pick": headers.get("x-sluice-endpoint", "").partition("reason=")[2].strip()}
+            "pick": headers.get("x-sluice-endpoint", "").partition("reason=")[2].strip(),
+            "routed": headers.get("x-sluice-zone", "")}
 
 
 class _Sent(threading.local):
@@ -179,6 +187,7 @@ def _call(client: openai.OpenAI, spec: TrafficSpec, stream: bool, rng: random.Ra
     max_tokens = rng.randint(*spec.max_tokens)
     messages = [{"role": "user", "content": f"Say something about sluice, {spec.tenant}."}]
     ttft = None
+    called = recorder.now()
     try:
         if stream:
             sent = time.monotonic()
@@ -203,22 +212,25 @@ def _call(client: openai.OpenAI, spec: TrafficSpec, stream: bool, rng: random.Ra
         answered = _answered_by(raw.headers)
         fell_back = model != spec.model or answered["instance"].startswith("fallback")
         return Outcome(recorder.now(), spec.tenant, stream,
-                       "fallback" if fell_back else "ok", tokens, zone, ttft=ttft, **answered)
+                       "fallback" if fell_back else "ok", tokens, zone, ttft=ttft, sent=called,
+                       **answered)
     except openai.RateLimitError as err:
-        return Outcome(recorder.now(), spec.tenant, stream, "429", 0,
+        return Outcome(recorder.now(), spec.tenant, stream, "429", 0, sent=called,
                        **_answered_by(err.response.headers))
     except openai.APIStatusError as err:
         return Outcome(recorder.now(), spec.tenant, stream, "error", 0,
-                       detail=f"HTTP {err.status_code}", **_answered_by(err.response.headers))
+                       detail=f"HTTP {err.status_code}", sent=called,
+                       **_answered_by(err.response.headers))
     except openai.APIError as err:
         return Outcome(recorder.now(), spec.tenant, stream, "error", 0,
-                       detail=type(err).__name__)
+                       detail=type(err).__name__, sent=called)
 
 
 def run_traffic(base_url: str, specs: list[TrafficSpec], seconds: float,
                 recorder: Recorder, on_tick: Callable[[], None] | None = None,
-                seed: int = 7) -> None:
-    """Runs every spec's workers for ``seconds``; ``on_tick`` runs each second.
+                seed: int = 7, until: Callable[[], bool] | None = None) -> None:
+    """Runs every spec's workers for ``seconds``; ``on_tick`` runs each second,
+    then ``until``, which ends the traffic early when it returns true.
 
     Ctrl-C (KeyboardInterrupt in this, the main thread) stops the workers too.
     """
@@ -274,6 +286,8 @@ def run_traffic(base_url: str, specs: list[TrafficSpec], seconds: float,
                 next_tick += 1.0
                 if on_tick is not None:
                     on_tick()
+                if until is not None and until():
+                    break
     finally:
         done.set()
         for thread in threads:
