@@ -152,7 +152,7 @@ pub fn phi(r: &EndpointRecord, now: Timestamp) -> Option<f64> {
     if r.gaps < 2 || r.gap_ms <= 0.0 {
         return None;
     }
-    let silence = now.since(last).as_secs_f64() * 1000.0;
+    let silence = now.since(last.max(r.busy_since)).as_secs_f64() * 1000.0;
     Some(silence / r.gap_ms.max(PHI_MIN_GAP_MS) * LOG10_E)
 }
 
@@ -228,6 +228,11 @@ mod tests {
             suspects(std::slice::from_ref(&r), &all, &cfg, at(2000)),
             vec![(0, Reason::Silent)]
         );
+        // Idle since the last success, then busy again at 1,950 ms: the
+        // silence counts from there, not from the last success.
+        r.busy_since = at(1950);
+        assert!(suspects(std::slice::from_ref(&r), &all, &cfg, at(2000)).is_empty());
+        r.busy_since = Timestamp::ZERO;
         // Nothing sent since the last success: quiet, not silent.
         r.unanswered = 0;
         assert!(suspects(std::slice::from_ref(&r), &all, &cfg, at(60_000)).is_empty());

@@ -57,6 +57,10 @@ pub struct EndpointRecord {
     pub unanswered: u32,
     /// Attempts sent and not yet ended, over all workers.
     pub outstanding: u32,
+    /// When it last went from no attempt out to some (the flush that saw
+    /// it): its idle time before is no silence.
+    #[serde(default)]
+    pub busy_since: Timestamp,
     /// No new request before this (a 429's reset time).
     pub throttled_until: Timestamp,
     pub health: Health,
@@ -85,6 +89,7 @@ impl EndpointRecord {
             gaps: 0,
             unanswered: 0,
             outstanding: 0,
+            busy_since: Timestamp::ZERO,
             throttled_until: Timestamp::ZERO,
             health: Health::Healthy,
             ejections: 0,
@@ -121,6 +126,11 @@ impl EndpointRecord {
         } else {
             self.unanswered.saturating_add(t.started)
         };
+        if self.outstanding == 0 && t.started > 0 {
+            // Idle until now: the quiet before is not silence (phi
+            // accrual measures from here, not from the last success).
+            self.busy_since = self.at;
+        }
         self.outstanding = self
             .outstanding
             .saturating_add(t.started)

@@ -432,7 +432,8 @@ fn a_burst_of_429s_benches_and_is_not_taken_for_silence() {
     }
     assert!(events.is_empty(), "{events:?}");
     assert_eq!(shared.endpoints[3].health, Health::Healthy);
-    // Three attempts that get no answer at all still make it silent.
+    // Three attempts that get no answer at all still make it silent (the
+    // silence counted from when they were sent: it was idle before).
     let later = now + Duration::from_secs(6);
     let mut tally = Tally::default();
     for _ in 0..3 {

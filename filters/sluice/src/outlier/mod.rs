@@ -68,6 +68,10 @@ const IDLE_FLUSH_TICKS: u32 = 4;
 /// (honoured by Envoy 1.40's router when a filter, not a client, sets it).
 const PER_TRY_TIMEOUT_HEADER: &str = "x-envoy-upstream-rq-per-try-timeout-ms";
 
+/// Least time between two log lines saying an endpoint is spared by
+/// `max_ejection` (the detectors flag it on every flush it stays sick).
+const SPARED_LOG_EVERY: Duration = Duration::from_secs(10);
+
 /// Response header naming the endpoint that served a request and why.
 pub const ENDPOINT_HEADER: &str = "x-sluice-endpoint";
 
@@ -99,6 +103,8 @@ struct Guarded {
     tallies: RefCell<Vec<Tally>>,
     /// This worker has a probe out (one at a time per worker).
     probing: Cell<bool>,
+    /// When this instance last logged each endpoint as spared.
+    spared_said: RefCell<Vec<Timestamp>>,
     metrics: BackendMetrics,
 }
 
@@ -133,7 +139,7 @@ impl Guarded {
                 for t in self.tallies.borrow_mut().iter_mut() {
                     *t = Tally::default();
                 }
-                self.report(&events);
+                self.report(&events, now);
                 self.set_view(view);
             }
             // Contention or a host failure: keep the tallies for the next
@@ -154,7 +160,7 @@ impl Guarded {
         *self.view.borrow_mut() = view;
     }
 
-    fn report(&self, events: &[Event]) {
+    fn report(&self, events: &[Event], now: Timestamp) {
         for event in events {
             match event {
                 Event::Ejected {
@@ -182,6 +188,13 @@ impl Guarded {
                 ),
                 Event::Spared { addr, reason } => {
                     self.metrics.spared.inc();
+                    // Judged again every flush: said once per interval.
+                    let Some(i) = self.index(addr) else { continue };
+                    let mut said = self.spared_said.borrow_mut();
+                    if said[i] != Timestamp::ZERO && now.since(said[i]) < SPARED_LOG_EVERY {
+                        continue;
+                    }
+                    said[i] = now;
                     info!(
                         "sluice outlier: backend {}: endpoint {addr} looks sick ({}) but max_ejection keeps it",
                         self.name,
@@ -253,6 +266,7 @@ impl Outlier {
                     load: RefCell::new(vec![0; n]),
                     tallies: RefCell::new(vec![Tally::default(); n]),
                     probing: Cell::new(false),
+                    spared_said: RefCell::new(vec![Timestamp::ZERO; n]),
                 }))
             })
             .collect();
