@@ -671,3 +671,44 @@ fn a_zone_whose_health_jumps_back_at_once_fails_back_after_failback_after() {
     );
     assert_eq!(state.zones[0].granted, LEVELS);
 }
+
+#[test]
+fn a_zone_that_settles_half_healthy_fails_back_to_that_level() {
+    // Both endpoints out for 2 s, then one back for good (the other stays
+    // ejected): health 50%, below min_healthy; after failback_after it
+    // gets the share of that level, not nothing and not all.
+    let sim = two_zones();
+    let mut state = FailoverState::default();
+    let start = Timestamp::from_millis(1_000_000);
+    let mut raised = Vec::new();
+    for i in 0..(30 * 20) {
+        let now = start + TICK * i;
+        let zone = |in_rotation| ZoneInputs {
+            endpoints: 2,
+            in_rotation,
+            outstanding: 0,
+            ttft: Estimate::default(),
+        };
+        let inputs = [zone(if i >= 2 * 20 { 1 } else { 0 }), zone(2)];
+        let out = state.flush(
+            &sim.specs,
+            &[ZoneTally::default(), ZoneTally::default()],
+            &inputs,
+            &sim.ranked,
+            &sim.cfg,
+            &sim.latency,
+            now,
+            true,
+        );
+        for e in out.events {
+            if let Event::Raised { zone: 0, to, .. } = e {
+                raised.push((now.since(start), to));
+            }
+        }
+    }
+    assert_eq!(raised.len(), 1, "{raised:?}");
+    assert_eq!(raised[0].1, 0.5);
+    assert!(raised[0].0 >= Duration::from_secs(2) + sim.cfg.failback_after);
+    let shares = plan::shares(&[0.5, 1.0], &[2, 2], 0.71, 0.1, Spill::Gradual, false);
+    assert!((shares[0] - 0.5 / 0.71).abs() < 1e-9);
+}
