@@ -284,7 +284,10 @@ def test_zone_outage(lab_factory, tmp_path, variant):
 def test_zone_latency(lab_factory, tmp_path, variant):
     """zone-a adds 500 ms to every request; nothing fails."""
     setup = drill_lab(lab_factory, tmp_path, variant)
-    warmup = WARMUP + 1.0   # a longer healthy window for the baseline p99
+    # A longer healthy window: for the baseline p99, and for zone-b's
+    # reference (its first tokens over 30 s must rest on [outlier]'s
+    # min_samples, 5, and a standby zone sees one probe a second).
+    warmup = WARMUP + 5.0
     d = traffic(setup, warmup + AFTER,
                 [(warmup, lambda: setup.set_zone("zone-a", added_latency_ms=500))])
     fault = d.marks[f"t={warmup}"]

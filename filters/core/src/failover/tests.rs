@@ -27,6 +27,9 @@ enum Mode {
     Slow(f64),
     /// Its provider reports this share of the quota left (0: answers 429).
     Quota(f64),
+    /// Answers whole (not streamed) generations of mixed length: the first
+    /// byte comes after 300 ms or after 3 s, at random.
+    Mixed,
 }
 
 struct Sim {
@@ -183,18 +186,20 @@ impl Sim {
             for z in std::iter::once(first).chain(fallback) {
                 let t = &mut tallies[z];
                 t.requests += 1;
+                let sample = match mode(z) {
+                    Mode::Up | Mode::Quota(_) => Some(HEALTHY_TTFT_MS),
+                    Mode::Slow(ms) => Some(HEALTHY_TTFT_MS + ms),
+                    Mode::Mixed if unit(&mut self.rng) < 0.5 => Some(300.0),
+                    Mode::Mixed => Some(3000.0),
+                    Mode::Failing => None,
+                };
                 match mode(z) {
-                    Mode::Up => {
-                        self.ttft[z].add(HEALTHY_TTFT_MS, 1.0);
+                    Mode::Up | Mode::Slow(_) | Mode::Mixed => {
+                        let ms = sample.unwrap_or_default();
+                        self.ttft[z].add(ms, 1.0);
                         let reference = self.references.get(z).copied().flatten();
-                        t.slow.push(self.latency.judge(HEALTHY_TTFT_MS, reference));
-                        ok = true;
-                    }
-                    Mode::Slow(ms) => {
-                        let sample = HEALTHY_TTFT_MS + ms;
-                        self.ttft[z].add(sample, 1.0);
-                        let reference = self.references.get(z).copied().flatten();
-                        t.slow.push(self.latency.judge(sample, reference));
+                        t.slow.push(self.latency.judge(ms, reference));
+                        t.first_token(ms);
                         ok = true;
                     }
                     Mode::Failing => t.judge(self.now, true),
@@ -362,11 +367,16 @@ fn a_recovered_zone_fails_back_once_after_failback_after() {
 #[test]
 fn a_slow_zone_is_left_within_two_seconds_without_a_timeout() {
     let mut sim = two_zones();
-    sim.run(2.0, &|_, _| Mode::Up);
+    // b gets no planned request: its probes (one a second) are what a's
+    // time to first token is judged against, once they are `min_samples`
+    // (5) of them; before that, nothing is judged slow.
+    sim.run(3.0, &|z, _| {
+        if z == 0 { Mode::Slow(500.0) } else { Mode::Up }
+    });
+    assert!(sim.events.is_empty(), "{:?}", sim.events);
+    sim.run(5.0, &|_, _| Mode::Up);
     let b_baseline = sim.sent_since(1, Timestamp::ZERO).0;
     assert_eq!(b_baseline, 0);
-    // b gets no planned request: its probes (one a second) are what a's
-    // time to first token is judged against.
     let fault = sim.now;
     sim.run(6.0, &|z, _| {
         if z == 0 { Mode::Slow(500.0) } else { Mode::Up }
@@ -711,4 +721,23 @@ fn a_zone_that_settles_half_healthy_fails_back_to_that_level() {
     assert!(raised[0].0 >= Duration::from_secs(2) + sim.cfg.failback_after);
     let shares = plan::shares(&[0.5, 1.0], &[2, 2], 0.71, 0.1, Spill::Gradual, false);
     assert!((shares[0] - 0.5 / 0.71).abs() < 1e-9);
+}
+
+#[test]
+fn whole_answers_of_mixed_length_do_not_make_the_local_zone_slow() {
+    // Non-streamed answers time their "first token" at the whole answer:
+    // 300 ms or 3 s at random, in every zone alike. The standby zone is
+    // seen through one probe a second, so a reference resting on the last
+    // probe or two would often be a short answer, and runs of long ones
+    // would look 3× slower than it.
+    let mut sim = two_zones();
+    sim.run(60.0, &|_, _| Mode::Mixed);
+    assert!(
+        !sim.events
+            .iter()
+            .any(|(_, e)| matches!(e, Event::Drained { .. } | Event::Spilling { .. })),
+        "{:?}",
+        sim.events
+    );
+    assert_eq!(sim.state.zones[0].granted, LEVELS);
 }

@@ -40,11 +40,13 @@ pub const MIN_ATTEMPTS: f64 = 5.0;
 /// few percent is not (5% makes a run of five once in millions).
 pub const CONSECUTIVE_FAILURES: u32 = 5;
 
-/// Decayed samples a zone's time to first token needs to serve as the
-/// reference other zones are judged against: about one in the last
-/// latency window, which a standby zone's probes (one per
-/// `probe_interval`) keep up.
-pub const REFERENCE_SAMPLES: f64 = 0.5;
+/// Time constant of the time to first token a zone is the reference of
+/// (what other zones' first tokens are judged against). Long, so that a
+/// standby zone seen through its probes alone (one a second) rests on tens
+/// of them: answers of mixed length (a whole non-streamed generation is
+/// its own "first token") average out, rather than the last probe or two
+/// setting the bar.
+pub const REFERENCE_WINDOW: Duration = Duration::from_secs(30);
 
 /// The span a zone's `requests_per_minute` and `tokens_per_minute` count
 /// over.
@@ -218,6 +220,10 @@ pub struct ZoneTally {
     /// Times to first token judged against the best other zone's
     /// ([`Latency::judge`]).
     pub slow: Run,
+    /// Sum and count of successful attempts' times to first token, ms
+    /// (the zone's reference estimate, [`REFERENCE_WINDOW`]).
+    pub ttft_ms: f64,
+    pub ttft_samples: u32,
     /// The newest rate-limit reading.
     pub reading: Option<Headroom>,
 }
@@ -240,6 +246,14 @@ impl ZoneTally {
         }
     }
 
+    /// Records a successful attempt's time to first token.
+    pub fn first_token(&mut self, ms: f64) {
+        if ms.is_finite() && ms >= 0.0 {
+            self.ttft_ms += ms;
+            self.ttft_samples = self.ttft_samples.saturating_add(1);
+        }
+    }
+
     /// Whether it holds a failure sent after its last success.
     pub fn ends_in_failure(&self) -> bool {
         self.failure_starts
@@ -249,6 +263,7 @@ impl ZoneTally {
 
     pub fn is_empty(&self) -> bool {
         self.requests == 0
+            && self.ttft_samples == 0
             && self.judged == 0
             && self.tokens == 0
             && self.reading.is_none()
@@ -271,6 +286,9 @@ pub struct ZoneRecord {
     pub last_failure_start: Timestamp,
     /// Slow first tokens since the last fast one.
     pub slow_run: u32,
+    /// Its successful attempts' time to first token, decayed over
+    /// [`REFERENCE_WINDOW`]: the reference of the other zones.
+    pub ttft: Estimate,
     /// This proxy's use against the zone's per-minute quota.
     pub used: MinuteUse,
     pub reading: Option<Headroom>,
@@ -299,6 +317,7 @@ impl ZoneRecord {
             consecutive: 0,
             last_failure_start: Timestamp::ZERO,
             slow_run: 0,
+            ttft: Estimate::default(),
             used: MinuteUse::default(),
             reading: None,
             health: 1.0,
@@ -339,6 +358,7 @@ impl ZoneRecord {
         let keep = aged(self.at, now, ERROR_WINDOW);
         self.judged *= keep;
         self.failures *= keep;
+        self.ttft.decay(aged(self.at, now, REFERENCE_WINDOW));
         self.at = now;
     }
 
@@ -348,6 +368,7 @@ impl ZoneRecord {
         self.judged += f64::from(t.judged);
         self.failures += f64::from(t.failures);
         self.slow_run = t.slow.continue_from(self.slow_run);
+        self.ttft.add(t.ttft_ms, f64::from(t.ttft_samples));
         let after_success = |f: &&Timestamp| t.last_success_start.is_none_or(|s| **f > s);
         let fresh = t.failure_starts.iter().filter(after_success).count() as u32;
         self.consecutive = match t.last_success_start {
@@ -476,14 +497,15 @@ impl FailoverState {
                 zi.ttft.mean().filter(|_| enough)
             })
             .collect();
-        // What a zone is compared with: any recent sample of another zone
-        // (a standby zone is seen through its probes, one a second).
-        let trusted: Vec<Option<f64>> = inputs
+        // What a zone is compared with: another zone's first tokens over
+        // the reference window, once they rest on `min_samples`.
+        let trusted: Vec<Option<f64>> = self
+            .zones
             .iter()
-            .map(|zi| {
-                zi.ttft
+            .map(|r| {
+                r.ttft
                     .mean()
-                    .filter(|_| zi.ttft.weight >= REFERENCE_SAMPLES)
+                    .filter(|_| r.ttft.weight >= latency.min_samples)
             })
             .collect();
         for (i, r) in self.zones.iter_mut().enumerate() {

@@ -37,7 +37,7 @@ use log::{info, warn};
 use sluice_core::config::{FailoverConfig, Policy};
 use sluice_core::failover::plan::draw;
 use sluice_core::failover::{
-    self, Event, FailoverState, Latency, ZONE_HEADER, ZoneRecord, ZoneSpec, ZoneTally, order,
+    self, Event, FailoverState, Flushed, Latency, ZONE_HEADER, ZoneSpec, ZoneTally, order,
 };
 use sluice_core::outlier::pick::{NO_ZONE, Rank};
 use sluice_core::outlier::{self, BackendState, Verdict};
@@ -152,7 +152,12 @@ impl Zoned {
                 now,
                 may_probe,
             );
-            (flushed, state.zones.clone(), state.panic)
+            let zones: Vec<(f64, bool)> = state
+                .zones
+                .iter()
+                .map(|r| (r.health, r.is_drained()))
+                .collect();
+            (flushed, zones, state.panic)
         });
         self.flushed_at.set(now);
         match result {
@@ -161,11 +166,10 @@ impl Zoned {
                     *t = ZoneTally::default();
                 }
                 self.report(&flushed.events);
-                self.view.borrow_mut().references = flushed.references;
-                self.set_view(&zones, panic, flushed.shares);
                 self.probes
                     .borrow_mut()
-                    .extend(flushed.probes.into_iter().map(|z| (z, now)));
+                    .extend(flushed.probes.iter().map(|&z| (z, now)));
+                self.set_view(&zones, panic, flushed);
             }
             Err(e) => warn!(
                 "sluice failover: backend {}: zones not flushed: {e}",
@@ -174,24 +178,27 @@ impl Zoned {
         }
     }
 
-    fn set_view(&self, zones: &[ZoneRecord], panic: bool, plan: Vec<f64>) {
+    /// The plan and references a flush brought back; `zones` is each
+    /// zone's `(health, drained)`.
+    fn set_view(&self, zones: &[(f64, bool)], panic: bool, flushed: Flushed) {
         for (z, m) in self.metrics.zones.iter().enumerate() {
             let share = self
                 .ranked
                 .iter()
                 .position(|&r| r == z)
-                .and_then(|r| plan.get(r).copied())
+                .and_then(|r| flushed.shares.get(r).copied())
                 .unwrap_or(0.0);
             m.share.set((share * 1000.0).round() as u64);
-            if let Some(r) = zones.get(z) {
-                m.health.set((r.health * 1000.0).round() as u64);
+            if let Some(&(health, _)) = zones.get(z) {
+                m.health.set((health * 1000.0).round() as u64);
             }
         }
         self.metrics.panic.set(u64::from(panic));
         let mut view = self.view.borrow_mut();
-        view.shares = plan;
+        view.shares = flushed.shares;
+        view.references = flushed.references;
         view.drained = (0..self.specs.len())
-            .map(|z| zones.get(z).is_some_and(ZoneRecord::is_drained))
+            .map(|z| zones.get(z).is_some_and(|&(_, drained)| drained))
             .collect();
         view.panic = panic;
     }
@@ -450,8 +457,12 @@ impl Capability for Failover {
         let Some((z, zone)) = attempt.endpoint.as_deref().and_then(|a| self.locate(a)) else {
             return;
         };
-        let slow = attempt.first_byte.and_then(|first| {
-            let ms = first.since(attempt.started).as_secs_f64() * 1000.0;
+        let verdict = Verdict::of(attempt.status, attempt.flags);
+        let ttft = attempt
+            .first_byte
+            .filter(|_| verdict == Verdict::Success)
+            .map(|first| first.since(attempt.started).as_secs_f64() * 1000.0);
+        let slow = ttft.and_then(|ms| {
             let reference = z.view.borrow().references.get(zone).copied().flatten();
             z.latency.judge(ms, reference)
         });
@@ -459,7 +470,10 @@ impl Capability for Failover {
         let t = &mut tallies[zone];
         t.requests = t.requests.saturating_add(1);
         t.slow.push(slow);
-        match Verdict::of(attempt.status, attempt.flags) {
+        if let Some(ms) = ttft {
+            t.first_token(ms);
+        }
+        match verdict {
             Verdict::Success => t.judge(attempt.started, false),
             Verdict::Failure | Verdict::Throttled => t.judge(attempt.started, true),
             Verdict::Unjudged => {}
@@ -524,8 +538,8 @@ impl Flow for FailoverFlow {
         }
         let served = observation
             .upstream_address
-            .clone()
-            .and_then(|a| z.zone_of(&a));
+            .as_deref()
+            .and_then(|a| z.zone_of(a));
         if let (Some(zone), Some(tokens)) = (served, observation.tokens_used()) {
             let mut tallies = z.tallies.borrow_mut();
             tallies[zone].tokens = tallies[zone].tokens.saturating_add(tokens);
