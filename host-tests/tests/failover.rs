@@ -56,6 +56,18 @@ fn healthy() -> EndpointBehavior {
 }
 
 fn host_in(node_zone: &str, failover: &str, a: EndpointBehavior, b: EndpointBehavior) -> Host {
+    host_with_state(node_zone, failover, a, b, &[])
+}
+
+/// [`host_in`], its shared data holding `state` (key, bytes) before the
+/// filters start: what a reloaded configuration finds.
+fn host_with_state(
+    node_zone: &str,
+    failover: &str,
+    a: EndpointBehavior,
+    b: EndpointBehavior,
+    state: &[(&str, Vec<u8>)],
+) -> Host {
     let mut options = HostOptions {
         workers: 2,
         route: rendered_route("primary"),
@@ -69,6 +81,9 @@ fn host_in(node_zone: &str, failover: &str, a: EndpointBehavior, b: EndpointBeha
         .chain(ZONE_B.iter().map(|e| Endpoint::new(e, "zone-b", b.clone())))
         .collect();
     host.add_cluster(Cluster::new("primary", endpoints));
+    for (key, bytes) in state {
+        host.set_shared_data("sluice", key, bytes);
+    }
     let text = policy(failover);
     host.add_filter(sluice_filter("sluice", &text)).unwrap();
     host.add_upstream_filter("primary", sluice_filter("sluice.attempt", &text))
@@ -363,4 +378,48 @@ fn when_every_zone_fails_requests_spread_in_panic() {
     );
     assert_eq!(host.logs_containing("every zone drained: panic").len(), 1);
     no_vm_failures(&host);
+}
+
+#[test]
+fn a_reloaded_configuration_keeps_a_drained_zone_drained_from_its_first_request() {
+    let failing = || {
+        healthy().with_fault(
+            Duration::ZERO,
+            Duration::from_secs(3600),
+            FaultKind::Status(503),
+        )
+    };
+    let mut before = host_in("zone-a", "", failing(), healthy());
+    common::load(
+        &mut before,
+        Duration::ZERO,
+        2,
+        40,
+        Duration::from_secs(60),
+        chat,
+    );
+    assert_eq!(metric(&before, "zone-a.drains"), 1);
+    let state: Vec<(&str, Vec<u8>)> = ["failover/primary", "outlier/primary"]
+        .into_iter()
+        .map(|key| (key, before.shared_data("sluice", key).expect(key).0))
+        .collect();
+    // The new configuration's first requests come before its first tick
+    // (50 ms): they must already leave the drained zone alone.
+    let mut after = host_with_state("zone-a", "", failing(), healthy(), &state);
+    for i in 0..10 {
+        let at = Duration::from_millis(i * 4);
+        after.schedule_request(at, None, chat(), i);
+    }
+    assert!(after.run_until(Duration::from_secs(10), |h| h.finished_count() == 10));
+    for (_, r) in responses(&after) {
+        assert_eq!(r.status, 200);
+        assert_eq!(r.attempts, 1, "{:?}", r.header("x-sluice-zone"));
+        assert_eq!(
+            first_zone(&r).0,
+            "zone-b",
+            "{:?}",
+            r.header("x-sluice-zone")
+        );
+    }
+    no_vm_failures(&after);
 }

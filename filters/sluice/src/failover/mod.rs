@@ -330,6 +330,13 @@ impl Failover {
                 }))
             })
             .collect();
+        // A reloaded policy starts from the shared zone records (a zone
+        // drained before the reload stays drained), not from a plan with
+        // everything on the first zone until the first tick.
+        let now = host::now();
+        for z in backends.iter().flatten() {
+            z.flush(now, false);
+        }
         backends.iter().any(Option::is_some).then(|| Failover {
             policy: policy.clone(),
             backends,

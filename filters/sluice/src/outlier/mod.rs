@@ -270,12 +270,20 @@ impl Outlier {
                 }))
             })
             .collect();
-        backends.iter().any(Option::is_some).then(|| Outlier {
+        let outlier = backends.iter().any(Option::is_some).then(|| Outlier {
             policy: policy.clone(),
             backends,
             ticks: Cell::new(0),
             rng: Cell::new(0x9e37_79b9_7f4a_7c15),
-        })
+        })?;
+        // A reloaded policy starts from what the shared records say (an
+        // endpoint ejected before the reload stays out), not from a view
+        // with everything in rotation until the first tick.
+        let now = sluice_filter_common::host::now();
+        for g in outlier.backends.iter().flatten() {
+            g.flush(now, &outlier.rng, true);
+        }
+        Some(outlier)
     }
 
     /// The guarded backend an attempt's endpoint belongs to, and its index.
