@@ -15,7 +15,8 @@
 //!   / `tokens_per_minute`, each full up to `max_utilization` and falling to
 //!   0 at 100%, so traffic moves *before* the provider refuses,
 //! - its latency: 0 when its time to first token is an outlier against the
-//!   best other zone's (the backend's `[outlier]` factor and floor).
+//!   best other zone's over [`zone::REFERENCE_WINDOW`] (the backend's
+//!   `[outlier]` factor and floor).
 //!
 //! The share a zone is granted follows its health down at once and back up
 //! only to a level it held for `failback_after`, at most once per
