@@ -198,6 +198,48 @@ fn a_throttled_endpoint_gets_no_request_until_its_retry_after() {
 }
 
 #[test]
+fn an_endpoint_whose_quota_is_spent_is_benched_before_it_refuses() {
+    // Every answer succeeds but says no request is left until 5 s on:
+    // the next request there would be refused, so none goes there until
+    // the reset (each answer sets a new one, 5 s after it).
+    let spent = healthy()
+        .with_header_bytes("x-ratelimit-limit-requests", b"100")
+        .with_header_bytes("x-ratelimit-remaining-requests", b"0")
+        .with_header_bytes("x-ratelimit-reset-requests", b"5s");
+    let mut host = host("", vec![healthy(), spent, healthy(), healthy()]);
+    common::load(
+        &mut host,
+        Duration::ZERO,
+        8,
+        40,
+        Duration::from_secs(120),
+        || chat(false),
+    );
+    let all = responses(&host);
+    assert!(all.iter().all(|(_, r)| r.status == 200));
+    let served: Vec<u64> = all
+        .iter()
+        .filter(|(_, r)| served_by(r) == ENDPOINTS[1])
+        .map(|(t, _)| *t)
+        .collect();
+    assert!(!served.is_empty(), "never tried");
+    // Answers (response times) at least the reset apart, but for those
+    // to requests already on their way (8 clients) when one said so.
+    let gaps: Vec<u64> = served.windows(2).map(|w| w[1] - w[0]).collect();
+    let short = gaps.iter().filter(|&&g| g < 4800).count();
+    assert!(short <= 8, "{served:?}");
+    assert!(
+        served.len() * 10 < all.len(),
+        "{} of {} on the spent endpoint",
+        served.len(),
+        all.len()
+    );
+    assert!(metric(&host, ENDPOINTS[1], "throttled") >= 1);
+    assert_eq!(metric(&host, ENDPOINTS[1], "ejections"), 0);
+    no_failures(&host);
+}
+
+#[test]
 fn a_blackholed_stream_is_abandoned_at_the_first_token_deadline() {
     let blackhole = healthy().with_fault(
         Duration::from_secs(1),

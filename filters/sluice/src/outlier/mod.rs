@@ -313,6 +313,13 @@ impl Capability for Outlier {
         true
     }
 
+    fn reads_quota(&self) -> bool {
+        self.backends
+            .iter()
+            .flatten()
+            .any(|g| !g.cfg.cooldown_429.is_zero())
+    }
+
     fn holds_first_token(&self) -> bool {
         self.backends
             .iter()
@@ -444,12 +451,7 @@ impl Capability for Outlier {
         let ttft = attempt.first_byte.map(|t| t.since(attempt.started));
         let slow = ttft.and_then(|t| g.judge(i, t.as_secs_f64() * 1000.0, true));
         g.tallies.borrow_mut()[i].end(verdict, ttft, slow, now);
-        if verdict == Verdict::Throttled && !g.cfg.cooldown_429.is_zero() {
-            let wait = attempt
-                .cooldown
-                .unwrap_or(g.cfg.cooldown_429)
-                .min(g.cfg.max_cooldown);
-            let until = now + wait;
+        if let Some(until) = benched_until(attempt, verdict, &g.cfg, now) {
             g.tallies.borrow_mut()[i].throttle(until);
             if let Some(c) = g.view.borrow_mut().get_mut(i) {
                 c.standing = Standing::Out;
@@ -467,6 +469,33 @@ impl Capability for Outlier {
                 warn!("sluice outlier: backend {}: 429 not shared: {e}", g.name);
             }
         }
+    }
+}
+
+/// Until when an attempt's answer benches its endpoint, if it does: a
+/// 429 for the time it names (or `cooldown_429`), and a success whose
+/// rate-limit headers say a quota is spent until its reset, since the
+/// endpoint's next answer would be a 429 (one refusal fewer per endpoint
+/// and window). Both capped at `max_cooldown`; off with `cooldown_429 = 0`.
+fn benched_until(
+    attempt: &Attempt,
+    verdict: Verdict,
+    cfg: &OutlierConfig,
+    now: Timestamp,
+) -> Option<Timestamp> {
+    if cfg.cooldown_429.is_zero() {
+        return None;
+    }
+    match verdict {
+        Verdict::Throttled => {
+            let wait = attempt.cooldown.unwrap_or(cfg.cooldown_429);
+            Some(now + wait.min(cfg.max_cooldown))
+        }
+        Verdict::Success => attempt
+            .headroom
+            .filter(|h| h.left <= 0.0 && h.until > now)
+            .map(|h| h.until.min(now + cfg.max_cooldown)),
+        _ => None,
     }
 }
 
