@@ -47,6 +47,10 @@ enum Command {
 enum RenderTarget {
     /// A complete Envoy v3 bootstrap (YAML) for a local Envoy.
     Envoy(render::EnvoyArgs),
+    /// Istio resources: the EnvoyFilter that loads sluice.wasm from an OCI
+    /// image or URL, and a ServiceEntry and DestinationRule per backend
+    /// cluster (multi-document YAML).
+    Istio(Box<render::IstioArgs>),
 }
 
 fn main() -> ExitCode {
@@ -57,6 +61,9 @@ fn main() -> ExitCode {
         Command::Render {
             target: RenderTarget::Envoy(args),
         } => render::envoy(&args),
+        Command::Render {
+            target: RenderTarget::Istio(args),
+        } => render::istio(&args),
         Command::HashKey => hash_key(),
     };
     match result {

@@ -22,6 +22,7 @@
 //! `[failover]` and `[outlier]` ([`failover`]).
 
 mod failover;
+mod istio;
 mod outlier;
 mod policy_text;
 mod retry;
@@ -37,6 +38,7 @@ use sluice_core::config::{Backend, OutlierConfig, Policy, RetryConfig};
 use sluice_policy::{ATTEMPT_ROOT_ID, Capability, Diagnostics, MODULE, Source};
 
 use failover::FailoverMode;
+pub use istio::{IstioArgs, istio};
 use outlier::OutlierMode;
 use policy_text::{Edits, ZoneEndpoints};
 use retry::RetryMode;
