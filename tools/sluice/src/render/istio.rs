@@ -338,9 +338,11 @@ impl MeshCluster {
 
     fn destination_rule(&self, namespace: &str) -> Value {
         let mut load_balancer = json!({ "simple": "LEAST_REQUEST" });
-        if self.failover {
+        if self.failover || self.picked {
             // sluice moves traffic across zones; the mesh's locality
-            // failover would move it again, on its own signals.
+            // failover would move it again, on its own signals. And Envoy
+            // refuses a cluster whose `override_host` policy comes with
+            // the locality-weighted settings Istio may add.
             load_balancer["localityLbSetting"] = json!({ "enabled": false });
         }
         let mut policy = json!({
