@@ -335,7 +335,7 @@ mod tests {
         for extra in [
             &["--stream-share", "1.5"][..],
             &["--duration", "0"],
-            &["--timeout", "-1"],
+            &["--timeout=-1"],
             &["--header", "no-colon"],
             &["--header", "bad name:v"],
             &["--max-in-flight", "0"],

@@ -7,6 +7,8 @@
 //! sends when it is ready (or stops sending while the server stalls) drops
 //! exactly the samples that show the stall; this one keeps them.
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
 pub mod client;
 pub mod config;
 pub mod record;
