@@ -135,6 +135,9 @@ pub const MAX_START_WAIT: Duration = Duration::from_secs(3600);
 pub const MAX_RATE: f64 = 1_000_000.0;
 /// Longest run accepted, in seconds (one day).
 pub const MAX_DURATION_S: f64 = 86_400.0;
+/// Most time windows a run may have: each holds two small histograms
+/// (about 25 KB), so this bounds the summary's memory.
+pub const MAX_WINDOWS: u64 = 10_000;
 
 /// Why the command line was refused.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -155,6 +158,10 @@ pub enum ConfigError {
     NoInFlight,
     #[error("--window-ms must be at least 1")]
     NoWindow,
+    #[error(
+        "--duration / --window-ms gives {windows} windows; the most is {MAX_WINDOWS}: widen the windows"
+    )]
+    TooManyWindows { windows: u64 },
     #[error("--stream-share {share}: must be between 0 and 1")]
     StreamShare { share: f64 },
     #[error("--header {header:?}: {reason}")]
@@ -225,6 +232,11 @@ impl TryFrom<Args> for Config {
             .api_key
             .map(|k| HeaderValue::try_from(format!("Bearer {k}")).map_err(|_| ConfigError::ApiKey))
             .transpose()?;
+        let window_ms = NonZeroU64::new(args.window_ms).ok_or(ConfigError::NoWindow)?;
+        let windows = (duration.as_millis() as u64).div_ceil(window_ms.get());
+        if windows > MAX_WINDOWS {
+            return Err(ConfigError::TooManyWindows { windows });
+        }
         Ok(Config {
             base_url,
             mode,
@@ -242,7 +254,7 @@ impl TryFrom<Args> for Config {
             api_key,
             timeout,
             out: args.out,
-            window_ms: NonZeroU64::new(args.window_ms).ok_or(ConfigError::NoWindow)?,
+            window_ms,
             start_at_unix_ms: args.start_at,
         })
     }
@@ -340,6 +352,7 @@ mod tests {
             &["--header", "bad name:v"],
             &["--max-in-flight", "0"],
             &["--window-ms", "0"],
+            &["--duration", "100", "--window-ms", "1"],
         ] {
             let mut all = base.to_vec();
             all.extend_from_slice(extra);

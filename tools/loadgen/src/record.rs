@@ -72,8 +72,7 @@ impl ErrorKind {
 pub struct Record {
     /// Sequence number, in the order requests were due (0-based).
     pub id: u64,
-    /// Closed loop: which client sent it.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Closed loop: which client sent it (null in the open loop).
     pub client: Option<u32>,
     /// Whether the request asked for `stream: true`.
     pub stream: bool,
