@@ -9,7 +9,7 @@ use std::path::PathBuf;
 pub const WASM_TARGET: &str = "wasm32-wasip1";
 
 /// Native tools the Envoy lab and the demo drive (package names).
-pub const LAB_TOOLS: &[&str] = &["sluice-cli", "llm-sim"];
+pub const LAB_TOOLS: &[&str] = &["sluice-cli", "llm-sim", "sluice-loadgen"];
 
 /// Makes sure the wasm target's standard library is installed.
 ///
