@@ -23,7 +23,8 @@ pub struct Venv {
     pub envoy: PathBuf,
 }
 
-fn host_python() -> String {
+/// The Python that makes the venvs (`SLUICE_PYTHON`, default `python3`).
+pub fn host_python() -> String {
     std::env::var("SLUICE_PYTHON").unwrap_or_else(|_| "python3".to_owned())
 }
 

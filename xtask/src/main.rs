@@ -10,6 +10,7 @@ mod bench;
 mod build;
 mod cmd;
 mod lab;
+mod litellm;
 mod test;
 mod workspace;
 
@@ -50,6 +51,10 @@ enum Command {
     },
     /// Create or update the lab's Python virtual environment (target/lab-venv).
     LabVenv,
+    /// Install the LiteLLM proxy the drills compare with (target/litellm-venv).
+    ///
+    /// Not part of `test`: it is big, and only the side-by-side drills use it.
+    LitellmVenv,
 }
 
 fn main() {
@@ -72,5 +77,6 @@ fn run(command: Command) -> Result<()> {
         Command::Demo { demo_args } => lab::demo(&ws, &demo_args),
         Command::Bench { run } => bench::run(&ws, run),
         Command::LabVenv => lab::ensure_venv(&ws).map(|_| ()),
+        Command::LitellmVenv => litellm::ensure_litellm_venv(&ws).map(|_| ()),
     }
 }
