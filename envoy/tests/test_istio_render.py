@@ -13,8 +13,9 @@ resources, and the rest is Envoy's:
   as ``typed_extension_protocol_options``' is replaced whole, as protobuf
   merging does), and the extension configurations served over ECDS;
 - the agent turns each remote Wasm code source into a local file after
-  checking its ``sha256`` (here: the file is the module whose digest the
-  render was given, and the test checks they agree).
+  checking its ``sha256`` (here an ``http`` URL, whose digest is the
+  module's: the file is the module the render was given, and the test
+  checks they agree).
 
 ECDS is real: Envoy fetches ``sluice`` and ``sluice.attempt`` from a
 filesystem config source in place of ADS, for the listener filter and for
@@ -54,7 +55,7 @@ def render_istio(bootstrap: dict[str, Any], policy: Path) -> list[dict[str, Any]
     """``sluice render istio`` with the lab's endpoints (read from the
     Envoy render the lab made), the module's digest from the file."""
     owners = cluster_backends(policy)
-    args = ["render", "istio", str(policy), "--image", "oci://lab.invalid/sluice:test",
+    args = ["render", "istio", str(policy), "--url", "http://127.0.0.1:9/sluice.wasm",
             "--wasm", str(WASM), "--namespace", "lab"]
     for cluster in bootstrap["static_resources"]["clusters"]:
         for locality in cluster["load_assignment"]["endpoints"]:

@@ -96,3 +96,19 @@ pub fn build_all(ws: &Workspace) -> Result<Vec<PathBuf>> {
     println!("native tools: {}", ws.native_dir().display());
     Ok(wasm)
 }
+
+/// `cargo xtask package`: builds sluice.wasm and the CLI, then runs
+/// `sluice package` on it (into `target/oci/` unless `--out` is given).
+pub fn package(ws: &Workspace, args: &[String]) -> Result<()> {
+    build_all(ws)?;
+    let cli = ws.native_dir().join("sluice");
+    let mut package = cmd::command(&cli, ["package", "--wasm"]);
+    package
+        .current_dir(&ws.root)
+        .arg(ws.wasm_dir().join("sluice.wasm"));
+    if !args.iter().any(|a| a == "--out" || a.starts_with("--out=")) {
+        package.arg("--out").arg(ws.target_dir.join("oci"));
+    }
+    package.args(args);
+    cmd::run(&mut package)
+}

@@ -87,6 +87,109 @@ pub fn ensure_venv(ws: &Workspace) -> Result<Venv> {
     Ok(Venv { python, envoy })
 }
 
+/// Debian packages of the OCI registry round trip
+/// (`envoy/tests/test_oci_registry.py`): (binary, package).
+const OCI_TOOLS: &[(&str, &str)] = &[("docker-registry", "docker-registry"), ("skopeo", "skopeo")];
+
+/// The variable that tells the lab tests why the OCI tools are missing (they
+/// skip with this reason).
+const OCI_TOOLS_UNAVAILABLE: &str = "SLUICE_OCI_TOOLS_UNAVAILABLE";
+
+/// Whether the OCI registry tools can be used by the lab tests.
+pub enum OciTools {
+    Present,
+    /// Missing, and why they could not be installed.
+    Unavailable(String),
+}
+
+/// Installs `docker-registry` and `skopeo` with apt-get when they are absent.
+///
+/// Only the registry round trip needs them, so this never fails the run: where
+/// apt cannot be used (not root, no apt-get, `SLUICE_NO_APT=1`, a failed
+/// install) the reason is printed and handed to pytest, which skips those
+/// tests with it. When both are on PATH nothing is run, so a second run does
+/// nothing.
+pub fn ensure_oci_tools() -> OciTools {
+    let missing: Vec<&(&str, &str)> = OCI_TOOLS
+        .iter()
+        .filter(|(binary, _)| on_path(binary).is_none())
+        .collect();
+    if missing.is_empty() {
+        println!("OCI tools present: docker-registry, skopeo (nothing to install)");
+        return OciTools::Present;
+    }
+    let packages: Vec<&str> = missing.iter().map(|(_, package)| *package).collect();
+    let outcome = install_with_apt(&packages).and_then(|()| {
+        match missing.iter().find(|(binary, _)| on_path(binary).is_none()) {
+            Some((binary, _)) => Err(format!("`{binary}` is still not on PATH after apt-get")),
+            None => Ok(()),
+        }
+    });
+    match outcome {
+        Ok(()) => {
+            println!("OCI tools installed: {}", packages.join(", "));
+            OciTools::Present
+        }
+        Err(reason) => {
+            let reason = format!(
+                "{} not installed: {reason}; the OCI registry lab tests will be skipped",
+                packages.join(" and ")
+            );
+            println!("{reason}");
+            OciTools::Unavailable(reason)
+        }
+    }
+}
+
+fn install_with_apt(packages: &[&str]) -> std::result::Result<(), String> {
+    if std::env::var_os("SLUICE_NO_APT").is_some_and(|v| !v.is_empty() && v != "0") {
+        return Err("SLUICE_NO_APT is set".to_owned());
+    }
+    if on_path("apt-get").is_none() {
+        return Err("apt-get is not available".to_owned());
+    }
+    let uid = cmd::stdout(&mut cmd::command("id", ["-u"])).map_err(|e| format!("{e:#}"))?;
+    if uid.trim() != "0" {
+        return Err(format!(
+            "apt-get needs root (running as uid {}); install them with `sudo apt-get install {}`",
+            uid.trim(),
+            packages.join(" ")
+        ));
+    }
+    println!(
+        "installing {} with apt-get for envoy/tests/test_oci_registry.py",
+        packages.join(" ")
+    );
+    // Waits for another apt run's lock rather than failing at once.
+    let apt = |args: &[&str]| -> std::result::Result<(), String> {
+        let mut command = cmd::command(
+            "apt-get",
+            ["-q", "-o", "DPkg::Lock::Timeout=300"]
+                .iter()
+                .chain(args.iter()),
+        );
+        command
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(std::process::Stdio::null());
+        cmd::run(&mut command).map_err(|e| format!("{e:#}"))
+    };
+    apt(&["update"])?;
+    let mut install = vec!["install", "-y", "--no-install-recommends"];
+    install.extend_from_slice(packages);
+    apt(&install)
+}
+
+/// The path of `binary` in one of PATH's directories, if it is there and executable.
+fn on_path(binary: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(binary))
+        .find(|path| {
+            path.metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
 /// Environment the lab's Python code reads to find the repo's artefacts.
 pub fn lab_env(ws: &Workspace, venv: &Venv, cmd: &mut Command) {
     cmd.current_dir(&ws.root)
@@ -133,7 +236,12 @@ pub fn prepare(ws: &Workspace) -> Result<Venv> {
 /// Runs the lab's pytest suite; pytest's own summary line stays visible.
 ///
 /// Returns the counts read from pytest's JUnit XML, for xtask's closing line.
-pub fn run_pytest(ws: &Workspace, venv: &Venv, extra: &[String]) -> Result<PytestCounts> {
+pub fn run_pytest(
+    ws: &Workspace,
+    venv: &Venv,
+    oci_tools: &OciTools,
+    extra: &[String],
+) -> Result<PytestCounts> {
     // Start from an empty lab-logs/: what is there afterwards is this run's.
     let logs = ws.target_dir.join("lab-logs");
     if logs.exists() {
@@ -154,6 +262,9 @@ pub fn run_pytest(ws: &Workspace, venv: &Venv, extra: &[String]) -> Result<Pytes
         .arg(format!("--junitxml={}", junit.display()))
         .args(extra);
     lab_env(ws, venv, &mut pytest);
+    if let OciTools::Unavailable(reason) = oci_tools {
+        pytest.env(OCI_TOOLS_UNAVAILABLE, reason);
+    }
     let status = run_with_deadline(&mut pytest, lab_deadline())?;
     let counts = PytestCounts::read(&junit).unwrap_or_default();
     match status.code() {

@@ -43,6 +43,13 @@ enum Command {
         #[arg(last = true)]
         demo_args: Vec<String>,
     },
+    /// Build sluice.wasm and write it as OCI image layouts (`sluice package`)
+    /// under target/oci/.
+    Package {
+        /// Arguments passed to `sluice package` (e.g. `--tag 1.0.0`).
+        #[arg(last = true)]
+        package_args: Vec<String>,
+    },
     /// List the benchmarks; `--run` runs the cheap ones.
     Bench {
         /// Run the benchmarks that finish in a few minutes.
@@ -55,6 +62,9 @@ enum Command {
     ///
     /// Not part of `test`: it is big, and only the side-by-side drills use it.
     LitellmVenv,
+    /// Install docker-registry and skopeo (apt-get, if absent) for the OCI
+    /// registry lab tests.
+    OciTools,
 }
 
 fn main() {
@@ -75,8 +85,13 @@ fn run(command: Command) -> Result<()> {
             pytest_args,
         } => test::run(&ws, lab_only, &pytest_args),
         Command::Demo { demo_args } => lab::demo(&ws, &demo_args),
+        Command::Package { package_args } => build::package(&ws, &package_args),
         Command::Bench { run } => bench::run(&ws, run),
         Command::LabVenv => lab::ensure_venv(&ws).map(|_| ()),
         Command::LitellmVenv => litellm::ensure_litellm_venv(&ws).map(|_| ()),
+        Command::OciTools => match lab::ensure_oci_tools() {
+            lab::OciTools::Present => Ok(()),
+            lab::OciTools::Unavailable(reason) => anyhow::bail!(reason),
+        },
     }
 }

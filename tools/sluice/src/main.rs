@@ -3,6 +3,7 @@
 //! Exit codes: 0 success, 1 an invalid policy (or a failed render), 2 a usage
 //! error (clap's convention).
 
+mod package;
 mod render;
 
 use std::io::{IsTerminal, Read};
@@ -38,6 +39,9 @@ enum Command {
         #[command(subcommand)]
         target: RenderTarget,
     },
+    /// Write sluice.wasm as OCI image layouts (Wasm artifact and Docker-compat
+    /// variants) and print their digests.
+    Package(package::PackageArgs),
     /// Print the tenant id of an API key read from standard input
     /// (`key-` and 16 hex digits), to name it in `[tenant.names]`.
     HashKey,
@@ -64,6 +68,7 @@ fn main() -> ExitCode {
         Command::Render {
             target: RenderTarget::Istio(args),
         } => render::istio(&args),
+        Command::Package(args) => package::package(&args),
         Command::HashKey => hash_key(),
     };
     match result {

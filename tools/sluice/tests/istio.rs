@@ -301,10 +301,31 @@ fn bad_arguments_are_refused_with_a_reason() {
             "KIND/NAME",
         ),
         (
-            &["--image", "oci://r/s:1", "--wasm", "policies/gateway.toml"],
+            &[
+                "--url",
+                "https://m.example.com/s.wasm",
+                "--wasm",
+                "policies/gateway.toml",
+            ],
             "not a WebAssembly module",
         ),
     ];
+    // An image's digest is its manifest's: a module file cannot give it.
+    let out = sluice(&[
+        "render",
+        "istio",
+        "policies/gateway.toml",
+        "--image",
+        "oci://r/s:1",
+        "--wasm",
+        "x.wasm",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("manifest digest"),
+        "{}",
+        text(&out.stderr)
+    );
     for (extra, expected) in cases {
         let mut args = vec!["render", "istio", "policies/gateway.toml"];
         args.extend_from_slice(extra);

@@ -54,11 +54,13 @@ pub struct IstioArgs {
     /// The module at an `http://` or `https://` URL.
     #[arg(long, conflicts_with = "image")]
     url: Option<String>,
-    /// The module's SHA-256 (64 hex digits): the agent refuses a module
-    /// whose digest differs. Required with --url.
+    /// The digest the agent checks (64 hex digits, `sha256:` allowed): for
+    /// --url the module's SHA-256, for --image the image manifest's digest
+    /// (Istio compares an OCI image's manifest digest; `sluice package`
+    /// prints it as `wasm-manifest`). Required with --url.
     #[arg(long)]
     sha256: Option<String>,
-    /// Compute --sha256 from this module file.
+    /// With --url: compute --sha256 from this module file.
     #[arg(long, value_name = "FILE", conflicts_with = "sha256")]
     wasm: Option<PathBuf>,
     /// The namespace of the resources (the root namespace, `istio-system`,
@@ -188,9 +190,15 @@ impl Module {
             }
             _ => bail!("give the module as --image oci://REF or --url URL"),
         };
+        if args.image.is_some() && args.wasm.is_some() {
+            bail!(
+                "--wasm computes a module's digest, for --url; an oci:// image is checked by its manifest digest: give --sha256 (`sluice package` prints it as wasm-manifest)"
+            );
+        }
         let sha256 = match (&args.sha256, &args.wasm) {
             (Some(hex), _) => {
                 let hex = hex.trim().to_ascii_lowercase();
+                let hex = hex.strip_prefix("sha256:").unwrap_or(&hex).to_string();
                 if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
                     bail!("--sha256 `{hex}`: expected 64 hex digits (the module's SHA-256)");
                 }
