@@ -231,10 +231,17 @@ def envoy_block(raw: dict | None, status: dict, host: dict, command: str, date: 
                   "retries and ejections show whether anything but the happy path ran):", ""]
         for name, c in counted:
             totals: dict[str, int] = {}
-            for k, n in c.items():
+            picked = []
+            for k, n in sorted(c.items()):
                 metric = k.rsplit(".", 1)[-1]
-                totals[metric] = totals.get(metric, 0) + n
-            lines.append(f"- {name}: " + ", ".join(f"{k} {n:,}" for k, n in sorted(totals.items())))
+                if metric == "picked":
+                    picked.append(f"{n:,}")
+                else:
+                    totals[metric] = totals.get(metric, 0) + n
+            parts = [f"{k} {n:,}" for k, n in sorted(totals.items())]
+            if picked:
+                parts.append(f"picked per endpoint {' / '.join(picked)}")
+            lines.append(f"- {name}: " + ", ".join(parts))
     return "\n".join(lines)
 
 
