@@ -55,6 +55,14 @@ For [failover]'s cost, ``sluice-failover`` ([outlier] and [failover], the
 simulators split over two zones) against ``sluice-outlier-2z`` ([outlier]
 alone on the same two zones).
 
+For the record of every capability (``cargo xtask bench``, see
+``benches/cpu.md``): ``sluice-retry`` ([retry] alone, every key at its
+default, with the per-attempt instance the render adds) and
+``sluice-every`` (every section: [tokens], [breaker], [outlier], [retry]
+and [failover], on two zones). ``--json PATH`` also writes the run's raw
+numbers (every round's µs per request, requests, non-2xx answers, the
+machine) for ``benches/record.py``.
+
 The report then has a table of these pairs' ratios, both as total CPU and
 as CPU added over ``none``::
 
@@ -180,6 +188,13 @@ FAILOVER = """
 local_zone = "zone-a"
 """
 
+# Every key at its default: a budget of retries, none of them used (the
+# simulators never fail), so what is measured is the per-request and
+# per-attempt bookkeeping.
+RETRY = """
+[retry]
+"""
+
 LOCAL_RATELIMIT = {
     "name": "envoy.filters.http.local_ratelimit",
     "typed_config": {
@@ -239,6 +254,16 @@ VARIANTS = {
                                "drawn to a zone, its endpoints picked within it; each "
                                "attempt's rate-limit headers read", ("sluice",),
                                OUTLIER + FAILOVER, zones=2),
+    "sluice-retry": Variant("sluice.wasm, [retry] only (defaults): the zone's retry budget "
+                            "read and the router's retry headers set per request, each "
+                            "attempt deposited by the per-attempt instance `sluice.attempt` "
+                            "the render puts on the cluster",
+                            ("sluice",), RETRY),
+    "sluice-every": Variant("sluice.wasm with every section: [tokens], [breaker], [outlier], "
+                            "[retry] and [failover] (local zone zone-a), the endpoints split "
+                            "over two zones, cluster as rendered (override_host, per-attempt "
+                            "instance)", ("sluice",), TOKENS + BREAKER + OUTLIER + RETRY + FAILOVER,
+                            zones=2),
     "sluice-all": Variant("sluice.wasm, [tokens], [breaker] and [outlier] (defaults), with "
                           "override_host and the per-attempt instance `sluice.attempt` on the "
                           "cluster, as rendered", ("sluice",), TOKENS + BREAKER + OUTLIER),
@@ -478,6 +503,8 @@ def main() -> int:
                         help="cargo's target directory holding wasm32-wasip1/release and "
                              "native (default $SLUICE_TARGET_DIR, else target/)")
     parser.add_argument("--out", type=Path, default=ROOT / "benches" / "envoy-cpu.md")
+    parser.add_argument("--json", type=Path, metavar="PATH",
+                        help="also write the run's raw numbers here, as JSON")
     args = parser.parse_args()
     if args.target_dir:
         os.environ["SLUICE_TARGET_DIR"] = str(args.target_dir.resolve())
@@ -501,6 +528,8 @@ def main() -> int:
     shutil.rmtree(run_dir, ignore_errors=True)
     results: dict[tuple[str, str], list[float]] = {}
     errors: dict[tuple[str, str], int] = {}
+    requests: dict[tuple[str, str], int] = {}
+    failed: dict[str, str] = {}
     sluice_stats: dict[str, dict[str, int]] = {}
     started = []
     try:
@@ -517,18 +546,26 @@ def main() -> int:
         renders: dict[str, str] = {}
         envoys = {}
         for v in variants:
-            policy = policy_for(v)
-            if policy not in renders:
-                policy_file = workdir / f"policy-{len(renders)}.toml"
-                policy_file.write_text(policy)
-                renders[policy] = render_envoy(
-                    policy_file, wasm_dir=paths.WASM_DIR,
-                    endpoints=zone_endpoints(v, [s.listen for s in sims]))
-            envoy = Envoy(bootstrap_for(v, renders[policy], paths.WASM_DIR, builds), run_dir,
-                          name=f"envoy-{v.replace('@', '-')}", concurrency=1,
-                          log_level="warning", component_log_level="wasm:warning")
+            # A variant whose render or Envoy fails is reported as failed,
+            # not dropped: the others still run.
+            try:
+                policy = policy_for(v)
+                if policy not in renders:
+                    policy_file = workdir / f"policy-{len(renders)}.toml"
+                    policy_file.write_text(policy)
+                    renders[policy] = render_envoy(
+                        policy_file, wasm_dir=paths.WASM_DIR,
+                        endpoints=zone_endpoints(v, [s.listen for s in sims]))
+                envoy = Envoy(bootstrap_for(v, renders[policy], paths.WASM_DIR, builds),
+                              run_dir, name=f"envoy-{v.replace('@', '-')}", concurrency=1,
+                              log_level="warning", component_log_level="wasm:warning")
+            except Exception as err:  # noqa: BLE001 (any failure is the variant's result)
+                failed[v] = " ".join(str(err).split())[:400]
+                print(f"variant {v} failed to start: {failed[v]}", file=sys.stderr)
+                continue
             started.append(envoy)
             envoys[v] = envoy
+        variants = [v for v in variants if v in envoys]
         scripts = {False: wrk_script(workdir, False), True: wrk_script(workdir, True)}
         rng = random.Random(1)
         for r in range(args.rounds):
@@ -544,6 +581,7 @@ def main() -> int:
                     key = (v, "stream" if stream else "json")
                     results.setdefault(key, []).append(per_request)
                     errors[key] = errors.get(key, 0) + bad
+                    requests[key] = requests.get(key, 0) + done
                     print(f"round {r + 1} {key[1]:6} {v:20} {done:7} req  "
                           f"{per_request:8.1f} us/req  non-2xx {bad}", flush=True)
         # What sluice counted, to show what ran: attempts seen by the
@@ -561,9 +599,15 @@ def main() -> int:
     files = {v: module_files(v, paths.WASM_DIR, builds)
              + ([attempt_file(v, paths.WASM_DIR, builds)]
                 if VARIANTS[v.partition("@")[0]].attempt_module else [])
-             for v in variants}
-    write_report(args, requested, skipped, files, results, errors, machine, sluice_stats)
-    return 0 if not any(errors.values()) else 1
+             for v in requested if v not in skipped}
+    # The report lists a variant that failed to start with the skipped ones,
+    # its reason saying so.
+    not_run = {**skipped, **{v: f"FAILED to start: {why}" for v, why in failed.items()}}
+    write_report(args, requested, not_run, files, results, errors, machine, sluice_stats)
+    if args.json:
+        write_json(args, requested, skipped, failed, files, results, errors, requests,
+                   machine, sluice_stats)
+    return 0 if not any(errors.values()) and not failed else 1
 
 
 MODES = {"json": "non-streaming (1 KiB JSON)", "stream": "streaming (100 SSE chunks)"}
@@ -720,14 +764,51 @@ def describe_file(path: Path) -> str:
     return f"`{path}` ({st.st_size:,} B, built {built})"
 
 
-def write_report(args, requested, skipped, files, results, errors, machine,
-                 sluice_stats) -> None:
-    variants = [v for v in requested if v not in skipped]
+def command_line() -> str:
+    """How this script was run, as a shell command from the workspace root."""
     python = os.path.relpath(sys.executable, Path.cwd())
     if python.startswith(".."):
         python = sys.executable
-    command = (f"PYTHONPATH=envoy {shlex.quote(python)} benches/envoy_cpu.py "
-               f"{shlex.join(sys.argv[1:])}").rstrip()
+    return (f"PYTHONPATH=envoy {shlex.quote(python)} benches/envoy_cpu.py "
+            f"{shlex.join(sys.argv[1:])}").rstrip()
+
+
+def write_json(args, requested, skipped, failed, files, results, errors, requests,
+               machine, sluice_stats) -> None:
+    """The run's raw numbers: every round, not only the medians."""
+    doc = {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": command_line(),
+        "machine": {"nproc": machine["nproc"], "load_before": list(machine["load_before"]),
+                    "load_after": list(machine["load_after"])},
+        "settings": {"rounds": args.rounds, "seconds": args.seconds,
+                     "connections": args.connections, "endpoints": args.endpoints,
+                     "envoy_concurrency": 1},
+        "modes": MODES,
+        "ratio_unit": RATIO_UNIT,
+        "variants": [
+            {"name": v, "what": VARIANTS[v.partition("@")[0]].what,
+             "files": [{"path": str(f), "bytes": f.stat().st_size,
+                        "built": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                               time.gmtime(f.stat().st_mtime))}
+                       for f in files.get(v, [])],
+             "skipped": skipped.get(v),
+             "failed": failed.get(v),
+             "counters": sluice_stats.get(v, {}),
+             "modes": {m: {"us_per_request_rounds": results.get((v, m), []),
+                           "requests": requests.get((v, m), 0),
+                           "non_2xx": errors.get((v, m), 0)}
+                       for m in MODES}}
+            for v in requested],
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def write_report(args, requested, skipped, files, results, errors, machine,
+                 sluice_stats) -> None:
+    variants = [v for v in requested if v not in skipped]
+    command = command_line()
     load = " → ".join(" ".join(f"{x:.2f}" for x in machine[k])
                       for k in ("load_before", "load_after"))
     lines = ["# Envoy CPU per request", "",
@@ -748,13 +829,14 @@ def write_report(args, requested, skipped, files, results, errors, machine,
     for v in requested:
         if v == "none":
             continue
-        cells = ["skipped" if v in skipped else ratio(results, v, m) for m in MODES]
+        cells = [("failed" if skipped[v].startswith("FAILED") else "skipped")
+                 if v in skipped else ratio(results, v, m) for m in MODES]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     lines.append("")
     if any(not (added_over_none(results, RATIO_UNIT, m) or 0) > 0 for m in MODES):
         lines += [f"No ratio where {RATIO_UNIT} was not run or added no CPU over none.", ""]
     if skipped:
-        lines += ["Skipped:", ""] + [f"- {v}: {why}" for v, why in skipped.items()] + [""]
+        lines += ["Not run:", ""] + [f"- {v}: {why}" for v, why in skipped.items()] + [""]
     lines += ["Variants:", ""]
     lines += [f"- `{v}`: {VARIANTS[v.partition('@')[0]].what}"
               + (f" (build `{v.partition('@')[2]}`)" if "@" in v else "")

@@ -50,11 +50,22 @@ enum Command {
         #[arg(last = true)]
         package_args: Vec<String>,
     },
-    /// List the benchmarks; `--run` runs the cheap ones.
+    /// Run every benchmark (Envoy CPU per request, criterion) and write the
+    /// record: benches/cpu.md, benches/host-tests.md, their plots and
+    /// target/bench/results.json.
     Bench {
-        /// Run the benchmarks that finish in a few minutes.
+        /// Only list what would run.
         #[arg(long)]
-        run: bool,
+        list: bool,
+        /// Interleaved rounds of the Envoy benchmark.
+        #[arg(long, default_value_t = bench::DEFAULT_ROUNDS)]
+        rounds: u32,
+        /// Seconds of load per variant, workload and round.
+        #[arg(long, default_value_t = bench::DEFAULT_SECONDS)]
+        seconds: u32,
+        /// Write the Markdown pages and plots here instead of benches/.
+        #[arg(long)]
+        record_dir: Option<std::path::PathBuf>,
     },
     /// Create or update the lab's Python virtual environment (target/lab-venv).
     LabVenv,
@@ -86,7 +97,24 @@ fn run(command: Command) -> Result<()> {
         } => test::run(&ws, lab_only, &pytest_args),
         Command::Demo { demo_args } => lab::demo(&ws, &demo_args),
         Command::Package { package_args } => build::package(&ws, &package_args),
-        Command::Bench { run } => bench::run(&ws, run),
+        Command::Bench {
+            list,
+            rounds,
+            seconds,
+            record_dir,
+        } => {
+            let opts = bench::Options {
+                rounds,
+                seconds,
+                record_dir,
+            };
+            if list {
+                bench::list(&ws, &opts);
+                Ok(())
+            } else {
+                bench::run(&ws, &opts)
+            }
+        }
         Command::LabVenv => lab::ensure_venv(&ws).map(|_| ()),
         Command::LitellmVenv => litellm::ensure_litellm_venv(&ws).map(|_| ()),
         Command::OciTools => match lab::ensure_oci_tools() {
