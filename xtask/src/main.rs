@@ -9,6 +9,7 @@
 mod bench;
 mod build;
 mod cmd;
+mod drills;
 mod lab;
 mod litellm;
 mod test;
@@ -62,6 +63,16 @@ enum Command {
     ///
     /// Not part of `test`: it is big, and only the side-by-side drills use it.
     LitellmVenv,
+    /// Chaos drills side by side (sluice in Envoy, Envoy alone, LiteLLM):
+    /// builds, installs the lab and LiteLLM venvs, writes target/drills/.
+    Drills {
+        /// Drills to run (default: all); runner options such as
+        /// `--systems sluice,native` go after `--`.
+        names: Vec<String>,
+        /// Extra arguments for `python -m drills.run`.
+        #[arg(last = true)]
+        runner_args: Vec<String>,
+    },
     /// Install docker-registry and skopeo (apt-get, if absent) for the OCI
     /// registry lab tests.
     OciTools,
@@ -87,6 +98,10 @@ fn run(command: Command) -> Result<()> {
         Command::Demo { demo_args } => lab::demo(&ws, &demo_args),
         Command::Package { package_args } => build::package(&ws, &package_args),
         Command::Bench { run } => bench::run(&ws, run),
+        Command::Drills { names, runner_args } => {
+            let args: Vec<String> = names.into_iter().chain(runner_args).collect();
+            drills::run(&ws, &args)
+        }
         Command::LabVenv => lab::ensure_venv(&ws).map(|_| ()),
         Command::LitellmVenv => litellm::ensure_litellm_venv(&ws).map(|_| ()),
         Command::OciTools => match lab::ensure_oci_tools() {
