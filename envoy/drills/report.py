@@ -284,3 +284,65 @@ def write_report(out_root: Path, _results: list[dict], systems: list[str], comma
               "the run's last 2 s. CPU: utime+stime of the proxy's process tree over the load, "
               "per client request.", ""]
     (out_root / "report.md").write_text("\n".join(lines))
+
+
+def write_bench(out_root: Path, bench_md: Path, command: str) -> None:
+    """The committed summary: ``bench_md`` with the headline table and the
+    verdicts of every result under ``out_root``, the plots copied next to it
+    (``<bench_md without .md>/<drill>.png``)."""
+    import os
+    import shutil
+    import subprocess
+
+    png_dir = bench_md.with_suffix("")
+    png_dir.mkdir(parents=True, exist_ok=True)
+    results = [json.loads((out_root / d.name / "result.json").read_text())
+               for d in catalog.DRILLS if (out_root / d.name / "result.json").is_file()]
+    model = next((line.split(":", 1)[1].strip() for line in subprocess.run(
+        ["lscpu"], capture_output=True, text=True).stdout.splitlines()
+        if line.startswith("Model name")), "unknown")
+    rel = png_dir.name
+    lines = ["# Chaos drills side by side: sluice, Envoy alone, LiteLLM", "",
+             f"- Date: {time.strftime('%Y-%m-%d %H:%M %Z')}",
+             f"- Machine: {os.cpu_count()} CPUs (`nproc`), {model}",
+             f"- Command: `{command}`",
+             "- Definitions and per-drill tables: `envoy/drills/measure.py`; the full outputs "
+             "(loadgen records, result.json, table.md per drill) are written to "
+             "`target/drills/`.", "",
+             "Systems: **sluice** (sluice.wasm in Envoy 1.40, `envoy/drills/policy.toml`), "
+             "**Envoy alone** (the same policy without `[tokens]` and `[breaker]`, rendered "
+             "with `--native-failover --native-retry`: Envoy's locality priorities, outlier "
+             "detection, `/health` checks, route retries and retry budget; sluice.wasm is left "
+             "routing by model only, so its CPU is in that column too), **LiteLLM** "
+             "(1.108.7, one worker, `envoy/drills/litellm.yaml`). Four llm-sims each "
+             "(zone-a: a1, a2; zone-b: b1, b2; first token 50 ms, 200 tokens/s), fresh per "
+             "run; the proxy prefers zone-a. Open loop 30 req/s, half streamed, unless the "
+             "drill says otherwise; fault at 5 s of 20 s.", "",
+             "\"failed\": requests due after the fault that did not end ok; \"time to move\": "
+             "fault → send time of the last request answered by the sick zone/endpoint "
+             "(sluice's probes excluded; blackhole: the last request the sick simulator "
+             "received, 250 ms polls), \"not moved\" if still answered there in the last 2 s; "
+             "\"p99 TTFT settled\": streamed requests due in the last 5 s; CPU: utime+stime of "
+             "the proxy's process tree over the load per client request; amp: upstream "
+             "inference requests per client request after the fault.", "",
+             *HEADLINE_HEAD]
+    for r in results:
+        lines += [row.replace(f"]({r['drill']}/table.md)", f"]({rel}/{r['drill']}.png)")
+                  for row in headline_rows(r)]
+        src = out_root / r["drill"] / "timeline.png"
+        if src.is_file():
+            shutil.copyfile(src, png_dir / f"{r['drill']}.png")
+    lines += ["", "## Verdicts (sluice against its policy's promise)", ""]
+    for r in results:
+        v = r["verdict"]
+        lines.append(f"- **{r['drill']}** ({r['title']}): **{v['status']}**: {v['detail']} "
+                     f"(promise: {v['promise']})")
+        for b in v["behind"]:
+            lines.append(f"  - behind: {b}")
+        for s, m in r["systems"].items():
+            if "cannot" in m:
+                lines.append(f"  - {LABELS[s]} cannot do it: {m['cannot']}")
+    lines += ["", "## Plots", ""]
+    for r in results:
+        lines += [f"### {r['drill']}", "", f"![{r['drill']}]({rel}/{r['drill']}.png)", ""]
+    bench_md.write_text("\n".join(lines))

@@ -64,7 +64,7 @@ def run_system(drill: catalog.Drill, name: str, out_dir: Path) -> dict:
     sys_dir = out_dir / name
     shutil.rmtree(sys_dir, ignore_errors=True)
     logs = sys_dir / "logs"
-    system = System(name, logs)
+    system = System(name, logs, list(drill.sim_args) or None)
     loadgens: list[tuple[str, ManagedProcess, Path]] = []
     try:
         system.warm_up()
@@ -176,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--systems", default=",".join(catalog.SYSTEMS))
     parser.add_argument("--duration", type=float, help="override every drill's duration (s)")
     parser.add_argument("--fault-at", type=float, help="override every drill's fault time (s)")
+    parser.add_argument("--publish", type=Path, metavar="MD",
+                        help="also write this summary page (e.g. benches/drills.md) with "
+                             "the plots copied next to it")
     args = parser.parse_args(argv)
     unknown = [n for n in args.names if n not in catalog.BY_NAME]
     systems = [s for s in args.systems.split(",") if s]
@@ -196,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         results.append(run_drill(drill, systems, args.out))
     report.write_report(args.out, [r for r in results], systems,
                         command=" ".join(["python -m drills.run", *(argv or sys.argv[1:])]))
+    if args.publish:
+        report.write_bench(args.out, args.publish, command=" ".join(
+            ["cargo xtask drills", *args.names, "--", "--publish", str(args.publish)]))
     print(f"\n{len(results)} drill(s) in {time.monotonic() - started:.0f} s; "
           f"report: {args.out / 'report.md'}")
     print((args.out / "report.md").read_text())

@@ -73,7 +73,7 @@ def process_tree_cpu(root_pid: int) -> float:
 class System:
     """Four simulators and one proxy in front of them; close with :meth:`stop`."""
 
-    def __init__(self, name: str, run_dir: Path):
+    def __init__(self, name: str, run_dir: Path, sim_args: list[str] | None = None):
         if name not in catalog.SYSTEMS:
             raise ValueError(f"unknown system {name!r}")
         self.name = name
@@ -87,7 +87,7 @@ class System:
             for seed, (instance, zone) in enumerate(catalog.SIMS, start=1):
                 self.sims[instance] = LlmSim(zone=zone, models=[MODEL], instance=instance,
                                              run_dir=run_dir, seed=seed,
-                                             extra_args=catalog.SIM_ARGS)
+                                             extra_args=sim_args or catalog.SIM_ARGS)
             if name == "litellm":
                 self._start_litellm()
             else:
