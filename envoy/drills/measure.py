@@ -8,7 +8,8 @@ Times are milliseconds from the main load generator's run start
   transport errors, cut streams, requests the generator dropped);
 - *TTFT*: ``ttft_ms`` of ``ok`` streamed requests (from the due time;
   whole JSON answers are left out, their first byte is their last, and a
-  window's mix of the two would move the percentiles), p50/p99 before the fault (from 1 s in),
+  window's mix of the two would move the percentiles; sluice's probes
+  excluded, as in its promises, and shown apart with them), p50/p99 before the fault (from 1 s in),
   in the 5 s just after it, and over the last 5 s ("settled");
 - *time to move*: seconds from the fault to the send time of the last
   request (due after the fault) whose answer came from the sick zone or
@@ -56,10 +57,10 @@ def percentile(values: list[float], q: float) -> float | None:
     return round(float(ordered[rank]), 1)
 
 
-def ttft_stats(records: list[dict], start: float, end: float) -> dict:
+def ttft_stats(records: list[dict], start: float, end: float, probes: bool = False) -> dict:
     values = [r["ttft_ms"] for r in records
               if start <= r["scheduled_ms"] < end and r["outcome"] == "ok" and r["stream"]
-              and r.get("ttft_ms") is not None]
+              and r.get("ttft_ms") is not None and (probes or not is_probe(r))]
     return {"n": len(values), "p50": percentile(values, 50), "p99": percentile(values, 99)}
 
 
@@ -173,6 +174,11 @@ def analyse(drill: catalog.Drill, *, records: list[dict], summary: dict, fault_m
             "before": ttft_stats(records, SKIP_START_MS, fault_ms),
             "after": ttft_stats(records, fault_ms, fault_ms + JUST_AFTER_MS),
             "settled": ttft_stats(records, duration_ms - SETTLE_MS, duration_ms),
+        },
+        # The same with sluice's probes, which are user requests too.
+        "ttft_with_probes": {
+            "after": ttft_stats(records, fault_ms, fault_ms + JUST_AFTER_MS, probes=True),
+            "settled": ttft_stats(records, duration_ms - SETTLE_MS, duration_ms, probes=True),
         },
         "generator_lag_p99_ms": percentile(
             [r["start_ms"] - r["scheduled_ms"] for r in sent if r.get("start_ms") is not None], 99),

@@ -78,6 +78,9 @@ def _cell_rows(drill: catalog.Drill) -> list[tuple[str, callable]]:
         ("TTFT p50 / p99 before (ms)", ttft("before")),
         ("TTFT p50 / p99 first 5 s after (ms)", ttft("after")),
         ("TTFT p50 / p99 last 5 s (ms)", ttft("settled")),
+        ("… p99 first 5 s / last 5 s with sluice's probes (ms)", lambda m: (
+            f"{fmt(m['ttft_with_probes']['after']['p99'], '', 0)} / "
+            f"{fmt(m['ttft_with_probes']['settled']['p99'], '', 0)}")),
     ]
     if drill.sick_zones or drill.sick_instances:
         rows += [
@@ -206,7 +209,7 @@ def plot(drill: catalog.Drill, result: dict, path: Path) -> None:
         bottom.set_xlabel("seconds (due time)")
         if col == 0:
             top.set_ylabel("requests / s by outcome")
-            bottom.set_ylabel("p99 TTFT of streams (ms, log)")
+            bottom.set_ylabel("p99 TTFT of streams, probes incl. (ms)")
     fig.suptitle(f"{drill.name}: {drill.title} (fault: dashed line)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
