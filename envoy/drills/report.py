@@ -175,6 +175,9 @@ def plot(drill: catalog.Drill, result: dict, path: Path) -> None:
     systems = list(result["systems"])
     fig, axes = plt.subplots(2, len(systems), figsize=(4.2 * len(systems), 5.6),
                              squeeze=False, sharex=True)
+    # One latency scale for every system, so the panels compare at a glance.
+    lat = [w["ttft_p99"] for m in result["systems"].values() if _usable(m)
+           for w in m["windows"] if w["ttft_p99"]]
     colors = {"ok": "#4c9a2a", "http_5xx": "#d62728", "http_429": "#ff7f0e",
               "http_4xx": "#9467bd", "transport": "#7f7f7f", "cut": "#8c564b",
               "dropped": "#000000"}
@@ -203,6 +206,8 @@ def plot(drill: catalog.Drill, result: dict, path: Path) -> None:
         if p99:
             bottom.plot([t for t, _ in p99], [v for _, v in p99], marker=".", color="#1f77b4")
             bottom.set_yscale("log")
+            if lat:
+                bottom.set_ylim(min(lat) * 0.8, max(lat) * 1.25)
         fault_s = m["fault_ms"] / 1000
         for ax in (top, bottom):
             ax.axvline(fault_s, color="black", linestyle="--", linewidth=1)
@@ -305,6 +310,9 @@ def write_bench(out_root: Path, bench_md: Path, command: str) -> None:
         ["lscpu"], capture_output=True, text=True).stdout.splitlines()
         if line.startswith("Model name")), "unknown")
     rel = png_dir.name
+    rates = "/".join(sorted({f"{r['load']['main']['open_loop']:g}" for r in results
+                             if catalog.BY_NAME[r["drill"]].kind == "default"
+                             and r["load"]["main"].get("open_loop")})) or "?"
     lines = ["# Chaos drills side by side: sluice, Envoy alone, LiteLLM", "",
              f"- Date: {time.strftime('%Y-%m-%d %H:%M %Z')}",
              f"- Machine: {os.cpu_count()} CPUs (`nproc`), {model}",
@@ -319,8 +327,8 @@ def write_bench(out_root: Path, bench_md: Path, command: str) -> None:
              "routing by model only, so its CPU is in that column too), **LiteLLM** "
              "(1.108.7, one worker, `envoy/drills/litellm.yaml`). Four llm-sims each "
              "(zone-a: a1, a2; zone-b: b1, b2; first token 50 ms, 200 tokens/s), fresh per "
-             "run; the proxy prefers zone-a. Open loop 30 req/s, half streamed, unless the "
-             "drill says otherwise; fault at 5 s of 20 s.", "",
+             f"run; the proxy prefers zone-a. Open loop {rates} req/s, half streamed, unless "
+             "the drill says otherwise; fault at 5 s of 20 s.", "",
              "\"failed\": requests due after the fault that did not end ok; \"time to move\": "
              "fault → send time of the last request answered by the sick zone/endpoint "
              "(sluice's probes excluded; blackhole: the last request the sick simulator "

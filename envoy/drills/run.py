@@ -176,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--systems", default=",".join(catalog.SYSTEMS))
     parser.add_argument("--duration", type=float, help="override every drill's duration (s)")
     parser.add_argument("--fault-at", type=float, help="override every drill's fault time (s)")
+    parser.add_argument("--rate", type=float,
+                        help="override the open-loop rate (req/s) of every drill's main load")
+    parser.add_argument("--render-only", action="store_true",
+                        help="run nothing: rewrite tables, plots, verdicts and reports from "
+                             "the result.json files under --out")
     parser.add_argument("--publish", type=Path, metavar="MD",
                         help="also write this summary page (e.g. benches/drills.md) with "
                              "the plots copied next to it")
@@ -191,17 +196,32 @@ def main(argv: list[str] | None = None) -> int:
         drills = [replace(d, duration=args.duration or d.duration,
                           fault_at=d.fault_at if args.fault_at is None else args.fault_at)
                   for d in drills]
+    if args.rate:
+        drills = [replace(d, load=replace(d.load, open_loop=args.rate))
+                  if d.load.open_loop is not None else d for d in drills]
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     results = []
     for drill in drills:
+        if args.render_only:
+            path = args.out / drill.name / "result.json"
+            if not path.is_file():
+                continue
+            result = json.loads(path.read_text())
+            result["verdict"] = report.verdict(drill, result)
+            path.write_text(json.dumps(result, indent=2))
+            report.write_drill(drill, result, args.out / drill.name)
+            results.append(result)
+            continue
         print(f"drill {drill.name}: {drill.title}", flush=True)
         results.append(run_drill(drill, systems, args.out))
     report.write_report(args.out, [r for r in results], systems,
                         command=" ".join(["python -m drills.run", *(argv or sys.argv[1:])]))
     if args.publish:
         report.write_bench(args.out, args.publish, command=" ".join(
-            ["cargo xtask drills", *args.names, "--", "--publish", str(args.publish)]))
+            ["cargo xtask drills", *args.names, "--",
+             *([f"--rate {args.rate:g}"] if args.rate else []),
+             "--publish", str(args.publish)]))
     print(f"\n{len(results)} drill(s) in {time.monotonic() - started:.0f} s; "
           f"report: {args.out / 'report.md'}")
     print((args.out / "report.md").read_text())

@@ -29,7 +29,7 @@ def test_zone_outage_drill_runs_for_sluice_and_native(tmp_path):
     for name in ("sluice", "native"):
         m = result["systems"][name]
         assert "error" not in m, f"{name}: {m.get('error')}"
-        assert m["requests_after"] >= 50, f"{name}: too few requests after the fault"
+        assert m["requests_after"] >= 35, f"{name}: too few requests after the fault"
         assert m["cpu_ms_per_request"] is not None and m["cpu_ms_per_request"] > 0
         assert m["upstream_after"] > 0
         # The runner's outputs exist and hold what the tables show.
