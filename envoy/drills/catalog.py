@@ -175,7 +175,7 @@ def _verdict_flood(m: dict, _all: dict) -> Verdict:
     return Verdict("PASS" if ok else "MISS",
                    "a flood of new tenants never limits a named tenant (its slots, its quota)",
                    f"globex: {_fmt(during.get('success_pct'), '%')} ok, "
-                   f"{during.get('http_429')} × 429 during the flood; p99 TTFT "
+                   f"{during.get('http_429')} × 429 during the flood; first-byte p99 "
                    f"{_fmt(f.get('named_before', {}).get('p99'), ' ms')} → "
                    f"{_fmt(during.get('p99'), ' ms')}")
 

@@ -103,7 +103,7 @@ def _cell_rows(drill: catalog.Drill) -> list[tuple[str, callable]]:
     if drill.kind == "flood":
         def part(key, phase):
             return lambda m: (f"{fmt(m['flood'][key]['success_pct'], '%')} ok, "
-                              f"{m['flood'][key]['http_429']} × 429, p50/p99 "
+                              f"{m['flood'][key]['http_429']} × 429, first byte p50/p99 "
                               f"{fmt(m['flood'][key]['p50'], '', 0)}/{fmt(m['flood'][key]['p99'], '', 0)} ms"
                               f" (n={m['flood'][key]['n']})")
         rows += [("globex before the flood", part("named_before", "")),
@@ -245,7 +245,8 @@ def headline_rows(result: dict, link_prefix: str = "") -> list[str]:
             extra = f"overshoot {fmt(m.get('overshoot_pct'), '%')}"
         if drill.kind == "flood":
             d = m["flood"]["named_during"]
-            extra = f"globex {fmt(d['success_pct'], '%')} ok, p99 {fmt(d['p99'], ' ms', 0)}"
+            extra = (f"globex {fmt(d['success_pct'], '%')} ok, first-byte p99 "
+                     f"{fmt(d['p99'], ' ms', 0)}")
         rows.append(f"| {name} | {LABELS[s]} | {m['failed_after']} "
                     f"({fmt(m['failed_after_pct'], '%', 1)}) | {moved} | "
                     f"{fmt(m['ttft']['settled']['p99'], ' ms', 0)} | "
