@@ -9,6 +9,7 @@
 mod bench;
 mod build;
 mod cmd;
+mod drills;
 mod lab;
 mod litellm;
 mod test;
@@ -73,6 +74,16 @@ enum Command {
     ///
     /// Not part of `test`: it is big, and only the side-by-side drills use it.
     LitellmVenv,
+    /// Chaos drills side by side (sluice in Envoy, Envoy alone, LiteLLM):
+    /// builds, installs the lab and LiteLLM venvs, writes target/drills/.
+    Drills {
+        /// Drills to run (default: all); runner options such as
+        /// `--systems sluice,native` go after `--`.
+        names: Vec<String>,
+        /// Extra arguments for `python -m drills.run`.
+        #[arg(last = true)]
+        runner_args: Vec<String>,
+    },
     /// Install docker-registry and skopeo (apt-get, if absent) for the OCI
     /// registry lab tests.
     OciTools,
@@ -114,6 +125,10 @@ fn run(command: Command) -> Result<()> {
             } else {
                 bench::run(&ws, &opts)
             }
+        }
+        Command::Drills { names, runner_args } => {
+            let args: Vec<String> = names.into_iter().chain(runner_args).collect();
+            drills::run(&ws, &args)
         }
         Command::LabVenv => lab::ensure_venv(&ws).map(|_| ()),
         Command::LitellmVenv => litellm::ensure_litellm_venv(&ws).map(|_| ()),

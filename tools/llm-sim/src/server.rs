@@ -330,6 +330,14 @@ async fn serve_api(
     req: Request<hyper::body::Incoming>,
 ) -> Result<Response<Tracked>, BlackholeExpired> {
     shared.stats.request_started();
+    if req.method() == Method::POST
+        && matches!(
+            req.uri().path(),
+            "/v1/chat/completions" | "/v1/completions" | "/v1/messages"
+        )
+    {
+        shared.stats.inference_started();
+    }
     let in_flight = InFlight(Arc::clone(&shared));
     let gzip = shared.config.gzip_always || crate::gzip::accepts_gzip(req.headers());
     let resp = route(&shared, req).await?;

@@ -20,6 +20,7 @@ const MAX_STATUS: usize = 599;
 #[derive(Debug)]
 pub struct Stats {
     requests: AtomicU64,
+    inference_requests: AtomicU64,
     by_status: Box<[AtomicU64]>,
     in_flight: AtomicI64,
     tokens_produced: AtomicU64,
@@ -37,6 +38,11 @@ pub struct Stats {
 pub struct StatsSnapshot {
     /// Requests received on the API port (any path).
     pub requests: u64,
+    /// Inference requests received (`POST` to `/v1/chat/completions`,
+    /// `/v1/completions` or `/v1/messages`): what a proxy's retries and
+    /// probes add up to, without its health checks.
+    #[serde(default)]
+    pub inference_requests: u64,
     /// Responses by status code (as a decimal string key).
     pub by_status: BTreeMap<String, u64>,
     /// Requests received whose response has not finished yet.
@@ -71,6 +77,7 @@ impl Default for Stats {
     fn default() -> Self {
         Self {
             requests: AtomicU64::new(0),
+            inference_requests: AtomicU64::new(0),
             by_status: (0..=MAX_STATUS).map(|_| AtomicU64::new(0)).collect(),
             in_flight: AtomicI64::new(0),
             tokens_produced: AtomicU64::new(0),
@@ -90,6 +97,11 @@ impl Stats {
     pub fn request_started(&self) {
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a received inference request (after [`Stats::request_started`]).
+    pub fn inference_started(&self) {
+        self.inference_requests.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Marks one request finished (pair of [`Stats::request_started`]).
@@ -164,6 +176,7 @@ impl Stats {
             .collect();
         StatsSnapshot {
             requests: self.requests.load(Ordering::Relaxed),
+            inference_requests: self.inference_requests.load(Ordering::Relaxed),
             by_status,
             in_flight: self.in_flight.load(Ordering::Relaxed),
             queued: queued as u64,

@@ -25,6 +25,11 @@ pub struct Args {
     /// previous one ends.
     #[arg(long, value_name = "N")]
     pub closed_loop: Option<u32>,
+    /// Closed loop: milliseconds a client waits after a request that did not
+    /// end `ok` (a 429, an error) before its next one, as an SDK backs off;
+    /// 0 (default) sends at once, which turns fast refusals into a busy loop.
+    #[arg(long, default_value_t = 0, value_name = "MS")]
+    pub error_pause_ms: u64,
     /// How long to send, in seconds.
     #[arg(long, default_value_t = 10.0, value_name = "SECS")]
     pub duration: f64,
@@ -114,6 +119,7 @@ pub struct Config {
     pub duration: Duration,
     pub max_in_flight: NonZeroU32,
     pub max_requests: Option<u64>,
+    pub error_pause: Duration,
     pub model: String,
     pub max_tokens: u32,
     pub prompt: String,
@@ -243,6 +249,7 @@ impl TryFrom<Args> for Config {
             duration,
             max_in_flight: NonZeroU32::new(args.max_in_flight).ok_or(ConfigError::NoInFlight)?,
             max_requests: args.max_requests,
+            error_pause: Duration::from_millis(args.error_pause_ms),
             model: args.model,
             max_tokens: args.max_tokens,
             prompt: args.prompt,

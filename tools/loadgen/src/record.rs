@@ -12,6 +12,9 @@ pub const CAPTURED_HEADERS: &[&str] = &[
     "x-sluice-limited",
     "x-llm-sim-zone",
     "x-llm-sim-instance",
+    // LiteLLM passes the upstream's headers on with this prefix.
+    "llm_provider-x-llm-sim-zone",
+    "llm_provider-x-llm-sim-instance",
     "retry-after",
 ];
 

@@ -23,7 +23,7 @@ use tokio::time::Instant;
 
 use crate::client::{RequestSpec, Requester, aborted, ms};
 use crate::config::{Config, MAX_START_WAIT, Mode};
-use crate::record::Record;
+use crate::record::{Outcome, Record};
 use crate::summary::{Stats, Summary};
 
 /// How long in-flight requests may finish after SIGINT/SIGTERM.
@@ -205,7 +205,13 @@ fn closed_loop(
                 }
                 let spec = RequestSpec::derive(&config, id, Some(client));
                 let record = requester.send(spec, now, abort.clone()).await;
+                let failed = record.outcome != Outcome::Ok;
                 let _ = tx.send(record);
+                if failed && !config.error_pause.is_zero() {
+                    // Bounded by the run's end: no client outlives the duration.
+                    let until = (Instant::now() + config.error_pause).min(end);
+                    tokio::time::sleep_until(until).await;
+                }
             }
         });
     }

@@ -420,3 +420,30 @@ fn signal(child: &tokio::process::Child, name: &str) {
         .unwrap();
     assert!(status.success());
 }
+
+/// A closed-loop client pauses after a failed request when asked to, so a
+/// limiter that refuses at once is not hammered in a busy loop; successes
+/// are not paused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_loop_pauses_after_failures_only() {
+    let server = TestServer::start(Plan {
+        answers: vec![Answer::Status(429), Answer::Ok],
+        ..Plan::default()
+    })
+    .await;
+    let url = server.base_url();
+    let out = loadgen(
+        "error-pause",
+        &format!("--base-url {url} --closed-loop 1 --duration 1.2 --error-pause-ms 250"),
+    )
+    .await;
+    let c = &out.summary["counts"];
+    let requests = c["requests"].as_u64().unwrap();
+    // Each 429 costs a 250 ms pause, each ok none: about 5 pairs in 1.2 s.
+    // Without the pause it would be thousands.
+    assert!((4..=14).contains(&requests), "{requests} requests: {c}");
+    assert_eq!(
+        c["http_429"].as_u64().unwrap() + c["ok"].as_u64().unwrap(),
+        requests
+    );
+}

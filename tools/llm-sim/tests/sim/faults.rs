@@ -70,6 +70,9 @@ async fn fixed_status_answers_every_request() {
     let s = stats(&server).await;
     assert_eq!(s["by_status"]["500"], 5);
     assert_eq!(s["by_status"]["429"], 1);
+    // Six inference requests; the health check counts in `requests` only.
+    assert_eq!(s["inference_requests"], 6);
+    assert_eq!(s["requests"], 7);
 }
 
 #[tokio::test]
