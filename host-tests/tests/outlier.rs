@@ -240,6 +240,44 @@ fn an_endpoint_whose_quota_is_spent_is_benched_before_it_refuses() {
 }
 
 #[test]
+fn an_endpoint_that_cuts_its_streams_is_ejected() {
+    // From 1 s on, every answer of endpoint 3 is reset after 2 chunks: a
+    // 200 whose body never ends. No retry can save a stream once it has
+    // started, so the endpoint must stop getting requests.
+    let cutting = healthy().with_fault(
+        Duration::from_secs(1),
+        Duration::from_secs(3600),
+        FaultKind::ResetMidStream { after_chunks: 2 },
+    );
+    let mut host = host("", vec![healthy(), healthy(), cutting, healthy()]);
+    common::load(
+        &mut host,
+        Duration::ZERO,
+        8,
+        40,
+        Duration::from_secs(120),
+        || chat(true),
+    );
+    let all = responses(&host);
+    let cut_at: Vec<u64> = all
+        .iter()
+        .filter(|(_, r)| r.reset)
+        .map(|(t, _)| *t)
+        .collect();
+    assert!(!cut_at.is_empty(), "the fault never showed");
+    assert!(
+        all.iter()
+            .filter(|(_, r)| r.reset)
+            .all(|(_, r)| served_by(r) == ENDPOINTS[2])
+    );
+    assert!(metric(&host, ENDPOINTS[2], "ejections") >= 1);
+    // Five cuts in a row eject it (consecutive_errors' default): a few
+    // dozen at most, not a quarter of the 280 requests after 1 s.
+    assert!(cut_at.len() <= 30, "{} cut: {cut_at:?}", cut_at.len());
+    no_failures(&host);
+}
+
+#[test]
 fn a_blackholed_stream_is_abandoned_at_the_first_token_deadline() {
     let blackhole = healthy().with_fault(
         Duration::from_secs(1),

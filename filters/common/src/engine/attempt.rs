@@ -95,6 +95,8 @@ pub(crate) struct AttemptHttp {
     hold: bool,
     /// Response headers are held now.
     holding: bool,
+    /// The response reached its end (headers, body or trailers said so).
+    ended: bool,
 }
 
 impl AttemptHttp {
@@ -106,6 +108,7 @@ impl AttemptHttp {
             finished: false,
             hold: false,
             holding: false,
+            ended: false,
         }
     }
 
@@ -115,6 +118,16 @@ impl AttemptHttp {
         }
         self.attempt.flags =
             ResponseFlags::from_envoy_bits(host::property_u64(&["response", "flags"]).unwrap_or(0));
+        // A success whose body never ended was cut: Envoy 1.40 shows this
+        // context none of the upstream's reset flags, so the missing end is
+        // the sign. Unless the client left (its `DC` flag), the endpoint
+        // failed the attempt, as a reset before the headers would.
+        let cut = !self.ended
+            && self.attempt.status.is_some_and(|s| (200..300).contains(&s))
+            && !self.attempt.flags.downstream_disconnect;
+        if cut {
+            self.attempt.flags.reset = true;
+        }
         self.metrics.attempts.inc();
         if self.attempt.number > 1 {
             self.metrics.retries.inc();
@@ -179,6 +192,7 @@ impl HttpContext for AttemptHttp {
             return Action::Continue;
         }
         if end_of_stream {
+            self.ended = true;
             self.attempt.first_byte.get_or_insert(now);
             return Action::Continue;
         }
@@ -192,6 +206,7 @@ impl HttpContext for AttemptHttp {
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        self.ended |= end_of_stream;
         if body_size > 0 && self.attempt.first_byte.is_none() {
             self.attempt.first_byte = Some(host::now());
         }
@@ -200,6 +215,11 @@ impl HttpContext for AttemptHttp {
             // together, and the router's per-try timer stops.
             self.holding = false;
         }
+        Action::Continue
+    }
+
+    fn on_http_response_trailers(&mut self, _trailers: usize) -> Action {
+        self.ended = true;
         Action::Continue
     }
 
