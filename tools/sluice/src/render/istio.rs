@@ -38,7 +38,7 @@ use sluice_policy::{ATTEMPT_ROOT_ID, Capability, MODULE};
 
 use super::outlier::{MAX_RETRIES_IN_FLIGHT, override_host_policy};
 use super::policy_text::Edits;
-use super::{filter_policy_text, override_endpoints, split_host_port};
+use super::{filter_policy_text, load_with_endpoints, split_host_port};
 
 const WASM_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
 const PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
@@ -103,19 +103,10 @@ pub struct IstioArgs {
 }
 
 pub fn istio(args: &IstioArgs) -> anyhow::Result<ExitCode> {
-    let (parsed, text) = crate::load(&args.policy)?;
-    let mut policy = match parsed {
-        Ok(p) => p,
-        Err(d) => {
-            crate::report(&d);
-            return Ok(ExitCode::from(1));
-        }
+    let Some((policy, text, overrides)) = load_with_endpoints(&args.policy, &args.endpoints)?
+    else {
+        return Ok(ExitCode::from(1));
     };
-    let overrides = args
-        .endpoints
-        .iter()
-        .map(|spec| override_endpoints(&mut policy, spec))
-        .collect::<anyhow::Result<Vec<_>>>()?;
     let (policy, filter_text) = match filter_policy_text(
         &policy,
         &text,

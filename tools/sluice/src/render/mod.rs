@@ -117,20 +117,33 @@ pub struct EnvoyArgs {
     output: Option<PathBuf>,
 }
 
-pub fn envoy(args: &EnvoyArgs) -> anyhow::Result<ExitCode> {
-    let (parsed, text) = crate::load(&args.policy)?;
+/// Reads a policy file and applies the `--endpoints` overrides: the
+/// policy, the file's text and the overrides. `None` when the policy is
+/// invalid (already reported, file:line:col).
+fn load_with_endpoints(
+    path: &Path,
+    endpoints: &[String],
+) -> anyhow::Result<Option<(Policy, String, Vec<ZoneEndpoints>)>> {
+    let (parsed, text) = crate::load(path)?;
     let mut policy = match parsed {
         Ok(p) => p,
         Err(d) => {
             crate::report(&d);
-            return Ok(ExitCode::from(1));
+            return Ok(None);
         }
     };
-    let overrides = args
-        .endpoints
+    let overrides = endpoints
         .iter()
         .map(|spec| override_endpoints(&mut policy, spec))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(Some((policy, text, overrides)))
+}
+
+pub fn envoy(args: &EnvoyArgs) -> anyhow::Result<ExitCode> {
+    let Some((policy, text, overrides)) = load_with_endpoints(&args.policy, &args.endpoints)?
+    else {
+        return Ok(ExitCode::from(1));
+    };
     let outlier_mode = if args.native_outlier {
         OutlierMode::Native
     } else if Capability::Outlier.is_enforced() {
