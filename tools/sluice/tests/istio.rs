@@ -2,27 +2,11 @@
 //! they carry, and that the committed examples under `istio/` are what the
 //! renderer writes today.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
+use common::{repo, sluice, text};
 use serde::Deserialize;
 use serde_json::Value;
-
-fn sluice(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(args)
-        .current_dir(repo())
-        .output()
-        .unwrap()
-}
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
 
 /// The arguments `istio/gateway.yaml` was rendered with (istio/README.md
 /// gives the same command).

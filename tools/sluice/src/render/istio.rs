@@ -574,14 +574,32 @@ fn dns_label(s: &str) -> String {
             }
         })
         .collect();
-    out = out.trim_matches('-').to_string();
-    if out.is_empty() {
-        out.push_str("policy");
-    }
     out.truncate(53);
-    out
+    let out = out.trim_matches('-');
+    if out.is_empty() {
+        "policy".to_string()
+    } else {
+        out.to_string()
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dns_label;
+
+    #[test]
+    fn names_become_dns_labels_that_never_end_in_a_dash() {
+        assert_eq!(dns_label("LLM Gateway_1"), "llm-gateway-1");
+        assert_eq!(dns_label("--x--"), "x");
+        assert_eq!(dns_label("é"), "policy");
+        // Cut at 53 (room for `sluice-`), and not left ending in `-`.
+        let long = format!("{}-{}", "a".repeat(52), "b".repeat(10));
+        assert_eq!(dns_label(&long), "a".repeat(52));
+        assert!(dns_label(&"ab-".repeat(40)).len() <= 53);
+        assert!(!dns_label(&"ab-".repeat(40)).ends_with('-'));
+    }
 }
