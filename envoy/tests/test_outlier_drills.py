@@ -172,3 +172,36 @@ def test_clients_that_hang_up_do_not_eject_healthy_endpoints(lab_factory, tmp_pa
     assert sum(ejections.values()) == 0, ejections
     log = lab.envoy.log_path.read_text(errors="replace")
     assert "ejected for" not in log, "an endpoint was ejected"
+
+
+def test_clients_that_hang_up_mid_stream_do_not_eject_healthy_endpoints(lab_factory, tmp_path):
+    """A stream whose body never ends counts against its endpoint (a cut
+    stream), unless the client left: clients that read the first chunk and
+    hang up must not eject healthy endpoints either."""
+    lab, sims = drill_lab(lab_factory, tmp_path, "sluice")
+    body = {"model": "sim-large", "max_tokens": 32, "stream": True,   # ~0.7 s of tokens
+            "messages": [{"role": "user", "content": "a long answer please"}]}
+    hung_up = 0
+    with httpx.Client(base_url=lab.base_url, timeout=httpx.Timeout(30.0),
+                      headers={"x-tenant-id": "impatient"}, trust_env=False) as client:
+        for _ in range(40):
+            with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                assert r.status_code == 200
+                for line in r.iter_lines():
+                    if line.startswith("data:"):
+                        hung_up += 1
+                        break
+            # Leaving the block unread closes the connection: a hang-up.
+    assert hung_up == 40, hung_up
+    time.sleep(0.5)
+    with httpx.Client(base_url=lab.base_url, timeout=httpx.Timeout(30.0),
+                      headers={"x-tenant-id": "patient"}, trust_env=False) as client:
+        for _ in range(8):
+            assert client.post("/v1/chat/completions", json={**body, "stream": False,
+                                                              "max_tokens": 2}).status_code == 200
+    stats = lab.envoy.stats(filter="sluice_outlier")
+    ejections = {k: v for k, v in stats.items() if k.endswith(".ejections")}
+    assert len(ejections) == 4, stats
+    assert sum(ejections.values()) == 0, ejections
+    log = lab.envoy.log_path.read_text(errors="replace")
+    assert "ejected for" not in log, "an endpoint was ejected"
